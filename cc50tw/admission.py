@@ -1,0 +1,46 @@
+"""
+Server-wide admission: how many backend calls run at once, how many wait.
+
+A bounded queue is what keeps an overloaded server honest: past it, a new
+request gets OVERLOADED at once, rather than waiting without limit while
+its client times out anyway.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, DeferredSemaphore
+
+from cc50tw.codec import ErrorCode
+from cc50tw.errors import RequestFailed
+
+
+class Admission:
+    def __init__(self, max_concurrency: int, max_queue: int) -> None:
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self._semaphore = DeferredSemaphore(max_concurrency)
+
+    @property
+    def running(self) -> int:
+        return self.max_concurrency - self._semaphore.tokens
+
+    @property
+    def queued(self) -> int:
+        return len(self._semaphore.waiting)
+
+    def acquire(self) -> "Deferred[object]":
+        """
+        A Deferred that fires when the request may run; cancel it to leave the queue.
+
+        Raises ``RequestFailed`` (OVERLOADED) when the queue is full.
+        """
+        if self._semaphore.tokens == 0 and self.queued >= self.max_queue:
+            raise RequestFailed(
+                f"server overloaded: {self.max_concurrency} requests running and "
+                f"{self.max_queue} queued (--max-concurrency, --max-queue); retry later",
+                ErrorCode.OVERLOADED,
+            )
+        return self._semaphore.acquire()  # type: ignore[return-value]
+
+    def release(self) -> None:
+        self._semaphore.release()

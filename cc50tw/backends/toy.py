@@ -1,0 +1,187 @@
+"""
+The toy backend: a deterministic workload standing in for a model.
+
+For each of ``max_tokens`` tokens it runs one unit of work on an engine (the
+CPU fallback here, the CUDA kernel where PyCUDA and a GPU exist) and then
+emits ``" token"``, as the C++ original does.  It exists to test and measure
+the data plane, so every stream is a well-behaved ``IPushProducer``: pausing
+stops new work between tokens, and cancelling stops it for good.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from cc50tw.backends import BackendSpec
+from cc50tw.errors import BackendError
+from cc50tw.interfaces import IBackend, GenerationResult, InferenceRequest, ITokenSink
+
+TOKEN_TEXT = " token"
+
+#: Tokens emitted per reactor turn when the work completes synchronously
+#: (``--toy-iters 0`` on the CPU): enough to amortise the turn, small enough
+#: that other connections get a turn soon.
+BATCH_TOKENS = 64
+
+
+class ToyEngine(Protocol):
+    """The seam between the toy's token loop and where its work runs."""
+
+    description: str
+    launches: int
+
+    def spin(self, iters: int) -> "Deferred[int]":
+        """Run one token's work; fire with thread 0's final LCG value."""
+
+
+@implementer(IPushProducer)
+class ToyStream:
+    """One request's token loop: a push producer over an engine."""
+
+    def __init__(
+        self,
+        backend: "ToyBackend",
+        request: InferenceRequest,
+        sink: ITokenSink,
+    ) -> None:
+        self._backend = backend
+        self._sink = sink
+        self._remaining = request.max_tokens
+        self._tokens = 0
+        self._paused = False
+        self._stopped = False
+        self._running = False
+        self._work: Deferred[int] | None = None
+        self._scheduled: IDelayedCall | None = None
+        self.last_value: int | None = None
+        self.prompt_tokens = len(request.prompt.split())
+        self.done: Deferred[GenerationResult] = Deferred(lambda _: self.stopProducing())
+
+    def start(self) -> None:
+        self._sink.registerProducer(self, True)
+        if self._remaining <= 0:
+            self._finish()
+        else:
+            self._run()
+
+    def _canRun(self) -> bool:
+        return not (self._paused or self._stopped or self._work is not None) and self._remaining > 0
+
+    def _run(self) -> None:
+        """Launch work for as many tokens as finish synchronously, up to a batch."""
+        self._scheduled = None
+        self._running = True
+        try:
+            for _ in range(BATCH_TOKENS):
+                if not self._canRun():
+                    return
+                work = self._backend.engine.spin(self._backend.iters)
+                self._work = work
+                work.addCallbacks(self._workDone, self._workFailed)
+                if self._work is not None:
+                    return  # finishes later; _workDone picks up from there
+        finally:
+            self._running = False
+        if self._canRun():
+            self._scheduled = self._backend.reactor.callLater(0, self._run)
+
+    def _workDone(self, value: int) -> None:
+        self._work = None
+        if self._stopped:
+            return
+        self.last_value = value
+        self._remaining -= 1
+        self._tokens += 1
+        self._backend.tokens_emitted += 1
+        self._sink.write(TOKEN_TEXT)
+        if self._remaining == 0:
+            self._finish()
+        elif not self._running:
+            self._run()
+
+    def _workFailed(self, failure: Failure) -> None:
+        self._work = None
+        if self._stopped:
+            return
+        self._stopped = True
+        self._sink.unregisterProducer()
+        self.done.errback(BackendError(f"toy engine failed: {failure.getErrorMessage()}"))
+
+    def _finish(self) -> None:
+        self._stopped = True
+        self._sink.unregisterProducer()
+        self.done.callback(GenerationResult(self.prompt_tokens, self._tokens))
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+
+    def resumeProducing(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._scheduled is None and not self._running:
+            self._scheduled = self._backend.reactor.callLater(0, self._run)
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+
+
+@implementer(IBackend)
+class ToyBackend:
+    name = "toy"
+
+    def __init__(self, reactor: IReactorTime, engine: ToyEngine, iters: int) -> None:
+        self.reactor = reactor
+        self.engine = engine
+        self.iters = iters
+        #: Tokens whose work completed; tests watch it stop growing on cancel.
+        self.tokens_emitted = 0
+
+    def describe(self) -> str:
+        return f"toy backend, {self.iters} LCG iterations per token on {self.engine.description}"
+
+    def generate(self, request: InferenceRequest, sink: ITokenSink) -> "Deferred[GenerationResult]":
+        stream = ToyStream(self, request, sink)
+        stream.start()
+        return stream.done
+
+    def startBackend(self) -> Any:
+        return None
+
+    def stopBackend(self) -> Any:
+        return None
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"must be >= 0, got {number}")
+    return number
+
+
+def build(options: Mapping[str, Any], reactor: Any) -> ToyBackend:
+    from cc50tw.backends.lcg import CPUEngine
+
+    engine = CPUEngine(reactor, reactor.getThreadPool())
+    return ToyBackend(reactor, engine, options["toy-iters"])
+
+
+SPEC = BackendSpec(
+    name="toy",
+    description="deterministic synthetic work per token (the C++ CC50 toy); emits ' token'",
+    options=[
+        ["toy-iters", None, 20000, "LCG iterations per token (0 = no work, for transport benchmarks)", _positive_int],
+    ],
+    build=build,
+)

@@ -1,0 +1,333 @@
+"""
+The CC50 wire format, as the C++ CC50 client and server speak it.
+
+This module is deliberately pure (no Twisted, no I/O): the server, the client
+library, the benchmarks and the fuzz tests all share one definition of the
+bytes, and a pure module is what property tests can hammer in microseconds.
+
+Every integer is little-endian with no padding.  A frame is a 24-byte header
+(``<IHHQII``: magic, version, type, req_id, flags, length) followed by
+``length`` payload bytes.  See ``docs/protocol.md`` for the tables.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Iterator, NamedTuple, Union
+
+MAGIC = 0x30354343  # b"CC50" read as a little-endian u32
+VERSION = 1
+
+HEADER = struct.Struct("<IHHQII")
+HEADER_SIZE = HEADER.size  # 24
+INFER_PREFIX = struct.Struct("<III")  # max_tokens, credit_bytes, prompt_len
+DONE_CPP = struct.Struct("<IIQ")  # tokens, reserved, elapsed_us
+DONE_EXTENSION = struct.Struct("<IIQ")  # prompt_tokens, generated_tokens, ttft_us
+CREDIT = struct.Struct("<I")
+
+MAX_U32 = 0xFFFFFFFF
+MAX_REQ_ID = 0xFFFFFFFFFFFFFFFF
+
+#: What a zero in REQ_INFER's credit_bytes means (the C++ client's window).
+DEFAULT_CREDIT_BYTES = 262144
+
+
+class MessageType(enum.IntEnum):
+    REQ_INFER = 1
+    RESP_CHUNK = 2
+    RESP_DONE = 3
+    RESP_ERR = 4
+    REQ_CANCEL = 5
+    REQ_CREDIT = 6
+
+
+class ErrorCode(enum.IntEnum):
+    """
+    The numbers that RESP_ERR carries in its header's ``flags``.
+
+    The payload is text for people (the C++ client prints it); the code is
+    for programs, so they can tell "retry later" from "fix your request".
+    """
+
+    UNKNOWN = 0
+    BAD_FRAME = 1
+    UNSUPPORTED_VERSION = 2
+    UNKNOWN_TYPE = 3
+    DUPLICATE_REQ_ID = 4
+    TOO_LARGE = 5
+    OVERLOADED = 6
+    BACKEND_ERROR = 7
+    CANCELLED = 8
+    CREDIT_STALL = 9
+    SHUTTING_DOWN = 10
+    BAD_REQUEST = 11
+    TIMEOUT = 12
+    UPSTREAM_UNAVAILABLE = 13
+    TOO_MANY_REQUESTS = 14
+
+
+class ProtocolError(Exception):
+    """
+    The one exception the codec raises: the input is not CC50 we can accept.
+
+    It carries the error code to put in RESP_ERR's flags and the req_id it
+    concerns (0 when the header itself could not be trusted).
+    """
+
+    def __init__(self, code: ErrorCode, message: str, req_id: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.req_id = req_id
+
+
+class Frame(NamedTuple):
+    """A whole frame off the wire; ``type`` stays an int so unknown types survive."""
+
+    type: int
+    req_id: int
+    flags: int
+    payload: bytes
+
+
+class Oversized(NamedTuple):
+    """
+    A header whose length exceeds the receiver's limit.
+
+    The decoder reports it instead of buffering the payload, then discards
+    that many bytes as they arrive, so the connection stays in sync and the
+    sender gets a TOO_LARGE error for just that request.
+    """
+
+    type: int
+    req_id: int
+    length: int
+
+
+class InferRequest(NamedTuple):
+    max_tokens: int
+    credit_bytes: int
+    prompt: str
+
+
+class DoneStats(NamedTuple):
+    """
+    RESP_DONE's payload.
+
+    ``tokens`` and ``elapsed_us`` are the 16 bytes the C++ client reads; the
+    rest is cc50tw's extension, ``None`` when a C++ server sent the short form.
+    """
+
+    tokens: int
+    elapsed_us: int
+    prompt_tokens: int | None = None
+    generated_tokens: int | None = None
+    ttft_us: int | None = None
+
+
+class ErrorReply(NamedTuple):
+    code: int
+    message: str
+
+
+def encode_header(type: int, req_id: int, length: int, flags: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, type, req_id, flags, length)
+
+
+def encode_frame(type: int, req_id: int, payload: bytes = b"", flags: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, type, req_id, flags, len(payload)) + payload
+
+
+def encode_infer(req_id: int, prompt: str, max_tokens: int = 0, credit_bytes: int = 0) -> bytes:
+    prompt_bytes = prompt.encode("utf-8")
+    payload = INFER_PREFIX.pack(max_tokens, credit_bytes, len(prompt_bytes)) + prompt_bytes
+    return encode_frame(MessageType.REQ_INFER, req_id, payload)
+
+
+def encode_chunk(req_id: int, text: bytes) -> bytes:
+    return encode_frame(MessageType.RESP_CHUNK, req_id, text)
+
+
+def encode_done(req_id: int, stats: DoneStats) -> bytes:
+    payload = DONE_CPP.pack(stats.tokens, 0, stats.elapsed_us)
+    if stats.prompt_tokens is not None:
+        payload += DONE_EXTENSION.pack(
+            stats.prompt_tokens,
+            stats.generated_tokens if stats.generated_tokens is not None else stats.tokens,
+            stats.ttft_us or 0,
+        )
+    return encode_frame(MessageType.RESP_DONE, req_id, payload)
+
+
+def encode_error(req_id: int, code: ErrorCode, message: str) -> bytes:
+    return encode_frame(MessageType.RESP_ERR, req_id, message.encode("utf-8"), flags=code)
+
+
+def encode_cancel(req_id: int) -> bytes:
+    return encode_frame(MessageType.REQ_CANCEL, req_id)
+
+
+def encode_credit(req_id: int, credit_bytes: int) -> bytes:
+    return encode_frame(MessageType.REQ_CREDIT, req_id, CREDIT.pack(credit_bytes))
+
+
+def decode_infer(frame: Frame) -> InferRequest:
+    payload = frame.payload
+    if len(payload) < INFER_PREFIX.size:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"REQ_INFER payload is {len(payload)} bytes; it needs at least "
+            f"{INFER_PREFIX.size} (max_tokens, credit_bytes, prompt_len)",
+            frame.req_id,
+        )
+    max_tokens, credit_bytes, prompt_len = INFER_PREFIX.unpack_from(payload)
+    if prompt_len != len(payload) - INFER_PREFIX.size:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"REQ_INFER prompt_len is {prompt_len} but {len(payload) - INFER_PREFIX.size} "
+            "prompt bytes followed",
+            frame.req_id,
+        )
+    try:
+        prompt = payload[INFER_PREFIX.size :].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"REQ_INFER prompt is not valid UTF-8 ({e.reason} at byte {e.start})", frame.req_id
+        ) from None
+    return InferRequest(max_tokens, credit_bytes, prompt)
+
+
+def decode_done(frame: Frame) -> DoneStats:
+    payload = frame.payload
+    if len(payload) < DONE_CPP.size:
+        raise ProtocolError(
+            ErrorCode.BAD_FRAME, f"RESP_DONE payload is {len(payload)} bytes; it needs at least 16", frame.req_id
+        )
+    tokens, _reserved, elapsed_us = DONE_CPP.unpack_from(payload)
+    if len(payload) < DONE_CPP.size + DONE_EXTENSION.size:
+        return DoneStats(tokens, elapsed_us)
+    prompt_tokens, generated, ttft_us = DONE_EXTENSION.unpack_from(payload, DONE_CPP.size)
+    return DoneStats(tokens, elapsed_us, prompt_tokens, generated, ttft_us)
+
+
+def decode_error(frame: Frame) -> ErrorReply:
+    return ErrorReply(frame.flags, frame.payload.decode("utf-8", errors="replace"))
+
+
+def decode_credit(frame: Frame) -> int:
+    if len(frame.payload) != CREDIT.size:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"REQ_CREDIT payload must be 4 bytes (u32 credit); got {len(frame.payload)}",
+            frame.req_id,
+        )
+    (credit,) = CREDIT.unpack(frame.payload)
+    return int(credit)
+
+
+def utf8_prefix_length(data: bytes, limit: int) -> int:
+    """
+    The longest prefix of ``data`` no longer than ``limit`` that ends on a
+    character boundary, so a credit window never splits a UTF-8 character.
+
+    Returns 0 when even the first character does not fit.
+    """
+    if limit >= len(data):
+        return len(data)
+    cut = limit
+    # Walk back over continuation bytes (10xxxxxx) to the start of a character.
+    while cut > 0 and (data[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return cut
+
+
+DecodedItem = Union[Frame, Oversized]
+
+
+class FrameDecoder:
+    """
+    Turns a byte stream, cut anywhere, into frames.
+
+    This is the one parsing loop of the project, shaped like Twisted's
+    ``IntNStringReceiver.dataReceived``: one buffer, an offset walking over it,
+    and the length limit checked before a payload is buffered.  Magic and
+    version are checked before the length is trusted; either being wrong
+    raises ``ProtocolError`` and leaves the decoder unusable, since a stream
+    that lost its framing cannot be resynchronised.
+    """
+
+    def __init__(self, max_payload: int) -> None:
+        self.max_payload = max_payload
+        self._buffer = b""
+        self._offset = 0
+        self._discard = 0
+        self._broken: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held while waiting for the rest of a frame."""
+        return len(self._buffer) - self._offset
+
+    def _fail(self, error: ProtocolError) -> ProtocolError:
+        self._broken = error
+        self._buffer = b""
+        self._offset = 0
+        return error
+
+    def feed(self, data: bytes) -> Iterator[DecodedItem]:
+        """
+        Yield every complete frame (or oversized header) that ``data`` finishes.
+
+        The consumer may stop iterating after any item (say, because it closed
+        the connection); what it has not taken stays buffered, which is why the
+        offset is stored before each yield.
+        """
+        if self._broken is not None:
+            raise self._broken
+        if self._discard:
+            skipped = min(self._discard, len(data))
+            self._discard -= skipped
+            data = data[skipped:]
+        if self._offset < len(self._buffer):
+            buffer = self._buffer[self._offset :] + data
+        else:
+            buffer = data
+        self._buffer = buffer
+        self._offset = offset = 0
+        end = len(buffer)
+        unpack_from = HEADER.unpack_from
+        max_payload = self.max_payload
+        while end - offset >= HEADER_SIZE:
+            magic, version, type, req_id, flags, length = unpack_from(buffer, offset)
+            if magic != MAGIC:
+                raise self._fail(
+                    ProtocolError(
+                        ErrorCode.BAD_FRAME,
+                        f"bad magic 0x{magic:08x} (expected 0x{MAGIC:08x}, b'CC50'): not a CC50 stream",
+                    )
+                )
+            if version != VERSION:
+                raise self._fail(
+                    ProtocolError(
+                        ErrorCode.UNSUPPORTED_VERSION,
+                        f"unsupported CC50 version {version}; this server speaks version {VERSION}",
+                        req_id,
+                    )
+                )
+            frame_end = offset + HEADER_SIZE + length
+            if length > max_payload:
+                if frame_end > end:
+                    self._discard = frame_end - end
+                    frame_end = end
+                self._offset = offset = frame_end
+                yield Oversized(type, req_id, length)
+                continue
+            if frame_end > end:
+                break
+            payload = buffer[offset + HEADER_SIZE : frame_end]
+            self._offset = offset = frame_end
+            yield Frame(type, req_id, flags, payload)
+        if offset:
+            self._buffer = buffer[offset:]
+            self._offset = 0

@@ -1,0 +1,82 @@
+"""
+The contract between the CC50 server and whatever generates tokens.
+
+A backend streams text into a sink that follows Twisted's consumer model: the
+backend registers itself (or a per-request object) as an ``IPushProducer`` with
+the sink, and the sink pauses it when the client's credit window is spent or
+the socket's send buffer is full.  That is how flow control reaches from the
+socket back to the model without the backend knowing about either.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import Attribute, Interface
+
+
+class InferenceRequest(NamedTuple):
+    """What a backend needs to know about one request, decoded and defaulted."""
+
+    req_id: int
+    prompt: str
+    max_tokens: int
+
+
+class GenerationResult(NamedTuple):
+    """
+    What the backend reports when a stream ends normally.
+
+    Counts come from the backend because only it knows them (an upstream
+    model counts tokens, not the chunks it happened to send).
+    """
+
+    prompt_tokens: int
+    generated_tokens: int
+
+
+class ITokenSink(Interface):
+    """Where a backend writes a request's text."""
+
+    def write(text: str) -> None:  # type: ignore[misc]
+        """
+        Deliver generated text, whole characters only.
+
+        May call the registered producer's ``pauseProducing`` before it
+        returns; the backend should stop producing soon after, though a few
+        writes already under way are accepted and buffered.
+        """
+
+    def registerProducer(producer: IPushProducer, streaming: bool) -> None:  # type: ignore[misc]
+        """Give the sink the handle it pauses and resumes; ``streaming`` must be True."""
+
+    def unregisterProducer() -> None:  # type: ignore[misc]
+        """The backend has finished producing."""
+
+
+class IBackend(Interface):
+    """A source of token streams: the toy kernel, llama-server, or a plugin's."""
+
+    name = Attribute("Short name for logs and metrics, e.g. 'toy'.")
+
+    def describe() -> str:  # type: ignore[misc]
+        """One line for the startup log: what this backend is and where it runs."""
+
+    def generate(request: InferenceRequest, sink: ITokenSink) -> "Deferred[GenerationResult]":  # type: ignore[misc]
+        """
+        Stream the answer to ``request`` into ``sink``.
+
+        The returned Deferred fires with a ``GenerationResult`` when the answer
+        is complete, or fails with ``BackendError`` (or any exception, which the
+        server reports as a backend error).  Cancelling the Deferred must stop
+        the backend's work promptly; the server cancels it when the client
+        cancels or goes away.
+        """
+
+    def startBackend() -> "Deferred[None] | None":  # type: ignore[misc]
+        """Prepare (compile kernels, check the upstream); called once at service start."""
+
+    def stopBackend() -> "Deferred[None] | None":  # type: ignore[misc]
+        """Release what ``startBackend`` took; called once at service stop."""

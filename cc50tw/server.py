@@ -1,0 +1,260 @@
+"""
+The CC50 server: one protocol instance per connection, many requests each.
+
+Requests are multiplexed by req_id.  The protocol is also the transport's
+push producer: when the socket's send buffer fills, Twisted pauses it and it
+pauses every request's backend; when the buffer drains, they resume.  That
+keeps the server's memory per connection bounded whatever the client does.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import attrs
+from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from cc50tw.admission import Admission
+from cc50tw.codec import (
+    DEFAULT_CREDIT_BYTES,
+    HEADER,
+    MAGIC,
+    VERSION,
+    DoneStats,
+    ErrorCode,
+    Frame,
+    MessageType,
+    Oversized,
+    ProtocolError,
+    decode_credit,
+    decode_infer,
+    encode_done,
+    encode_error,
+)
+from cc50tw.errors import RequestFailed
+from cc50tw.interfaces import IBackend, InferenceRequest
+from cc50tw.receiver import CC50Receiver
+from cc50tw.stream import RequestStream
+
+
+@attrs.frozen
+class ServerConfig:
+    """Limits and defaults; every field is a ``twistd cc50`` option."""
+
+    default_max_tokens: int = 256
+    max_frame_bytes: int = 1 << 20
+    max_inflight_per_connection: int = 256
+    max_connections: int = 10000
+    max_concurrency: int = 1024
+    max_queue: int = 4096
+    idle_timeout: float = 300.0
+    stall_timeout: float = 60.0
+
+
+@implementer(IPushProducer)
+class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
+    log = Logger()
+    factory: "CC50ServerFactory"
+
+    def __init__(self) -> None:
+        self.streams: dict[int, RequestStream] = {}
+        self.transportPaused = False
+        self.rejected = False
+        self._rotation = itertools.count()
+
+    # Connection ------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.MAX_LENGTH = self.factory.config.max_frame_bytes
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        if not self.factory.connectionOpened(self):
+            self.rejected = True
+            limit = self.factory.config.max_connections
+            self.sendError(0, ErrorCode.OVERLOADED, f"server has {limit} connections open (--max-connections); retry later")
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self.setTimeout(self.factory.config.idle_timeout)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.setTimeout(None)
+        for stream in list(self.streams.values()):
+            stream.abandon()
+        self.streams.clear()
+        if not self.rejected:
+            self.factory.connectionClosed(self)
+
+    def timeoutConnection(self) -> None:
+        self.log.info("closing idle connection from {peer}", peer=self.peer)
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    @property
+    def peer(self) -> str:
+        address: IAddress | None = self.transport.getPeer() if self.transport else None  # type: ignore[union-attr]
+        return str(address)
+
+    def now(self) -> float:
+        return self.factory.reactor.seconds()
+
+    # Receiving -------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.rejected:
+            return
+        if not self.streams:
+            self.resetTimeout()
+        super().dataReceived(data)
+
+    def frameReceived(self, frame: Frame) -> None:
+        handler = self._handlers.get(frame.type)
+        if handler is None:
+            self.sendError(
+                frame.req_id, ErrorCode.UNKNOWN_TYPE, f"unknown frame type {frame.type}; this server knows types 1-6"
+            )
+            return
+        handler(self, frame)
+
+    def lengthLimitExceeded(self, header: Oversized) -> None:
+        self.sendError(
+            header.req_id,
+            ErrorCode.TOO_LARGE,
+            f"frame of {header.length} bytes exceeds this server's limit of {self.MAX_LENGTH} (--max-frame-bytes)",
+        )
+
+    def streamCorrupted(self, error: ProtocolError) -> None:
+        self.log.info("closing connection from {peer}: {message}", peer=self.peer, message=error.message)
+        self.sendError(error.req_id, error.code, error.message + "; closing the connection")
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _infer(self, frame: Frame) -> None:
+        req_id = frame.req_id
+        if req_id in self.streams:
+            self.sendError(req_id, ErrorCode.DUPLICATE_REQ_ID, f"req_id {req_id} is already in flight on this connection")
+            return
+        try:
+            decoded = decode_infer(frame)
+        except ProtocolError as error:
+            self.sendError(req_id, error.code, error.message)
+            return
+        config = self.factory.config
+        if len(self.streams) >= config.max_inflight_per_connection:
+            self.sendError(
+                req_id,
+                ErrorCode.TOO_MANY_REQUESTS,
+                f"{len(self.streams)} requests already in flight on this connection "
+                f"(--max-inflight-per-connection={config.max_inflight_per_connection})",
+            )
+            return
+        request = InferenceRequest(req_id, decoded.prompt, decoded.max_tokens or config.default_max_tokens)
+        stream = RequestStream(self, request, decoded.credit_bytes or DEFAULT_CREDIT_BYTES)
+        self.streams[req_id] = stream
+        self.setTimeout(None)
+        try:
+            stream.admit()
+        except RequestFailed as error:
+            stream.cancel(error.code, error.message)
+
+    def _cancel(self, frame: Frame) -> None:
+        stream = self.streams.get(frame.req_id)
+        if stream is not None:
+            stream.cancel(ErrorCode.CANCELLED, "request cancelled by the client (REQ_CANCEL)")
+
+    def _credit(self, frame: Frame) -> None:
+        stream = self.streams.get(frame.req_id)
+        if stream is None:
+            return  # the request may have ended while the credit was in flight
+        try:
+            credit = decode_credit(frame)
+        except ProtocolError as error:
+            stream.cancel(error.code, error.message)
+            return
+        stream.grant(credit)
+
+    def _serverOnly(self, frame: Frame) -> None:
+        self.sendError(
+            frame.req_id,
+            ErrorCode.UNKNOWN_TYPE,
+            f"frame type {MessageType(frame.type).name} is sent by servers, not to them",
+        )
+
+    _handlers: dict[int, Callable[["CC50ServerProtocol", Frame], None]] = {
+        MessageType.REQ_INFER: _infer,
+        MessageType.REQ_CANCEL: _cancel,
+        MessageType.REQ_CREDIT: _credit,
+        MessageType.RESP_CHUNK: _serverOnly,
+        MessageType.RESP_DONE: _serverOnly,
+        MessageType.RESP_ERR: _serverOnly,
+    }
+
+    # Sending ---------------------------------------------------------------
+
+    def sendChunk(self, req_id: int, data: bytes) -> None:
+        self.transport.writeSequence(  # type: ignore[union-attr]
+            (HEADER.pack(MAGIC, VERSION, MessageType.RESP_CHUNK, req_id, 0, len(data)), data)
+        )
+
+    def sendDone(self, req_id: int, stats: DoneStats) -> None:
+        self.transport.write(encode_done(req_id, stats))  # type: ignore[union-attr]
+
+    def sendError(self, req_id: int, code: ErrorCode, message: str) -> None:
+        self.transport.write(encode_error(req_id, code, message))  # type: ignore[union-attr]
+
+    def streamEnded(self, stream: RequestStream) -> None:
+        if self.streams.get(stream.req_id) is stream:
+            del self.streams[stream.req_id]
+            if not self.streams and self.connected:
+                self.setTimeout(self.factory.config.idle_timeout)
+
+    # IPushProducer (towards the transport) ----------------------------------
+
+    def pauseProducing(self) -> None:
+        self.transportPaused = True
+        self.factory.transportPauses += 1
+        for stream in list(self.streams.values()):
+            stream.connectionFlowChanged()
+
+    def resumeProducing(self) -> None:
+        self.transportPaused = False
+        streams = list(self.streams.values())
+        if streams:
+            # Start the round at a different stream each time, so that no
+            # stream is always first to refill the send buffer.
+            start = next(self._rotation) % len(streams)
+            for stream in streams[start:] + streams[:start]:
+                stream.connectionFlowChanged()
+
+    def stopProducing(self) -> None:
+        for stream in list(self.streams.values()):
+            stream.abandon()
+
+
+class CC50ServerFactory(Factory):
+    protocol = CC50ServerProtocol
+    log = Logger()
+
+    def __init__(self, backend: IBackend, config: ServerConfig | None = None, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as globalReactor
+
+            reactor = globalReactor
+        self.backend = backend
+        self.config = config or ServerConfig()
+        self.reactor: IReactorTime = reactor
+        self.admission = Admission(self.config.max_concurrency, self.config.max_queue)
+        self.connections: set[CC50ServerProtocol] = set()
+        self.creditPauses = 0
+        self.transportPauses = 0
+
+    def connectionOpened(self, protocol: CC50ServerProtocol) -> bool:
+        if len(self.connections) >= self.config.max_connections:
+            return False
+        self.connections.add(protocol)
+        return True
+
+    def connectionClosed(self, protocol: CC50ServerProtocol) -> None:
+        self.connections.discard(protocol)
