@@ -1,0 +1,123 @@
+"""
+The ``cc50`` command: ``infer`` streams one answer, ``bench`` measures.
+
+Flags follow the C++ CC50 client (``--server=HOST:PORT --prompt=...
+--max-tokens=N --iters=N --print=1``) and bench ends with its summary line,
+so existing scripts keep working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import react
+
+from cc50tw.errors import ClientError
+from cc50tw.stats import cpp_summary_line, describe
+
+DEFAULT_SERVER = "tcp:127.0.0.1:9199"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cc50", description="CC50 client: stream answers and benchmark servers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--server", default=DEFAULT_SERVER, help="endpoint (tcp:HOST:PORT, unix:PATH) or HOST:PORT")
+        sub.add_argument("--prompt", default="Hello", help="prompt text")
+        sub.add_argument("--max-tokens", type=int, default=0, help="tokens to generate (0 = server default)")
+        sub.add_argument("--credit-bytes", type=int, default=0, help="initial credit window (0 = 262144)")
+
+    infer = commands.add_parser("infer", help="stream one answer to stdout")
+    common(infer)
+
+    bench = commands.add_parser("bench", help="measure latency, TTFT and tokens/s")
+    common(bench)
+    bench.add_argument("--iters", type=int, default=100, help="requests to send")
+    bench.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
+    bench.add_argument("--connections", type=int, default=1, help="connections to spread them over")
+    bench.add_argument("--print", type=int, default=0, dest="print_count", help="print the text of the first N answers")
+    return parser
+
+
+async def _infer(reactor: Any, args: argparse.Namespace) -> int:
+    from cc50tw.client import connect
+
+    client = await connect(reactor, args.server)
+    response = client.infer(args.prompt, args.max_tokens, args.credit_bytes)
+    try:
+        async for text in response:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        stats = await response.done
+    except ClientError as e:
+        sys.stdout.write("\n")
+        sys.stderr.write(f"cc50: error {e.code.name} ({e.raw_code}): {e.message}\n")
+        return 1
+    finally:
+        await client.close()
+    sys.stdout.write("\n")
+    sys.stderr.write(
+        f"tokens={stats.tokens} prompt_tokens={stats.prompt_tokens} elapsed_us={stats.elapsed_us} "
+        f"ttft_us={stats.ttft_us}\n"
+    )
+    return 0
+
+
+async def _bench(reactor: Any, args: argparse.Namespace) -> int:
+    from cc50tw.bench import run_bench
+
+    result = await run_bench(
+        reactor,
+        args.server,
+        args.prompt,
+        args.max_tokens,
+        args.iters,
+        args.concurrency,
+        args.connections,
+        keep_text=args.print_count,
+        credit_bytes=args.credit_bytes,
+    )
+    for record in result.records:
+        if record.text is not None:
+            print(record.text)
+    latencies = [r.latency_ms for r in result.records]
+    tokens = sum(r.tokens for r in result.records)
+    per_request_rate = [r.tokens / (r.latency_ms / 1e3) for r in result.records if r.latency_ms > 0]
+    print(
+        f"requests={len(result.records)} errors={len(result.errors)} concurrency={args.concurrency} "
+        f"connections={args.connections} wall_s={result.wall_s:.3f}"
+    )
+    print(describe("latency", latencies))
+    print(describe("ttft", [r.ttft_ms for r in result.records]))
+    mean_rate = sum(per_request_rate) / len(per_request_rate) if per_request_rate else 0.0
+    print(
+        f"tokens={tokens} tokens_per_s={tokens / result.wall_s if result.wall_s else 0.0:.1f} "
+        f"per_request_tokens_per_s={mean_rate:.1f}"
+    )
+    for error in result.errors[:10]:
+        print(f"error: {error}", file=sys.stderr)
+    print(cpp_summary_line(latencies))
+    return 1 if result.errors else 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    command = {"infer": _infer, "bench": _bench}[args.command]
+
+    def run(reactor: Any) -> "Deferred[None]":
+        async def go() -> None:
+            code = await command(reactor, args)
+            if code:
+                raise SystemExit(code)
+
+        return Deferred.fromCoroutine(go())
+
+    react(run)
+
+
+if __name__ == "__main__":
+    main()

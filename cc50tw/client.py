@@ -1,0 +1,251 @@
+"""
+The CC50 client library.
+
+``connect`` gives a ``CC50Client`` over any endpoint string (or ``HOST:PORT``);
+``client.infer`` starts a request and returns a ``Response`` that can be
+consumed three ways: ``async for text in response`` (under ``ensureDeferred``),
+``response.onChunk = callback``, or ``response.collect()`` for the whole text
+and the DONE statistics.  Many requests run concurrently on one connection.
+
+Credit is granted back to the server as the application consumes text, so a
+consumer that stops reading stops the server's backend for that request, and
+nothing piles up in the client without bound.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import time
+from collections import deque
+from typing import Any, Callable, NamedTuple
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+
+from cc50tw.codec import (
+    DEFAULT_CREDIT_BYTES,
+    DoneStats,
+    ErrorCode,
+    Frame,
+    MessageType,
+    Oversized,
+    ProtocolError,
+    decode_done,
+    decode_error,
+    encode_cancel,
+    encode_credit,
+    encode_infer,
+)
+from cc50tw.endpoints import client_description
+from cc50tw.errors import ClientError
+from cc50tw.receiver import CC50Receiver
+
+
+class Completion(NamedTuple):
+    text: str
+    stats: DoneStats
+
+
+class Response:
+    """One request's answer as it arrives."""
+
+    def __init__(self, client: "CC50ClientProtocol", req_id: int, window: int) -> None:
+        self.req_id = req_id
+        self.done: Deferred[DoneStats] = Deferred()
+        self.startedAt = time.perf_counter()
+        self.firstChunkAt: float | None = None
+        self.finishedAt: float | None = None
+        self.chunkFrames = 0
+        self.chunkBytes = 0
+        self._client = client
+        self._window = window
+        self._ungranted = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._queue: deque[tuple[str, int]] = deque()
+        self._waiter: Deferred[None] | None = None
+        self._finished = False
+        self._failure: Failure | None = None
+        self._onChunk: Callable[[str], object] | None = None
+
+    # Consumption -----------------------------------------------------------
+
+    @property
+    def onChunk(self) -> Callable[[str], object] | None:
+        return self._onChunk
+
+    @onChunk.setter
+    def onChunk(self, callback: Callable[[str], object] | None) -> None:
+        """Deliver text to ``callback`` as it arrives (text already queued first)."""
+        self._onChunk = callback
+        if callback is not None:
+            while self._queue:
+                text, size = self._queue.popleft()
+                callback(text)
+                self._consumed(size)
+
+    def collect(self) -> "Deferred[Completion]":
+        parts: list[str] = []
+        self.onChunk = parts.append
+        return self.done.addCallback(lambda stats: Completion("".join(parts), stats))
+
+    def __aiter__(self) -> "Response":
+        return self
+
+    async def __anext__(self) -> str:
+        while not self._queue:
+            if self._finished:
+                if self._failure is not None:
+                    self._failure.raiseException()
+                raise StopAsyncIteration
+            self._waiter = Deferred()
+            await self._waiter
+        text, size = self._queue.popleft()
+        self._consumed(size)
+        return text
+
+    def cancel(self) -> None:
+        """Ask the server to stop; the request ends with CANCELLED (or DONE if it won the race)."""
+        if not self._finished:
+            self._client.sendFrame(encode_cancel(self.req_id))
+
+    # From the protocol -----------------------------------------------------
+
+    def _consumed(self, size: int) -> None:
+        """Return credit in batches of half a window, so grants stay rare."""
+        self._ungranted += size
+        if self._ungranted >= self._window // 2 and not self._finished:
+            self._client.sendFrame(encode_credit(self.req_id, self._ungranted))
+            self._ungranted = 0
+
+    def _chunkReceived(self, payload: bytes) -> None:
+        if self.firstChunkAt is None:
+            self.firstChunkAt = time.perf_counter()
+        self.chunkFrames += 1
+        self.chunkBytes += len(payload)
+        text = self._decoder.decode(payload)
+        if self._onChunk is not None:
+            self._onChunk(text)
+            self._consumed(len(payload))
+        else:
+            self._queue.append((text, len(payload)))
+            self._wake()
+
+    def _finish(self, stats: DoneStats | None, failure: Failure | None) -> None:
+        self._finished = True
+        self.finishedAt = time.perf_counter()
+        tail = self._decoder.decode(b"", final=True)
+        if tail:
+            self._queue.append((tail, 0))
+            if self._onChunk is not None:
+                self._onChunk(tail)
+        self._failure = failure
+        self._wake()
+        if failure is not None:
+            self.done.errback(failure)
+        else:
+            self.done.callback(stats)
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.callback(None)
+
+
+class CC50ClientProtocol(CC50Receiver):
+    """A client connection; create requests with ``infer``."""
+
+    MAX_LENGTH = 16 << 20
+
+    def __init__(self) -> None:
+        self._responses: dict[int, Response] = {}
+        self._ids = itertools.count(1)
+        self._closed: Failure | None = None
+        self.lost: Deferred[None] = Deferred()
+
+    def infer(self, prompt: str, max_tokens: int = 0, credit_bytes: int = 0) -> Response:
+        req_id = next(self._ids)
+        response = Response(self, req_id, credit_bytes or DEFAULT_CREDIT_BYTES)
+        if self._closed is not None:
+            response._finish(None, self._closed)
+            return response
+        self._responses[req_id] = response
+        self.transport.write(encode_infer(req_id, prompt, max_tokens, credit_bytes))  # type: ignore[union-attr]
+        return response
+
+    def sendFrame(self, data: bytes) -> None:
+        if self._closed is None:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def close(self) -> "Deferred[None]":
+        if self._closed is None:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        return self.lost if not self.lost.called else succeed(None)
+
+    @property
+    def inFlight(self) -> int:
+        return len(self._responses)
+
+    def frameReceived(self, frame: Frame) -> None:
+        kind = frame.type
+        if kind == MessageType.RESP_CHUNK:
+            response = self._responses.get(frame.req_id)
+            if response is not None:
+                response._chunkReceived(frame.payload)
+            return
+        if kind == MessageType.RESP_DONE:
+            done = self._responses.pop(frame.req_id, None)
+            if done is not None:
+                try:
+                    stats = decode_done(frame)
+                except ProtocolError as e:
+                    done._finish(None, Failure(ClientError(frame.req_id, e.code, e.message)))
+                else:
+                    done._finish(stats, None)
+            return
+        if kind == MessageType.RESP_ERR:
+            error = decode_error(frame)
+            failed = self._responses.pop(frame.req_id, None)
+            if failed is not None:
+                failed._finish(None, Failure(ClientError(frame.req_id, error.code, error.message)))
+            elif frame.req_id == 0:
+                # A connection-level error (bad stream, too many connections):
+                # every request on this connection is affected.
+                self._failAll(Failure(ClientError(0, error.code, error.message)))
+            return
+        # Anything else from a server is ignored: a newer server may send
+        # frame types this client does not know.
+
+    def lengthLimitExceeded(self, header: Oversized) -> None:
+        self._failAll(
+            Failure(ClientError(header.req_id, ErrorCode.TOO_LARGE, f"server sent a {header.length}-byte frame"))
+        )
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def streamCorrupted(self, error: ProtocolError) -> None:
+        self._failAll(Failure(ClientError(0, error.code, f"server stream corrupted: {error.message}")))
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._closed = reason
+        self._failAll(reason)
+        self.lost.callback(None)
+
+    def _failAll(self, failure: Failure) -> None:
+        responses, self._responses = self._responses, {}
+        for response in responses.values():
+            response._finish(None, failure)
+
+
+CC50Client = CC50ClientProtocol
+
+
+def connect(reactor: Any, description: str) -> "Deferred[CC50ClientProtocol]":
+    """Connect to a CC50 server: ``tcp:HOST:PORT``, ``unix:PATH``, ``HOST:PORT``..."""
+    endpoint = clientFromString(reactor, client_description(description))
+    return connectProtocol(endpoint, CC50ClientProtocol())  # type: ignore[return-value]
+
+
+__all__ = ["CC50Client", "CC50ClientProtocol", "Completion", "Response", "connect"]
