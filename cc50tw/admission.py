@@ -28,7 +28,7 @@ class Admission:
     def queued(self) -> int:
         return len(self._semaphore.waiting)
 
-    def acquire(self) -> "Deferred[object]":
+    def acquire(self) -> Deferred[object]:
         """
         A Deferred that fires when the request may run; cancel it to leave the queue.
 

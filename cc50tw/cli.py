@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
@@ -108,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     command = {"infer": _infer, "bench": _bench}[args.command]
 
-    def run(reactor: Any) -> "Deferred[None]":
+    def run(reactor: Any) -> Deferred[None]:
         async def go() -> None:
             code = await command(reactor, args)
             if code:

@@ -18,7 +18,8 @@ import codecs
 import itertools
 import time
 from collections import deque
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
@@ -52,7 +53,7 @@ class Completion(NamedTuple):
 class Response:
     """One request's answer as it arrives."""
 
-    def __init__(self, client: "CC50ClientProtocol", req_id: int, window: int) -> None:
+    def __init__(self, client: CC50ClientProtocol, req_id: int, window: int) -> None:
         self.req_id = req_id
         self.done: Deferred[DoneStats] = Deferred()
         self.startedAt = time.perf_counter()
@@ -86,12 +87,12 @@ class Response:
                 callback(text)
                 self._consumed(size)
 
-    def collect(self) -> "Deferred[Completion]":
+    def collect(self) -> Deferred[Completion]:
         parts: list[str] = []
         self.onChunk = parts.append
         return self.done.addCallback(lambda stats: Completion("".join(parts), stats))
 
-    def __aiter__(self) -> "Response":
+    def __aiter__(self) -> Response:
         return self
 
     async def __anext__(self) -> str:
@@ -145,7 +146,7 @@ class Response:
         self._wake()
         if failure is not None:
             self.done.errback(failure)
-        else:
+        elif stats is not None:
             self.done.callback(stats)
 
     def _wake(self) -> None:
@@ -179,7 +180,7 @@ class CC50ClientProtocol(CC50Receiver):
         if self._closed is None:
             self.transport.write(data)  # type: ignore[union-attr]
 
-    def close(self) -> "Deferred[None]":
+    def close(self) -> Deferred[None]:
         if self._closed is None:
             self.transport.loseConnection()  # type: ignore[union-attr]
         return self.lost if not self.lost.called else succeed(None)
@@ -242,7 +243,7 @@ class CC50ClientProtocol(CC50Receiver):
 CC50Client = CC50ClientProtocol
 
 
-def connect(reactor: Any, description: str) -> "Deferred[CC50ClientProtocol]":
+def connect(reactor: Any, description: str) -> Deferred[CC50ClientProtocol]:
     """Connect to a CC50 server: ``tcp:HOST:PORT``, ``unix:PATH``, ``HOST:PORT``..."""
     endpoint = clientFromString(reactor, client_description(description))
     return connectProtocol(endpoint, CC50ClientProtocol())  # type: ignore[return-value]

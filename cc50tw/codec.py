@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Iterator, NamedTuple, Union
+from collections.abc import Iterator
+from typing import NamedTuple
 
 MAGIC = 0x30354343  # b"CC50" read as a little-endian u32
 VERSION = 1
@@ -242,7 +243,7 @@ def utf8_prefix_length(data: bytes, limit: int) -> int:
     return cut
 
 
-DecodedItem = Union[Frame, Oversized]
+DecodedItem = Frame | Oversized
 
 
 class FrameDecoder:

@@ -64,7 +64,7 @@ class IBackend(Interface):
     def describe() -> str:  # type: ignore[misc]
         """One line for the startup log: what this backend is and where it runs."""
 
-    def generate(request: InferenceRequest, sink: ITokenSink) -> "Deferred[GenerationResult]":  # type: ignore[misc]
+    def generate(request: InferenceRequest, sink: ITokenSink) -> Deferred[GenerationResult]:  # type: ignore[misc]
         """
         Stream the answer to ``request`` into ``sink``.
 
@@ -75,8 +75,8 @@ class IBackend(Interface):
         cancels or goes away.
         """
 
-    def startBackend() -> "Deferred[None] | None":  # type: ignore[misc]
+    def startBackend() -> Deferred[None] | None:  # type: ignore[misc]
         """Prepare (compile kernels, check the upstream); called once at service start."""
 
-    def stopBackend() -> "Deferred[None] | None":  # type: ignore[misc]
+    def stopBackend() -> Deferred[None] | None:  # type: ignore[misc]
         """Release what ``startBackend`` took; called once at service stop."""

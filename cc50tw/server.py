@@ -10,7 +10,8 @@ keeps the server's memory per connection bounded whatever the client does.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime
@@ -60,7 +61,7 @@ class ServerConfig:
 @implementer(IPushProducer)
 class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
     log = Logger()
-    factory: "CC50ServerFactory"
+    factory: CC50ServerFactory
 
     def __init__(self) -> None:
         self.streams: dict[int, RequestStream] = {}
@@ -72,6 +73,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = self.factory.config.max_frame_bytes
+        self.callLater = self.factory.reactor.callLater  # TimeoutMixin's clock
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         if not self.factory.connectionOpened(self):
             self.rejected = True
@@ -182,7 +184,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
             f"frame type {MessageType(frame.type).name} is sent by servers, not to them",
         )
 
-    _handlers: dict[int, Callable[["CC50ServerProtocol", Frame], None]] = {
+    _handlers: dict[int, Callable[[CC50ServerProtocol, Frame], None]] = {
         MessageType.REQ_INFER: _infer,
         MessageType.REQ_CANCEL: _cancel,
         MessageType.REQ_CREDIT: _credit,
@@ -234,7 +236,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
 
 
 class CC50ServerFactory(Factory):
-    protocol = CC50ServerProtocol
+    protocol = CC50ServerProtocol  # type: ignore[assignment]
     log = Logger()
 
     def __init__(self, backend: IBackend, config: ServerConfig | None = None, reactor: Any = None) -> None:

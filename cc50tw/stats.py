@@ -8,11 +8,12 @@ bench run, so ``cpp_summary_line`` must keep exactly that shape.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 
 class Summary(NamedTuple):
-    count: int
+    samples: int
     mean: float
     p50: float
     p95: float
@@ -34,7 +35,7 @@ def summarize(values: Sequence[float]) -> Summary:
     if not ordered:
         return Summary(0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan)
     return Summary(
-        count=len(ordered),
+        samples=len(ordered),
         mean=sum(ordered) / len(ordered),
         p50=percentile(ordered, 50),
         p95=percentile(ordered, 95),
@@ -47,7 +48,7 @@ def summarize(values: Sequence[float]) -> Summary:
 def cpp_summary_line(latencies_ms: Sequence[float]) -> str:
     """``iters=N mean_ms=X p50_ms=X p95_ms=X p99_ms=X``, as the C++ client prints it."""
     s = summarize(latencies_ms)
-    return f"iters={s.count} mean_ms={s.mean:.3f} p50_ms={s.p50:.3f} p95_ms={s.p95:.3f} p99_ms={s.p99:.3f}"
+    return f"iters={s.samples} mean_ms={s.mean:.3f} p50_ms={s.p50:.3f} p95_ms={s.p95:.3f} p99_ms={s.p99:.3f}"
 
 
 def describe(label: str, values_ms: Sequence[float]) -> str:

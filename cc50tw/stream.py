@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 class RequestStream:
     log = Logger()
 
-    def __init__(self, connection: "CC50ServerProtocol", request: InferenceRequest, credit: int) -> None:
+    def __init__(self, connection: CC50ServerProtocol, request: InferenceRequest, credit: int) -> None:
         self.connection = connection
         self.request = request
         self.req_id = request.req_id
@@ -182,6 +182,10 @@ class RequestStream:
         if self.finished:
             return
         self.credit = min(self.credit + credit, 1 << 62)
+        if self._stallTimer is not None:
+            # Any grant is progress: the stall clock measures time without one.
+            self._stallTimer.cancel()
+            self._stallTimer = None
         if self._pending:
             pending, self._pending = self._pending, b""
             self._sendWithinCredit(pending)

@@ -8,7 +8,8 @@ kernel, checking its upstream), then one ``StreamServerEndpointService`` per
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
@@ -145,7 +146,7 @@ class CC50Service(MultiService):
             "cc50 serving backend {name!r} on {endpoints}", name=self.backend.name, endpoints=", ".join(self.descriptions)
         )
 
-    def stopService(self) -> "Deferred[None]":
+    def stopService(self) -> Deferred[None]:
         stopped: Deferred[None] = maybeDeferred(super().stopService)  # type: ignore[arg-type]
         stopped.addCallback(lambda _: self.backend.stopBackend())
         return stopped

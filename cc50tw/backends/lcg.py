@@ -44,7 +44,7 @@ class CPUEngine:
         self._pool = pool
         self.launches = 0
 
-    def spin(self, iters: int) -> "Deferred[int]":
+    def spin(self, iters: int) -> Deferred[int]:
         self.launches += 1
         if iters == 0:
             return succeed(0)

@@ -10,7 +10,8 @@ stops new work between tokens, and cancelling stops it for good.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -19,7 +20,7 @@ from zope.interface import implementer
 
 from cc50tw.backends import BackendSpec
 from cc50tw.errors import BackendError
-from cc50tw.interfaces import IBackend, GenerationResult, InferenceRequest, ITokenSink
+from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest, ITokenSink
 
 TOKEN_TEXT = " token"
 
@@ -35,7 +36,7 @@ class ToyEngine(Protocol):
     description: str
     launches: int
 
-    def spin(self, iters: int) -> "Deferred[int]":
+    def spin(self, iters: int) -> Deferred[int]:
         """Run one token's work; fire with thread 0's final LCG value."""
 
 
@@ -45,7 +46,7 @@ class ToyStream:
 
     def __init__(
         self,
-        backend: "ToyBackend",
+        backend: ToyBackend,
         request: InferenceRequest,
         sink: ITokenSink,
     ) -> None:
@@ -151,7 +152,7 @@ class ToyBackend:
     def describe(self) -> str:
         return f"toy backend, {self.iters} LCG iterations per token on {self.engine.description}"
 
-    def generate(self, request: InferenceRequest, sink: ITokenSink) -> "Deferred[GenerationResult]":
+    def generate(self, request: InferenceRequest, sink: ITokenSink) -> Deferred[GenerationResult]:
         stream = ToyStream(self, request, sink)
         stream.start()
         return stream.done

@@ -1,0 +1,147 @@
+"""
+Test doubles for the server's collaborators.
+
+``ManualBackend`` lets a test drive a backend stream by hand (write text,
+finish, fail) and observe what the server asked of it (pause, resume,
+cancel), which is what the flow-control tests are about.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from zope.interface import implementer
+
+from cc50tw.codec import (
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    MessageType,
+    decode_done,
+    decode_error,
+)
+from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest, ITokenSink
+from cc50tw.server import CC50ServerFactory, CC50ServerProtocol, ServerConfig
+
+
+@implementer(IPushProducer)
+class ManualStream:
+    def __init__(self, request: InferenceRequest, sink: ITokenSink) -> None:
+        self.request = request
+        self.sink = sink
+        self.paused = False
+        self.pauses = 0
+        self.resumes = 0
+        self.cancelled = False
+        self.done: Deferred[GenerationResult] = Deferred(self._cancel)
+        sink.registerProducer(self, True)
+
+    def _cancel(self, _: object) -> None:
+        self.cancelled = True
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.resumes += 1
+
+    def stopProducing(self) -> None:
+        self.cancelled = True
+
+    def write(self, text: str) -> None:
+        self.sink.write(text)
+
+    def finish(self, prompt_tokens: int = 1, generated_tokens: int = 1) -> None:
+        self.sink.unregisterProducer()
+        self.done.callback(GenerationResult(prompt_tokens, generated_tokens))
+
+    def fail(self, error: Exception) -> None:
+        self.sink.unregisterProducer()
+        self.done.errback(error)
+
+
+@implementer(IBackend)
+class ManualBackend:
+    name = "manual"
+
+    def __init__(self) -> None:
+        self.streams: dict[int, ManualStream] = {}
+        self.raiseOnGenerate: Exception | None = None
+
+    def describe(self) -> str:
+        return "manual test backend"
+
+    def generate(self, request: InferenceRequest, sink: ITokenSink) -> Deferred[GenerationResult]:
+        if self.raiseOnGenerate is not None:
+            raise self.raiseOnGenerate
+        stream = ManualStream(request, sink)
+        self.streams[request.req_id] = stream
+        return stream.done
+
+    def startBackend(self) -> Any:
+        return None
+
+    def stopBackend(self) -> Any:
+        return None
+
+
+class Connection:
+    """A server protocol on a StringTransport, with the frames it sent decoded."""
+
+    def __init__(self, factory: CC50ServerFactory) -> None:
+        self.factory = factory
+        self.transport = StringTransport()
+        protocol = factory.buildProtocol(self.transport.getPeer())
+        assert isinstance(protocol, CC50ServerProtocol)
+        self.protocol = protocol
+        self.protocol.makeConnection(self.transport)
+        self._decoder = FrameDecoder(1 << 30)
+        self.frames: list[Frame] = []
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def received(self) -> list[Frame]:
+        """Frames written since the last call (also appended to ``frames``)."""
+        data = self.transport.value()
+        self.transport.clear()
+        new = [item for item in self._decoder.feed(data) if isinstance(item, Frame)]
+        self.frames.extend(new)
+        return new
+
+
+def make_factory(backend: IBackend, **config: Any) -> tuple[CC50ServerFactory, MemoryReactorClock]:
+    reactor = MemoryReactorClock()
+    return CC50ServerFactory(backend, ServerConfig(**config), reactor), reactor
+
+
+def chunks_text(frames: list[Frame], req_id: int) -> str:
+    return "".join(
+        f.payload.decode("utf-8") for f in frames if f.type == MessageType.RESP_CHUNK and f.req_id == req_id
+    )
+
+
+def terminal_frames(frames: list[Frame], req_id: int) -> list[Frame]:
+    return [f for f in frames if f.req_id == req_id and f.type in (MessageType.RESP_DONE, MessageType.RESP_ERR)]
+
+
+def error_code(frame: Frame) -> ErrorCode:
+    assert frame.type == MessageType.RESP_ERR, f"expected RESP_ERR, got type {frame.type}"
+    return ErrorCode(decode_error(frame).code)
+
+
+__all__ = [
+    "Connection",
+    "ManualBackend",
+    "ManualStream",
+    "chunks_text",
+    "decode_done",
+    "error_code",
+    "make_factory",
+    "terminal_frames",
+]

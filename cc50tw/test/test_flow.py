@@ -1,0 +1,162 @@
+"""
+Credit windows and backpressure: the server never sends more chunk bytes
+than granted, never splits a character, and pauses the backend (and resumes
+it) for lack of credit or a full socket.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from cc50tw.codec import ErrorCode, MessageType, decode_done, encode_credit, encode_frame, encode_infer
+from cc50tw.test.fakes import Connection, ManualBackend, chunks_text, error_code, make_factory, terminal_frames
+
+
+class CreditTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.backend = ManualBackend()
+        self.factory, self.clock = make_factory(self.backend, stall_timeout=10.0)
+        self.connection = Connection(self.factory)
+
+    def start(self, credit: int, req_id: int = 1) -> None:
+        self.connection.send(encode_infer(req_id, "p", max_tokens=10, credit_bytes=credit))
+
+    def sentBytes(self, req_id: int = 1) -> int:
+        return sum(len(f.payload) for f in self.connection.frames if f.type == MessageType.RESP_CHUNK and f.req_id == req_id)
+
+    def test_windowIsNeverExceededAndBackendIsPaused(self) -> None:
+        self.start(credit=10)
+        stream = self.backend.streams[1]
+        stream.write(" token")
+        self.assertFalse(stream.paused)
+        stream.write(" token")  # 12 bytes offered, 10 allowed
+        self.connection.received()
+        self.assertEqual(self.sentBytes(), 10)
+        self.assertTrue(stream.paused)
+        stream.write(" token")  # written after the pause: held, not sent
+        self.connection.received()
+        self.assertEqual(self.sentBytes(), 10)
+
+        self.connection.send(encode_credit(1, 100))
+        self.connection.received()
+        self.assertEqual(self.sentBytes(), 18)
+        self.assertFalse(stream.paused)
+        self.assertEqual(chunks_text(self.connection.frames, 1), " token" * 3)
+
+    def test_windowExactlySpentPausesUntilCredit(self) -> None:
+        self.start(credit=6)
+        stream = self.backend.streams[1]
+        stream.write(" token")
+        self.assertTrue(stream.paused)
+        self.connection.send(encode_credit(1, 6))
+        self.assertFalse(stream.paused)
+
+    def test_charactersAreNeverSplit(self) -> None:
+        self.start(credit=4)
+        stream = self.backend.streams[1]
+        stream.write("aé€😀")  # 1 + 2 + 3 + 4 bytes
+        frames = self.connection.received()
+        self.assertEqual([f.payload for f in frames], ["aé".encode()])
+        self.connection.send(encode_credit(1, 2))  # 3 bytes of credit: still not enough for "€"+...
+        self.connection.send(encode_credit(1, 0))
+        self.assertEqual([f.payload for f in self.connection.received()], ["€".encode()])
+        self.connection.send(encode_credit(1, 3))  # 3 < 4 bytes of the emoji
+        self.assertEqual(self.connection.received(), [])
+        self.connection.send(encode_credit(1, 1))
+        self.assertEqual([f.payload for f in self.connection.received()], ["😀".encode()])
+        for frame in self.connection.frames:
+            frame.payload.decode("utf-8")  # every chunk is valid UTF-8 on its own
+
+    def test_doneWaitsForTheLastBytes(self) -> None:
+        self.start(credit=3)
+        stream = self.backend.streams[1]
+        stream.write("abcdef")
+        stream.finish(generated_tokens=2)
+        self.assertEqual([f.type for f in self.connection.received()], [MessageType.RESP_CHUNK])
+        self.connection.send(encode_credit(1, 3))
+        frames = self.connection.received()
+        self.assertEqual([f.type for f in frames], [MessageType.RESP_CHUNK, MessageType.RESP_DONE])
+        self.assertEqual(decode_done(frames[-1]).tokens, 2)
+
+    def test_stallTimeoutEndsTheRequest(self) -> None:
+        self.start(credit=3)
+        stream = self.backend.streams[1]
+        stream.write("abcdef")
+        self.clock.advance(9.9)
+        self.assertFalse(stream.cancelled)
+        self.clock.advance(0.2)
+        self.assertTrue(stream.cancelled)
+        [terminal] = terminal_frames(self.connection.received(), 1)
+        self.assertEqual(error_code(terminal), ErrorCode.CREDIT_STALL)
+        self.assertIn(b"REQ_CREDIT", terminal.payload)
+
+    def test_creditRestartsTheStallClock(self) -> None:
+        self.start(credit=3)
+        stream = self.backend.streams[1]
+        stream.write("abcdef")
+        self.clock.advance(9)
+        self.connection.send(encode_credit(1, 3))
+        stream.write("ghi")
+        self.clock.advance(9)
+        self.assertFalse(stream.cancelled)
+        self.clock.advance(2)
+        self.assertTrue(stream.cancelled)
+
+    def test_clientThatNeverGrantsStillWorksWithinItsWindow(self) -> None:
+        """The C++ client never sends REQ_CREDIT; an answer that fits its window completes."""
+        self.start(credit=0)  # 0 = 262144 bytes
+        stream = self.backend.streams[1]
+        for _ in range(1000):
+            stream.write(" token")
+        stream.finish(generated_tokens=1000)
+        frames = self.connection.received()
+        self.assertEqual(chunks_text(frames, 1), " token" * 1000)
+        self.assertEqual(frames[-1].type, MessageType.RESP_DONE)
+        self.assertFalse(stream.paused)
+
+    def test_malformedCreditEndsThatRequest(self) -> None:
+        self.start(credit=10)
+        self.connection.send(encode_frame(MessageType.REQ_CREDIT, 1, b"\x01"))
+        [terminal] = terminal_frames(self.connection.received(), 1)
+        self.assertEqual(error_code(terminal), ErrorCode.BAD_REQUEST)
+
+    def test_creditForUnknownRequestIsIgnored(self) -> None:
+        self.connection.send(encode_credit(77, 10))
+        self.assertEqual(self.connection.received(), [])
+
+
+class TransportBackpressureTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.backend = ManualBackend()
+        self.factory, _ = make_factory(self.backend)
+        self.connection = Connection(self.factory)
+
+    def test_protocolIsTheTransportsStreamingProducer(self) -> None:
+        transport = self.connection.transport
+        self.assertIs(transport.producer, self.connection.protocol)
+        self.assertTrue(transport.streaming)
+
+    def test_fullSendBufferPausesEveryStream(self) -> None:
+        self.connection.send(encode_infer(1, "a") + encode_infer(2, "b"))
+        transport = self.connection.transport
+        transport.producer.pauseProducing()
+        self.assertTrue(self.backend.streams[1].paused)
+        self.assertTrue(self.backend.streams[2].paused)
+        self.connection.send(encode_infer(3, "arrives while paused"))
+        self.assertTrue(self.backend.streams[3].paused)
+        transport.producer.resumeProducing()
+        self.assertEqual([s.paused for s in self.backend.streams.values()], [False, False, False])
+
+    def test_resumeLeavesCreditBlockedStreamsPaused(self) -> None:
+        self.connection.send(encode_infer(1, "a", credit_bytes=2) + encode_infer(2, "b"))
+        self.backend.streams[1].write("abc")
+        transport = self.connection.transport
+        transport.producer.pauseProducing()
+        transport.producer.resumeProducing()
+        self.assertTrue(self.backend.streams[1].paused)
+        self.assertFalse(self.backend.streams[2].paused)
+
+    def test_stopProducingAbandonsStreams(self) -> None:
+        self.connection.send(encode_infer(1, "a"))
+        self.connection.transport.producer.stopProducing()
+        self.assertTrue(self.backend.streams[1].cancelled)
