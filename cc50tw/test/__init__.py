@@ -1,3 +1,14 @@
 """
-Tests for cc50tw.
+Tests for cc50tw, run with ``trial cc50tw``.
+
+Property tests use hypothesis; under CI its examples are derandomized so a
+failure there reproduces exactly on a developer's machine.
 """
+
+import os
+
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")

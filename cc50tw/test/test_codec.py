@@ -1,0 +1,765 @@
+"""
+Tests for cc50tw.codec: byte compatibility with the C++ CC50 implementation,
+round trips of every message, stream splitting, the decoder's error and size
+handling, and decoder fuzzing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from cc50tw.codec import (
+    DEFAULT_CREDIT_BYTES,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_REQ_ID,
+    MAX_U32,
+    VERSION,
+    DecodedItem,
+    DoneStats,
+    ErrorCode,
+    ErrorReply,
+    Frame,
+    FrameDecoder,
+    InferRequest,
+    MessageType,
+    Oversized,
+    ProtocolError,
+    decode_credit,
+    decode_done,
+    decode_error,
+    decode_infer,
+    encode_cancel,
+    encode_chunk,
+    encode_credit,
+    encode_done,
+    encode_error,
+    encode_frame,
+    encode_header,
+    encode_infer,
+    utf8_prefix_length,
+)
+
+DATA = FilePath(__file__).sibling("data")
+VECTORS_PATH = DATA.child("cc50-v1-captured.json")
+#: ``../shared`` seen from the repository root (absent in an installed copy).
+SHARED_VECTORS_PATH = (
+    FilePath(__file__).parent().parent().parent().sibling("shared").child("vectors").child("cc50-v1-captured.json")
+)
+
+#: A small limit so generated streams exercise the oversized path.
+SMALL_MAX = 64
+
+req_ids = st.integers(min_value=0, max_value=MAX_REQ_ID)
+u32s = st.integers(min_value=0, max_value=MAX_U32)
+u64s = st.integers(min_value=0, max_value=(1 << 64) - 1)
+prompts = st.text()
+# Any header ``type``, known or not (it is a u16 on the wire).
+u16s = st.integers(min_value=0, max_value=0xFFFF)
+
+FAST = settings(deadline=None, max_examples=300)
+SLOW = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+
+
+def load_vectors() -> dict[str, Any]:
+    with VECTORS_PATH.open() as f:
+        vectors: dict[str, Any] = json.load(f)
+    return vectors
+
+
+def feed_all(decoder: FrameDecoder, pieces: Iterable[bytes]) -> list[DecodedItem]:
+    """Feed every piece, collecting items and checking the buffering bound."""
+    items: list[DecodedItem] = []
+    for piece in pieces:
+        items.extend(decoder.feed(piece))
+        if decoder.buffered > decoder.max_payload + HEADER_SIZE:
+            raise AssertionError(f"decoder buffers {decoder.buffered} bytes (max_payload {decoder.max_payload})")
+    return items
+
+
+def decode_stream(data: bytes, max_payload: int = 1 << 20) -> list[DecodedItem]:
+    return feed_all(FrameDecoder(max_payload), [data])
+
+
+def split_at(data: bytes, cuts: Iterable[int]) -> list[bytes]:
+    points = [0, *sorted(cuts), len(data)]
+    return [data[a:b] for a, b in zip(points, points[1:])]
+
+
+def expected_item(encoded: bytes, max_payload: int) -> DecodedItem:
+    """What one encoded frame should decode to, read with a plain struct unpack."""
+    magic, version, type, req_id, flags, length = HEADER.unpack_from(encoded)
+    assert magic == MAGIC and version == VERSION and length == len(encoded) - HEADER_SIZE
+    if length > max_payload:
+        return Oversized(type, req_id, length)
+    return Frame(type, req_id, flags, encoded[HEADER_SIZE:])
+
+
+@st.composite
+def encoded_frames(draw: st.DrawFn) -> bytes:
+    """One frame of any message type, encoded by the codec, or a raw frame of any type."""
+    req_id = draw(req_ids)
+    kind = draw(st.sampled_from(["infer", "chunk", "done", "done+", "error", "cancel", "credit", "raw"]))
+    if kind == "infer":
+        return encode_infer(req_id, draw(st.text(max_size=20)), draw(u32s), draw(u32s))
+    if kind == "chunk":
+        return encode_chunk(req_id, draw(st.binary(max_size=80)))
+    if kind == "done":
+        return encode_done(req_id, DoneStats(draw(u32s), draw(u64s)))
+    if kind == "done+":
+        return encode_done(req_id, DoneStats(draw(u32s), draw(u64s), draw(u32s), draw(u32s), draw(u64s)))
+    if kind == "error":
+        return encode_error(req_id, draw(st.sampled_from(ErrorCode)), draw(st.text(max_size=20)))
+    if kind == "cancel":
+        return encode_cancel(req_id)
+    if kind == "credit":
+        return encode_credit(req_id, draw(u32s))
+    return encode_frame(draw(u16s), req_id, draw(st.binary(max_size=100)), draw(u32s))
+
+
+streams = st.lists(encoded_frames(), min_size=1, max_size=5)
+
+
+@st.composite
+def mutated_streams(draw: st.DrawFn) -> bytes:
+    """Valid frames with some bytes flipped, replaced, deleted, inserted or cut off."""
+    data = bytearray(b"".join(draw(streams)))
+    for _ in range(draw(st.integers(min_value=1, max_value=6))):
+        op = draw(st.sampled_from(["flip", "replace", "delete", "insert", "truncate"]))
+        if not data:
+            break
+        at = draw(st.integers(min_value=0, max_value=len(data) - 1))
+        if op == "flip":
+            data[at] ^= 1 << draw(st.integers(min_value=0, max_value=7))
+        elif op == "replace":
+            data[at] = draw(st.integers(min_value=0, max_value=255))
+        elif op == "delete":
+            del data[at]
+        elif op == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=8))
+        else:
+            del data[at:]
+    return bytes(data)
+
+
+@st.composite
+def random_pieces(draw: st.DrawFn, data: bytes) -> list[bytes]:
+    if not data:
+        return [data]
+    cuts = draw(st.lists(st.integers(min_value=0, max_value=len(data)), max_size=12))
+    return split_at(data, cuts)
+
+
+class CapturedVectorsTests(SynchronousTestCase):
+    """
+    Bytes captured from the C++ client and server (cc50tw/test/data, copied
+    from ../shared/vectors) decode and encode exactly.
+    """
+
+    def setUp(self) -> None:
+        self.vectors = load_vectors()
+
+    def test_origin(self) -> None:
+        self.assertIn("C++", self.vectors["origin"])
+        self.assertIn("shared/vectors/cc50-v1-captured.json", self.vectors["origin"])
+
+    def test_copy_matches_shared(self) -> None:
+        """Our copy holds the same bytes as ../shared (when it is there)."""
+        if not SHARED_VECTORS_PATH.exists():
+            raise self.skipTest("../shared/vectors is absent (not a checkout next to the shared folder)")
+        with SHARED_VECTORS_PATH.open() as f:
+            shared = json.load(f)
+        ours = dict(self.vectors)
+        del ours["origin"]
+        self.assertEqual(ours, shared)
+
+    def test_cpp_client_req_infer_decodes(self) -> None:
+        vector = self.vectors["cpp_client_req_infer"]
+        fields = vector["fields"]
+        data = bytes.fromhex(vector["hex"])
+        magic, version, type, req_id, flags, length = HEADER.unpack_from(data)
+        self.assertEqual(magic, int(fields["magic"], 16))
+        self.assertEqual(magic, MAGIC)
+        self.assertEqual(data[:4], b"CC50")
+        self.assertEqual(version, fields["version"])
+        self.assertEqual(length, fields["length"])
+        self.assertEqual(len(data), HEADER_SIZE + length)
+
+        decoder = FrameDecoder(1 << 20)
+        items = feed_all(decoder, [data])
+        self.assertEqual(decoder.buffered, 0)
+        self.assertEqual(len(items), 1)
+        frame = items[0]
+        assert isinstance(frame, Frame)
+        self.assertEqual(frame.type, fields["type"])
+        self.assertEqual(frame.type, MessageType.REQ_INFER)
+        self.assertEqual(frame.req_id, fields["req_id"])
+        self.assertEqual(frame.flags, fields["flags"])
+        self.assertEqual(len(frame.payload), fields["length"])
+
+        request = decode_infer(frame)
+        self.assertEqual(request.max_tokens, fields["payload"]["max_tokens"])
+        self.assertEqual(request.credit_bytes, fields["payload"]["credit_bytes"])
+        self.assertEqual(request.credit_bytes, DEFAULT_CREDIT_BYTES)
+        self.assertEqual(len(request.prompt.encode("utf-8")), fields["payload"]["prompt_len"])
+        self.assertEqual(request.prompt, fields["prompt"])
+        self.assertEqual(request, InferRequest(64, 262144, "Explain quantum computing in simple terms."))
+
+    def test_cpp_client_req_infer_encodes(self) -> None:
+        vector = self.vectors["cpp_client_req_infer"]
+        fields = vector["fields"]
+        encoded = encode_infer(
+            fields["req_id"],
+            fields["prompt"],
+            max_tokens=fields["payload"]["max_tokens"],
+            credit_bytes=fields["payload"]["credit_bytes"],
+        )
+        self.assertEqual(encoded.hex(), vector["hex"])
+
+    def test_cpp_client_accepts_decodes(self) -> None:
+        vector = self.vectors["cpp_client_accepts"]
+        data = bytes.fromhex(vector["hex"])
+        items = decode_stream(data)
+        self.assertEqual(len(items), 2)
+        chunk, done = items
+        assert isinstance(chunk, Frame) and isinstance(done, Frame)
+        self.assertEqual(chunk, Frame(MessageType.RESP_CHUNK, 2265604951, 0, b" token"))
+        self.assertEqual(done.type, MessageType.RESP_DONE)
+        self.assertEqual(done.req_id, 2265604951)
+        self.assertEqual(len(done.payload), 16)
+        stats = decode_done(done)
+        self.assertEqual(stats, DoneStats(tokens=1, elapsed_us=1234))
+        self.assertIsNone(stats.prompt_tokens)
+        self.assertIsNone(stats.generated_tokens)
+        self.assertIsNone(stats.ttft_us)
+
+    def test_cpp_client_accepts_encodes(self) -> None:
+        """cc50tw's short-form reply is byte for byte what the C++ client accepts."""
+        vector = self.vectors["cpp_client_accepts"]
+        encoded = encode_chunk(2265604951, b" token") + encode_done(2265604951, DoneStats(1, 1234))
+        self.assertEqual(encoded.hex(), vector["hex"])
+
+    def test_cpp_server_error_reply_decodes(self) -> None:
+        vector = self.vectors["cpp_server_error_reply"]
+        data = b"".join(bytes.fromhex(h) for h in vector["hex"])
+        items = decode_stream(data)
+        self.assertEqual([item.type for item in items], vector["types"])
+        err, done = items
+        assert isinstance(err, Frame) and isinstance(done, Frame)
+        self.assertEqual(err.req_id, 0x1234567890ABCDEF)
+        self.assertEqual(done.req_id, 0x1234567890ABCDEF)
+        reply = decode_error(err)
+        self.assertEqual(reply, ErrorReply(0, vector["err_text"]))
+        self.assertEqual(reply.code, ErrorCode.UNKNOWN)
+        self.assertEqual(decode_done(done), DoneStats(0, 0))
+
+    def test_cpp_server_error_reply_encodes(self) -> None:
+        vector = self.vectors["cpp_server_error_reply"]
+        err, done = vector["hex"]
+        self.assertEqual(encode_error(0x1234567890ABCDEF, ErrorCode.UNKNOWN, vector["err_text"]).hex(), err)
+        self.assertEqual(encode_done(0x1234567890ABCDEF, DoneStats(0, 0)).hex(), done)
+
+
+class RoundTripTests(SynchronousTestCase):
+    """encode -> FrameDecoder -> decode_* gives back what went in."""
+
+    def decode_one(self, data: bytes) -> Frame:
+        decoder = FrameDecoder(1 << 20)
+        items = feed_all(decoder, [data])
+        self.assertEqual(decoder.buffered, 0)
+        self.assertEqual(len(items), 1)
+        frame = items[0]
+        assert isinstance(frame, Frame)
+        (length,) = HEADER.unpack_from(data)[5:]
+        self.assertEqual(length, len(frame.payload))
+        self.assertEqual(len(data), HEADER_SIZE + length)
+        return frame
+
+    @FAST
+    @given(req_ids, prompts, u32s, u32s)
+    def test_infer(self, req_id: int, prompt: str, max_tokens: int, credit_bytes: int) -> None:
+        frame = self.decode_one(encode_infer(req_id, prompt, max_tokens, credit_bytes))
+        self.assertEqual((frame.type, frame.req_id, frame.flags), (MessageType.REQ_INFER, req_id, 0))
+        self.assertEqual(decode_infer(frame), InferRequest(max_tokens, credit_bytes, prompt))
+
+    def test_infer_defaults(self) -> None:
+        frame = self.decode_one(encode_infer(3, "hi"))
+        self.assertEqual(decode_infer(frame), InferRequest(0, 0, "hi"))
+
+    @FAST
+    @given(req_ids, st.binary())
+    def test_chunk(self, req_id: int, text: bytes) -> None:
+        frame = self.decode_one(encode_chunk(req_id, text))
+        self.assertEqual(frame, Frame(MessageType.RESP_CHUNK, req_id, 0, text))
+
+    @FAST
+    @given(req_ids, u32s, u64s)
+    def test_done_short(self, req_id: int, tokens: int, elapsed_us: int) -> None:
+        stats = DoneStats(tokens, elapsed_us)
+        frame = self.decode_one(encode_done(req_id, stats))
+        self.assertEqual((frame.type, frame.req_id, frame.flags), (MessageType.RESP_DONE, req_id, 0))
+        self.assertEqual(len(frame.payload), 16)
+        self.assertEqual(decode_done(frame), stats)
+
+    @FAST
+    @given(req_ids, u32s, u64s, u32s, u32s, u64s)
+    def test_done_extended(
+        self, req_id: int, tokens: int, elapsed_us: int, prompt_tokens: int, generated: int, ttft_us: int
+    ) -> None:
+        stats = DoneStats(tokens, elapsed_us, prompt_tokens, generated, ttft_us)
+        frame = self.decode_one(encode_done(req_id, stats))
+        self.assertEqual((frame.type, frame.req_id, frame.flags), (MessageType.RESP_DONE, req_id, 0))
+        self.assertEqual(len(frame.payload), 32)
+        self.assertEqual(decode_done(frame), stats)
+
+    def test_done_extended_defaults(self) -> None:
+        """Missing generated_tokens/ttft_us in an extended DONE encode as tokens and 0."""
+        frame = self.decode_one(encode_done(1, DoneStats(7, 100, prompt_tokens=3)))
+        self.assertEqual(decode_done(frame), DoneStats(7, 100, 3, 7, 0))
+
+    @FAST
+    @given(req_ids, st.sampled_from(ErrorCode), prompts)
+    def test_error(self, req_id: int, code: ErrorCode, message: str) -> None:
+        frame = self.decode_one(encode_error(req_id, code, message))
+        self.assertEqual((frame.type, frame.req_id, frame.flags), (MessageType.RESP_ERR, req_id, int(code)))
+        reply = decode_error(frame)
+        self.assertEqual(reply, ErrorReply(code, message))
+        self.assertEqual(ErrorCode(reply.code), code)
+
+    def test_error_every_code(self) -> None:
+        for code in ErrorCode:
+            frame = self.decode_one(encode_error(9, code, code.name))
+            self.assertEqual(decode_error(frame), ErrorReply(code.value, code.name))
+
+    def test_error_codes_are_stable(self) -> None:
+        """The numbers are on the wire (and in docs/protocol.md); they must not move."""
+        self.assertEqual(
+            [(code.name, code.value) for code in ErrorCode],
+            [
+                ("UNKNOWN", 0),
+                ("BAD_FRAME", 1),
+                ("UNSUPPORTED_VERSION", 2),
+                ("UNKNOWN_TYPE", 3),
+                ("DUPLICATE_REQ_ID", 4),
+                ("TOO_LARGE", 5),
+                ("OVERLOADED", 6),
+                ("BACKEND_ERROR", 7),
+                ("CANCELLED", 8),
+                ("CREDIT_STALL", 9),
+                ("SHUTTING_DOWN", 10),
+                ("BAD_REQUEST", 11),
+                ("TIMEOUT", 12),
+                ("UPSTREAM_UNAVAILABLE", 13),
+                ("TOO_MANY_REQUESTS", 14),
+            ],
+        )
+
+    def test_error_invalid_utf8_is_replaced(self) -> None:
+        """A peer's undecodable ERR text is shown, not raised."""
+        frame = Frame(MessageType.RESP_ERR, 1, 7, b"bad \xff text")
+        self.assertEqual(decode_error(frame), ErrorReply(7, "bad \ufffd text"))
+
+    @FAST
+    @given(req_ids)
+    def test_cancel(self, req_id: int) -> None:
+        frame = self.decode_one(encode_cancel(req_id))
+        self.assertEqual(frame, Frame(MessageType.REQ_CANCEL, req_id, 0, b""))
+
+    @FAST
+    @given(req_ids, u32s)
+    def test_credit(self, req_id: int, credit: int) -> None:
+        frame = self.decode_one(encode_credit(req_id, credit))
+        self.assertEqual((frame.type, frame.req_id, frame.flags), (MessageType.REQ_CREDIT, req_id, 0))
+        self.assertEqual(decode_credit(frame), credit)
+
+    def test_credit_wrong_size(self) -> None:
+        for payload in [b"", b"\x01\x02\x03", b"\x01\x02\x03\x04\x05"]:
+            error = self.assertRaises(ProtocolError, decode_credit, Frame(MessageType.REQ_CREDIT, 44, 0, payload))
+            self.assertEqual(error.code, ErrorCode.BAD_REQUEST)
+            self.assertEqual(error.req_id, 44)
+
+    @FAST
+    @given(u16s, req_ids, st.binary(max_size=100), u32s)
+    def test_header(self, type: int, req_id: int, payload: bytes, flags: int) -> None:
+        header = encode_header(type, req_id, len(payload), flags)
+        self.assertEqual(header + payload, encode_frame(type, req_id, payload, flags))
+        self.assertEqual(self.decode_one(header + payload), Frame(type, req_id, flags, payload))
+
+    def test_header_layout(self) -> None:
+        """``<IHHQII``, little-endian, no padding, spelled out byte by byte."""
+        self.assertEqual(
+            encode_header(0x0102, 0x0807060504030201, 0x11223344, flags=0xA1B2C3D4),
+            b"CC50" + b"\x01\x00" + b"\x02\x01" + bytes(range(1, 9)) + b"\xd4\xc3\xb2\xa1" + b"\x44\x33\x22\x11",
+        )
+
+
+class DecodePayloadErrorTests(SynchronousTestCase):
+    def assertBadRequest(self, frame: Frame) -> ProtocolError:
+        error = self.assertRaises(ProtocolError, decode_infer, frame)
+        self.assertEqual(error.code, ErrorCode.BAD_REQUEST)
+        self.assertEqual(error.req_id, frame.req_id)
+        self.assertEqual(str(error), error.message)
+        return error
+
+    @FAST
+    @given(req_ids, st.binary(max_size=11))
+    def test_infer_short_payload(self, req_id: int, payload: bytes) -> None:
+        self.assertBadRequest(Frame(MessageType.REQ_INFER, req_id, 0, payload))
+
+    @FAST
+    @given(req_ids, u32s, st.binary(max_size=40))
+    def test_infer_prompt_len_mismatch(self, req_id: int, prompt_len: int, prompt: bytes) -> None:
+        if prompt_len == len(prompt):
+            prompt_len += 1
+        payload = (64).to_bytes(4, "little") + bytes(4) + prompt_len.to_bytes(5, "little")[:4] + prompt
+        if int.from_bytes(payload[8:12], "little") == len(prompt):
+            payload = payload[:8] + (len(prompt) + 1).to_bytes(4, "little") + prompt
+        self.assertBadRequest(Frame(MessageType.REQ_INFER, req_id, 0, payload))
+
+    def test_infer_prompt_len_examples(self) -> None:
+        good = encode_infer(5, "hello")[HEADER_SIZE:]
+        decode_infer(Frame(MessageType.REQ_INFER, 5, 0, good))
+        self.assertBadRequest(Frame(MessageType.REQ_INFER, 5, 0, good[:-1]))
+        self.assertBadRequest(Frame(MessageType.REQ_INFER, 5, 0, good + b"!"))
+
+    def test_infer_invalid_utf8(self) -> None:
+        for prompt in [b"\xff", b"abc\xe2\x82", b"\xc0\xaf", b"\xed\xa0\x80", b"ok\x80ok"]:
+            payload = (0).to_bytes(4, "little") * 2 + len(prompt).to_bytes(4, "little") + prompt
+            error = self.assertBadRequest(Frame(MessageType.REQ_INFER, MAX_REQ_ID, 0, payload))
+            self.assertIn("UTF-8", error.message)
+
+    @FAST
+    @given(req_ids, st.binary(min_size=16, max_size=64))
+    def test_done_accepts_16_and_more(self, req_id: int, payload: bytes) -> None:
+        stats = decode_done(Frame(MessageType.RESP_DONE, req_id, 0, payload))
+        self.assertEqual(stats.tokens, int.from_bytes(payload[0:4], "little"))
+        self.assertEqual(stats.elapsed_us, int.from_bytes(payload[8:16], "little"))
+        if len(payload) < 32:
+            self.assertEqual(stats[2:], (None, None, None))
+        else:
+            self.assertEqual(stats.prompt_tokens, int.from_bytes(payload[16:20], "little"))
+            self.assertEqual(stats.generated_tokens, int.from_bytes(payload[20:24], "little"))
+            self.assertEqual(stats.ttft_us, int.from_bytes(payload[24:32], "little"))
+
+    def test_done_ignores_trailing_bytes(self) -> None:
+        base = encode_done(1, DoneStats(5, 6, 7, 8, 9))[HEADER_SIZE:]
+        for extra in [b"", b"\x00", b"future fields" * 3]:
+            stats = decode_done(Frame(MessageType.RESP_DONE, 1, 0, base + extra))
+            self.assertEqual(stats, DoneStats(5, 6, 7, 8, 9))
+
+    def test_done_too_short(self) -> None:
+        for size in range(16):
+            error = self.assertRaises(ProtocolError, decode_done, Frame(MessageType.RESP_DONE, 77, 0, bytes(size)))
+            self.assertEqual(error.code, ErrorCode.BAD_FRAME)
+            self.assertEqual(error.req_id, 77)
+
+
+def char_starts(text: str) -> list[int]:
+    """Byte offsets at which the characters of ``text`` start, plus the end."""
+    offsets = [0]
+    for char in text:
+        offsets.append(offsets[-1] + len(char.encode("utf-8")))
+    return offsets
+
+
+class UTF8PrefixTests(SynchronousTestCase):
+    @settings(deadline=None, max_examples=500)
+    @given(st.data())
+    def test_never_splits_a_character(self, data: st.DataObject) -> None:
+        text = data.draw(st.text(), label="text")
+        encoded = text.encode("utf-8")
+        limit = data.draw(st.integers(min_value=0, max_value=len(encoded) + 4), label="limit")
+        n = utf8_prefix_length(encoded, limit)
+        starts = char_starts(text)
+        self.assertIn(n, starts)
+        self.assertLessEqual(n, min(limit, len(encoded)))
+        encoded[:n].decode("utf-8")
+        # Longest such prefix: the next character would not fit.
+        self.assertEqual(n, max(s for s in starts if s <= limit))
+
+    def test_examples(self) -> None:
+        self.assertEqual(utf8_prefix_length(b"", 0), 0)
+        self.assertEqual(utf8_prefix_length(b"", 5), 0)
+        self.assertEqual(utf8_prefix_length(b"abc", 0), 0)
+        self.assertEqual(utf8_prefix_length(b"abc", 2), 2)
+        self.assertEqual(utf8_prefix_length(b"abc", 3), 3)
+        self.assertEqual(utf8_prefix_length(b"abc", 10), 3)
+        euro = "a€b".encode()  # 61 e2 82 ac 62
+        self.assertEqual([utf8_prefix_length(euro, limit) for limit in range(7)], [0, 1, 1, 1, 4, 5, 5])
+        emoji = "😀".encode()
+        self.assertEqual([utf8_prefix_length(emoji, limit) for limit in range(5)], [0, 0, 0, 0, 4])
+
+
+class StreamSplittingTests(SynchronousTestCase):
+    """A stream of frames decodes the same however it is cut into pieces."""
+
+    def assertDecodesAs(self, max_payload: int, pieces: Sequence[bytes], expected: list[DecodedItem]) -> None:
+        decoder = FrameDecoder(max_payload)
+        self.assertEqual(feed_all(decoder, pieces), expected)
+        self.assertEqual(decoder.buffered, 0)
+
+    @SLOW
+    @given(streams)
+    def test_every_split_point(self, frames: list[bytes]) -> None:
+        stream = b"".join(frames)
+        for max_payload in [1 << 20, SMALL_MAX]:
+            expected = [expected_item(f, max_payload) for f in frames]
+            self.assertEqual(decode_stream(stream, max_payload), expected)
+            for cut in range(len(stream) + 1):
+                self.assertDecodesAs(max_payload, [stream[:cut], stream[cut:]], expected)
+
+    @SLOW
+    @given(st.data())
+    def test_random_pieces(self, data: st.DataObject) -> None:
+        frames = data.draw(streams, label="frames")
+        stream = b"".join(frames)
+        pieces = data.draw(random_pieces(stream), label="pieces")
+        max_payload = data.draw(st.sampled_from([0, 16, SMALL_MAX, 1 << 20]), label="max_payload")
+        self.assertEqual(b"".join(pieces), stream)
+        self.assertDecodesAs(max_payload, pieces, [expected_item(f, max_payload) for f in frames])
+
+    @FAST
+    @given(streams)
+    def test_one_byte_at_a_time(self, frames: list[bytes]) -> None:
+        stream = b"".join(frames)
+        pieces = [stream[i : i + 1] for i in range(len(stream))]
+        self.assertDecodesAs(SMALL_MAX, pieces, [expected_item(f, SMALL_MAX) for f in frames])
+
+    @FAST
+    @given(st.data())
+    def test_consumer_stops_after_each_item(self, data: st.DataObject) -> None:
+        """Items a consumer did not take stay buffered and come out of the next feed."""
+        frames = data.draw(streams, label="frames")
+        stream = b"".join(frames)
+        pieces = data.draw(random_pieces(stream), label="pieces")
+        decoder = FrameDecoder(SMALL_MAX)
+        items: list[DecodedItem] = []
+        for piece in pieces:
+            for item in decoder.feed(piece):
+                items.append(item)
+                break
+        while True:
+            more = next(iter(decoder.feed(b"")), None)
+            if more is None:
+                break
+            items.append(more)
+        self.assertEqual(items, [expected_item(f, SMALL_MAX) for f in frames])
+        self.assertEqual(decoder.buffered, 0)
+
+    def test_empty_feeds(self) -> None:
+        frame = encode_chunk(1, b"x")
+        self.assertDecodesAs(16, [b"", frame[:5], b"", frame[5:], b""], [Frame(2, 1, 0, b"x")])
+
+
+def oversized_header(length: int, req_id: int = 7, type: int = MessageType.REQ_INFER) -> bytes:
+    return encode_header(type, req_id, length)
+
+
+class FrameDecoderErrorTests(SynchronousTestCase):
+    def test_bad_magic(self) -> None:
+        decoder = FrameDecoder(1024)
+        bad = b"GET / HTTP/1.1\r\nHost: example\r\n\r\n"
+        error = self.assertRaises(ProtocolError, list, decoder.feed(bad))
+        self.assertEqual(error.code, ErrorCode.BAD_FRAME)
+        self.assertEqual(error.req_id, 0)
+        self.assertEqual(decoder.buffered, 0)
+        # Framing is lost for good: even a valid frame is refused now.
+        again = self.assertRaises(ProtocolError, list, decoder.feed(encode_cancel(1)))
+        self.assertEqual(again.code, ErrorCode.BAD_FRAME)
+        self.assertEqual(decoder.buffered, 0)
+
+    def test_bad_magic_after_good_frames(self) -> None:
+        decoder = FrameDecoder(1024)
+        good = encode_chunk(5, b"hi")
+        bad = bytearray(encode_chunk(6, b"x"))
+        bad[0] ^= 0x20  # b"cC50"
+        items = decoder.feed(good + bytes(bad) + good)
+        self.assertEqual(next(items), Frame(MessageType.RESP_CHUNK, 5, 0, b"hi"))
+        error = self.assertRaises(ProtocolError, next, items)
+        self.assertEqual(error.code, ErrorCode.BAD_FRAME)
+        self.assertRaises(ProtocolError, list, decoder.feed(good))
+
+    def test_bad_magic_split(self) -> None:
+        """Bad magic is found however the header arrives."""
+        bad = b"\x00" * HEADER_SIZE + b"\x00" * 8
+        for cut in range(len(bad) + 1):
+            decoder = FrameDecoder(1024)
+            with self.assertRaises(ProtocolError) as caught:
+                feed_all(decoder, [bad[:cut], bad[cut:]])
+            self.assertEqual(caught.exception.code, ErrorCode.BAD_FRAME)
+
+    def test_wrong_version(self) -> None:
+        for version in [0, 2, 0xFFFF]:
+            decoder = FrameDecoder(1024)
+            frame = HEADER.pack(MAGIC, version, MessageType.REQ_INFER, 0xDEADBEEF12345678, 0, 0)
+            error = self.assertRaises(ProtocolError, list, decoder.feed(frame))
+            self.assertEqual(error.code, ErrorCode.UNSUPPORTED_VERSION)
+            self.assertEqual(error.req_id, 0xDEADBEEF12345678)
+            self.assertIn(str(version), error.message)
+            self.assertEqual(decoder.buffered, 0)
+            again = self.assertRaises(ProtocolError, list, decoder.feed(encode_cancel(1)))
+            self.assertEqual(again.code, ErrorCode.UNSUPPORTED_VERSION)
+
+    def test_length_at_limit_is_a_frame(self) -> None:
+        payload = bytes(range(16))
+        self.assertEqual(
+            decode_stream(encode_chunk(3, payload), max_payload=16), [Frame(MessageType.RESP_CHUNK, 3, 0, payload)]
+        )
+
+    def test_oversized_skipped(self) -> None:
+        """The oversized payload is skipped (it looks like bad magic) and the next frame is decoded."""
+        garbage = b"XXXX" * 5  # 20 bytes that would be bad magic if parsed
+        stream = oversized_header(len(garbage)) + garbage + encode_cancel(8)
+        expected: list[DecodedItem] = [Oversized(MessageType.REQ_INFER, 7, 20), Frame(MessageType.REQ_CANCEL, 8, 0, b"")]
+        for cut in range(len(stream) + 1):
+            for cut2 in range(cut, len(stream) + 1):
+                decoder = FrameDecoder(16)
+                self.assertEqual(feed_all(decoder, [stream[:cut], stream[cut:cut2], stream[cut2:]]), expected)
+                self.assertEqual(decoder.buffered, 0)
+
+    def test_oversized_payload_in_later_feeds(self) -> None:
+        decoder = FrameDecoder(16)
+        self.assertEqual(list(decoder.feed(oversized_header(1000, req_id=99))), [Oversized(1, 99, 1000)])
+        for _ in range(10):
+            self.assertEqual(list(decoder.feed(b"\xff" * 99)), [])
+            self.assertEqual(decoder.buffered, 0)
+        # 10 bytes still to skip, then a frame.
+        self.assertEqual(list(decoder.feed(b"\xff" * 10 + encode_cancel(100))), [Frame(5, 100, 0, b"")])
+        self.assertEqual(decoder.buffered, 0)
+
+    def test_huge_length_never_buffered(self) -> None:
+        decoder = FrameDecoder(1 << 20)
+        self.assertEqual(list(decoder.feed(oversized_header(MAX_U32, 1))), [Oversized(1, 1, MAX_U32)])
+        for _ in range(4):
+            self.assertEqual(list(decoder.feed(b"\x00" * (1 << 20))), [])
+            self.assertEqual(decoder.buffered, 0)
+
+    def test_max_payload_zero(self) -> None:
+        """A limit of 0 accepts only empty payloads."""
+        stream = encode_cancel(1) + encode_chunk(2, b"a") + encode_cancel(3)
+        self.assertEqual(
+            decode_stream(stream, max_payload=0),
+            [Frame(5, 1, 0, b""), Oversized(2, 2, 1), Frame(5, 3, 0, b"")],
+        )
+
+    def test_incomplete_frame_is_buffered(self) -> None:
+        decoder = FrameDecoder(1024)
+        frame = encode_chunk(1, b"x" * 100)
+        self.assertEqual(list(decoder.feed(frame[:50])), [])
+        self.assertEqual(decoder.buffered, 50)
+        self.assertEqual(list(decoder.feed(frame[50:])), [Frame(2, 1, 0, b"x" * 100)])
+        self.assertEqual(decoder.buffered, 0)
+
+    @FAST
+    @given(st.data())
+    def test_buffering_is_bounded(self, data: st.DataObject) -> None:
+        """Valid headers with any length, then anything: never more than max_payload + 24 held."""
+        max_payload = data.draw(st.sampled_from([0, 1, 16, SMALL_MAX, 1000]), label="max_payload")
+        parts = data.draw(
+            st.lists(
+                st.tuples(u16s, req_ids, st.integers(min_value=0, max_value=2 * max_payload + 50), st.binary(max_size=80)),
+                min_size=1,
+                max_size=6,
+            ),
+            label="parts",
+        )
+        stream = b"".join(encode_header(t, r, length) + body for t, r, length, body in parts)
+        pieces = data.draw(random_pieces(stream), label="pieces")
+        decoder = FrameDecoder(max_payload)
+        try:
+            items = feed_all(decoder, pieces)  # checks the bound after every feed
+        except ProtocolError:
+            return
+        for item in items:
+            if isinstance(item, Frame):
+                self.assertLessEqual(len(item.payload), max_payload)
+            else:
+                self.assertGreater(item.length, max_payload)
+
+
+class DecoderFuzzTests(SynchronousTestCase):
+    """
+    Issue 8's decoder fuzzing: whatever arrives, the decoder yields frames or
+    oversized headers, or raises ProtocolError; never another exception, never
+    unbounded buffering.
+    """
+
+    def fuzz(self, stream: bytes, pieces: list[bytes], max_payload: int) -> None:
+        self.assertEqual(b"".join(pieces), stream)
+        decoder = FrameDecoder(max_payload)
+        error = None
+        for piece in pieces:
+            try:
+                for item in decoder.feed(piece):
+                    self.checkItem(item, max_payload)
+            except ProtocolError as e:
+                error = e
+                break
+            finally:
+                self.assertLessEqual(decoder.buffered, max_payload + HEADER_SIZE)
+        if error is not None:
+            self.assertIn(error.code, (ErrorCode.BAD_FRAME, ErrorCode.UNSUPPORTED_VERSION))
+            self.assertEqual(decoder.buffered, 0)
+            again = self.assertRaises(ProtocolError, list, decoder.feed(encode_cancel(1)))
+            self.assertEqual(again.code, error.code)
+
+    def checkItem(self, item: object, max_payload: int) -> None:
+        if isinstance(item, Oversized):
+            self.assertGreater(item.length, max_payload)
+            return
+        if not isinstance(item, Frame):
+            self.fail(f"decoder yielded {item!r}")
+        self.assertLessEqual(len(item.payload), max_payload)
+        # The payload decoders either decode or raise ProtocolError, too.
+        decoders = {
+            MessageType.REQ_INFER: decode_infer,
+            MessageType.RESP_DONE: decode_done,
+            MessageType.RESP_ERR: decode_error,
+            MessageType.REQ_CREDIT: decode_credit,
+        }
+        payload_decoder: Any = decoders.get(item.type)
+        if payload_decoder is not None:
+            try:
+                payload_decoder(item)
+            except ProtocolError as e:
+                self.assertEqual(e.req_id, item.req_id)
+
+    @settings(deadline=None, max_examples=400)
+    @given(st.data())
+    def test_arbitrary_bytes(self, data: st.DataObject) -> None:
+        stream = data.draw(
+            st.one_of(st.binary(max_size=300), st.binary(max_size=300).map(lambda b: b"CC50\x01\x00" + b)),
+            label="stream",
+        )
+        pieces = data.draw(random_pieces(stream), label="pieces")
+        self.fuzz(stream, pieces, data.draw(st.sampled_from([0, 16, SMALL_MAX, 1 << 20]), label="max_payload"))
+
+    @settings(deadline=None, max_examples=500)
+    @given(st.data())
+    def test_mutated_frames(self, data: st.DataObject) -> None:
+        stream = data.draw(mutated_streams(), label="stream")
+        pieces = data.draw(random_pieces(stream), label="pieces")
+        self.fuzz(stream, pieces, data.draw(st.sampled_from([0, 16, SMALL_MAX, 1 << 20]), label="max_payload"))
+
+    def test_fuzz_can_fail(self) -> None:
+        """The fuzz check notices a decoder that lets anything but ProtocolError out."""
+
+        class Broken(FrameDecoder):
+            def feed(self, data: bytes):  # type: ignore[no-untyped-def]
+                raise ValueError("boom")
+                yield
+
+        original = FrameDecoder.__init__
+        self.patch(__import__(__name__, fromlist=["FrameDecoder"]), "FrameDecoder", Broken)
+        try:
+            self.assertRaises(ValueError, self.fuzz, b"x", [b"x"], 16)
+        finally:
+            self.assertIs(FrameDecoder.__init__, original)
