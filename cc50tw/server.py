@@ -100,6 +100,20 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         address: IAddress | None = self.transport.getPeer() if self.transport else None  # type: ignore[union-attr]
         return str(address)
 
+    @property
+    def queuedBytes(self) -> int:
+        """
+        Bytes this connection holds for its client: the transport's send
+        buffer plus text held back for lack of credit.  This is the figure the
+        flow control exists to bound.
+        """
+        transport = self.transport
+        # FileDescriptor keeps its buffer in ``dataBuffer`` (from ``offset``)
+        # and ``_tempDataLen``; other transports may have neither.
+        buffered = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+        buffered += getattr(transport, "_tempDataLen", 0)
+        return buffered + sum(stream.pendingBytes for stream in self.streams.values())
+
     def now(self) -> float:
         return self.factory.reactor.seconds()
 

@@ -208,6 +208,10 @@ class RequestStream:
             self.connection.sendChunk(self.req_id, data)
 
     @property
+    def pendingBytes(self) -> int:
+        return len(self._pending)
+
+    @property
     def creditBlocked(self) -> bool:
         return bool(self._pending) or self.credit == 0
 

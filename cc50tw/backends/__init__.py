@@ -31,7 +31,7 @@ class BackendSpec:
 
 #: Modules that each define ``SPEC``; listed by path so that importing this
 #: package does not import every backend's dependencies.
-BUILTIN_MODULES = ("cc50tw.backends.toy",)
+BUILTIN_MODULES = ("cc50tw.backends.toy", "cc50tw.backends.llama_server")
 
 
 def builtin_backends() -> dict[str, BackendSpec]:

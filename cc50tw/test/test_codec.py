@@ -7,10 +7,11 @@ handling, and decoder fuzzing.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from itertools import pairwise
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,6 +20,7 @@ from cc50tw.codec import (
     DEFAULT_CREDIT_BYTES,
     HEADER,
     HEADER_SIZE,
+    INFER_PREFIX,
     MAGIC,
     MAX_REQ_ID,
     MAX_U32,
@@ -65,8 +67,8 @@ prompts = st.text()
 # Any header ``type``, known or not (it is a u16 on the wire).
 u16s = st.integers(min_value=0, max_value=0xFFFF)
 
-FAST = settings(deadline=None, max_examples=300)
-SLOW = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(deadline=None, max_examples=200)
+SLOW = settings(deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 
 
 def load_vectors() -> dict[str, Any]:
@@ -91,7 +93,7 @@ def decode_stream(data: bytes, max_payload: int = 1 << 20) -> list[DecodedItem]:
 
 def split_at(data: bytes, cuts: Iterable[int]) -> list[bytes]:
     points = [0, *sorted(cuts), len(data)]
-    return [data[a:b] for a, b in zip(points, points[1:])]
+    return [data[a:b] for a, b in pairwise(points)]
 
 
 def expected_item(encoded: bytes, max_payload: int) -> DecodedItem:
@@ -107,7 +109,7 @@ def expected_item(encoded: bytes, max_payload: int) -> DecodedItem:
 def encoded_frames(draw: st.DrawFn) -> bytes:
     """One frame of any message type, encoded by the codec, or a raw frame of any type."""
     req_id = draw(req_ids)
-    kind = draw(st.sampled_from(["infer", "chunk", "done", "done+", "error", "cancel", "credit", "raw"]))
+    kind = draw(st.sampled_from(["infer", "chunk", "done", "done+", "error", "cancel", "credit", "raw", "big"]))
     if kind == "infer":
         return encode_infer(req_id, draw(st.text(max_size=20)), draw(u32s), draw(u32s))
     if kind == "chunk":
@@ -122,32 +124,52 @@ def encoded_frames(draw: st.DrawFn) -> bytes:
         return encode_cancel(req_id)
     if kind == "credit":
         return encode_credit(req_id, draw(u32s))
-    return encode_frame(draw(u16s), req_id, draw(st.binary(max_size=100)), draw(u32s))
+    if kind == "raw":
+        return encode_frame(draw(u16s), req_id, draw(st.binary(max_size=40)), draw(u32s))
+    # Larger than SMALL_MAX, so an Oversized item where that is the limit.
+    return encode_frame(draw(u16s), req_id, draw(st.binary(min_size=SMALL_MAX + 1, max_size=100)), draw(u32s))
 
 
 streams = st.lists(encoded_frames(), min_size=1, max_size=5)
 
 
-@st.composite
-def mutated_streams(draw: st.DrawFn) -> bytes:
-    """Valid frames with some bytes flipped, replaced, deleted, inserted or cut off."""
-    data = bytearray(b"".join(draw(streams)))
-    for _ in range(draw(st.integers(min_value=1, max_value=6))):
-        op = draw(st.sampled_from(["flip", "replace", "delete", "insert", "truncate"]))
+def mutate(draw: st.DrawFn, data: bytearray, most: int) -> None:
+    """Flip, replace, delete, insert or cut off bytes of ``data`` in place."""
+    for _ in range(draw(st.integers(min_value=1, max_value=most))):
         if not data:
-            break
+            return
+        op = draw(st.sampled_from(["flip", "replace", "delete", "insert", "truncate"]))
         at = draw(st.integers(min_value=0, max_value=len(data) - 1))
         if op == "flip":
             data[at] ^= 1 << draw(st.integers(min_value=0, max_value=7))
         elif op == "replace":
-            data[at] = draw(st.integers(min_value=0, max_value=255))
+            data[at] = draw(st.sampled_from([0, 1, 0x7F, 0x80, 0xC0, 0xED, 0xFF]) | st.integers(0, 255))
         elif op == "delete":
             del data[at]
         elif op == "insert":
             data[at:at] = draw(st.binary(min_size=1, max_size=8))
         else:
             del data[at:]
-    return bytes(data)
+
+
+@st.composite
+def mutated_streams(draw: st.DrawFn) -> bytes:
+    """
+    Valid frames with some bytes flipped, replaced, deleted, inserted or cut
+    off: anywhere in the stream, or only in one frame's payload (re-framed with
+    the right length, so the payload decoders see the damage).
+    """
+    frames = [bytearray(f) for f in draw(streams)]
+    if draw(st.booleans()):
+        data = bytearray(b"".join(frames))
+        mutate(draw, data, 4)
+        return bytes(data)
+    which = draw(st.integers(min_value=0, max_value=len(frames) - 1))
+    type, req_id, flags = draw(st.sampled_from(MessageType)), draw(req_ids), draw(u32s)
+    payload = frames[which][HEADER_SIZE:]
+    mutate(draw, payload, 3)
+    frames[which] = bytearray(encode_frame(type, req_id, bytes(payload), flags))
+    return b"".join(frames)
 
 
 @st.composite
@@ -417,11 +439,8 @@ class DecodePayloadErrorTests(SynchronousTestCase):
     @FAST
     @given(req_ids, u32s, st.binary(max_size=40))
     def test_infer_prompt_len_mismatch(self, req_id: int, prompt_len: int, prompt: bytes) -> None:
-        if prompt_len == len(prompt):
-            prompt_len += 1
-        payload = (64).to_bytes(4, "little") + bytes(4) + prompt_len.to_bytes(5, "little")[:4] + prompt
-        if int.from_bytes(payload[8:12], "little") == len(prompt):
-            payload = payload[:8] + (len(prompt) + 1).to_bytes(4, "little") + prompt
+        assume(prompt_len != len(prompt))
+        payload = INFER_PREFIX.pack(64, 0, prompt_len) + prompt
         self.assertBadRequest(Frame(MessageType.REQ_INFER, req_id, 0, payload))
 
     def test_infer_prompt_len_examples(self) -> None:
@@ -432,7 +451,7 @@ class DecodePayloadErrorTests(SynchronousTestCase):
 
     def test_infer_invalid_utf8(self) -> None:
         for prompt in [b"\xff", b"abc\xe2\x82", b"\xc0\xaf", b"\xed\xa0\x80", b"ok\x80ok"]:
-            payload = (0).to_bytes(4, "little") * 2 + len(prompt).to_bytes(4, "little") + prompt
+            payload = INFER_PREFIX.pack(0, 0, len(prompt)) + prompt
             error = self.assertBadRequest(Frame(MessageType.REQ_INFER, MAX_REQ_ID, 0, payload))
             self.assertIn("UTF-8", error.message)
 
@@ -471,7 +490,7 @@ def char_starts(text: str) -> list[int]:
 
 
 class UTF8PrefixTests(SynchronousTestCase):
-    @settings(deadline=None, max_examples=500)
+    @settings(deadline=None, max_examples=300)
     @given(st.data())
     def test_never_splits_a_character(self, data: st.DataObject) -> None:
         text = data.draw(st.text(), label="text")
@@ -618,7 +637,10 @@ class FrameDecoderErrorTests(SynchronousTestCase):
         """The oversized payload is skipped (it looks like bad magic) and the next frame is decoded."""
         garbage = b"XXXX" * 5  # 20 bytes that would be bad magic if parsed
         stream = oversized_header(len(garbage)) + garbage + encode_cancel(8)
-        expected: list[DecodedItem] = [Oversized(MessageType.REQ_INFER, 7, 20), Frame(MessageType.REQ_CANCEL, 8, 0, b"")]
+        expected: list[DecodedItem] = [
+            Oversized(MessageType.REQ_INFER, 7, 20),
+            Frame(MessageType.REQ_CANCEL, 8, 0, b""),
+        ]
         for cut in range(len(stream) + 1):
             for cut2 in range(cut, len(stream) + 1):
                 decoder = FrameDecoder(16)
@@ -665,7 +687,9 @@ class FrameDecoderErrorTests(SynchronousTestCase):
         max_payload = data.draw(st.sampled_from([0, 1, 16, SMALL_MAX, 1000]), label="max_payload")
         parts = data.draw(
             st.lists(
-                st.tuples(u16s, req_ids, st.integers(min_value=0, max_value=2 * max_payload + 50), st.binary(max_size=80)),
+                st.tuples(
+                    u16s, req_ids, st.integers(min_value=0, max_value=2 * max_payload + 50), st.binary(max_size=80)
+                ),
                 min_size=1,
                 max_size=6,
             ),
@@ -719,20 +743,20 @@ class DecoderFuzzTests(SynchronousTestCase):
             self.fail(f"decoder yielded {item!r}")
         self.assertLessEqual(len(item.payload), max_payload)
         # The payload decoders either decode or raise ProtocolError, too.
-        decoders = {
+        decoders: dict[int, Callable[[Frame], object]] = {
             MessageType.REQ_INFER: decode_infer,
             MessageType.RESP_DONE: decode_done,
             MessageType.RESP_ERR: decode_error,
             MessageType.REQ_CREDIT: decode_credit,
         }
-        payload_decoder: Any = decoders.get(item.type)
+        payload_decoder = decoders.get(item.type)
         if payload_decoder is not None:
             try:
                 payload_decoder(item)
             except ProtocolError as e:
                 self.assertEqual(e.req_id, item.req_id)
 
-    @settings(deadline=None, max_examples=400)
+    @settings(deadline=None, max_examples=300)
     @given(st.data())
     def test_arbitrary_bytes(self, data: st.DataObject) -> None:
         stream = data.draw(
@@ -742,24 +766,9 @@ class DecoderFuzzTests(SynchronousTestCase):
         pieces = data.draw(random_pieces(stream), label="pieces")
         self.fuzz(stream, pieces, data.draw(st.sampled_from([0, 16, SMALL_MAX, 1 << 20]), label="max_payload"))
 
-    @settings(deadline=None, max_examples=500)
+    @settings(deadline=None, max_examples=400)
     @given(st.data())
     def test_mutated_frames(self, data: st.DataObject) -> None:
         stream = data.draw(mutated_streams(), label="stream")
         pieces = data.draw(random_pieces(stream), label="pieces")
         self.fuzz(stream, pieces, data.draw(st.sampled_from([0, 16, SMALL_MAX, 1 << 20]), label="max_payload"))
-
-    def test_fuzz_can_fail(self) -> None:
-        """The fuzz check notices a decoder that lets anything but ProtocolError out."""
-
-        class Broken(FrameDecoder):
-            def feed(self, data: bytes):  # type: ignore[no-untyped-def]
-                raise ValueError("boom")
-                yield
-
-        original = FrameDecoder.__init__
-        self.patch(__import__(__name__, fromlist=["FrameDecoder"]), "FrameDecoder", Broken)
-        try:
-            self.assertRaises(ValueError, self.fuzz, b"x", [b"x"], 16)
-        finally:
-            self.assertIs(FrameDecoder.__init__, original)

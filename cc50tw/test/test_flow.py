@@ -6,9 +6,23 @@ it) for lack of credit or a full socket.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from cc50tw.codec import ErrorCode, MessageType, decode_done, encode_credit, encode_frame, encode_infer
+from cc50tw.backends.lcg import CPUEngine
+from cc50tw.backends.toy import ToyBackend
+from cc50tw.codec import (
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    MessageType,
+    decode_done,
+    encode_credit,
+    encode_frame,
+    encode_infer,
+)
 from cc50tw.test.fakes import Connection, ManualBackend, chunks_text, error_code, make_factory, terminal_frames
 
 
@@ -160,3 +174,71 @@ class TransportBackpressureTests(SynchronousTestCase):
         self.connection.send(encode_infer(1, "a"))
         self.connection.transport.producer.stopProducing()
         self.assertTrue(self.backend.streams[1].cancelled)
+
+
+class BoundedTransport(StringTransport):
+    """A transport whose 'socket' holds ``high`` bytes until the test reads them."""
+
+    def __init__(self, high: int) -> None:
+        super().__init__()
+        self.high = high
+        self.paused = False
+        self.peak = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self._checkHigh()
+
+    def writeSequence(self, seq: Iterable[bytes]) -> None:
+        super().writeSequence(seq)
+        self._checkHigh()
+
+    def _checkHigh(self) -> None:
+        self.peak = max(self.peak, len(self.io.getvalue()))
+        if not self.paused and len(self.io.getvalue()) > self.high and self.producer is not None:
+            self.paused = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> bytes:
+        data = self.value()
+        self.clear()
+        if self.paused and self.producer is not None:
+            self.paused = False
+            self.producer.resumeProducing()
+        return data
+
+
+class SlowReaderTests(SynchronousTestCase):
+    """The toy backend behind a socket that fills: work stops, memory stays bounded."""
+
+    def test_slowReaderGetsEverythingWithinBoundedMemory(self) -> None:
+        factory, clock = make_factory(ManualBackend(), max_inflight_per_connection=20)
+        backend = ToyBackend(clock, CPUEngine(clock, None), 0)  # type: ignore[arg-type]
+        factory.backend = backend
+        transport = BoundedTransport(high=4096)
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"".join(encode_infer(i, "p", 2000, credit_bytes=0xFFFFFFFF) for i in range(1, 21)))
+
+        # Nobody reads: after the buffer fills, the backend stops working.
+        for _ in range(50):
+            clock.advance(0)
+        emitted = backend.tokens_emitted
+        for _ in range(50):
+            clock.advance(0)
+        self.assertEqual(backend.tokens_emitted, emitted)
+        self.assertLess(emitted, 20 * 2000)
+
+        decoder = FrameDecoder(1 << 20)
+        frames: list[Frame] = []
+        for _ in range(100000):
+            frames.extend(f for f in decoder.feed(transport.drain()) if isinstance(f, Frame))
+            clock.advance(0)
+            if len([f for f in frames if f.type == MessageType.RESP_DONE]) == 20:
+                break
+        # One write per stream may land after the pause: 20 streams x 30 bytes.
+        self.assertLessEqual(transport.peak, 4096 + 20 * 30 + 64 * 30)
+        for req_id in range(1, 21):
+            self.assertEqual(chunks_text(frames, req_id), " token" * 2000)
+            [terminal] = terminal_frames(frames, req_id)
+            self.assertEqual(decode_done(terminal).tokens, 2000)

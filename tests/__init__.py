@@ -1,0 +1,1 @@
+"""Integration tests: real twistd cc50 processes over real sockets (pytest + pytest-twisted)."""
