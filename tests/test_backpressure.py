@@ -17,22 +17,19 @@ CC50_SLOW_READER_SECONDS scale it up.
 from __future__ import annotations
 
 import os
-import resource
 import time
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
 from cc50tw.backends.lcg import CPUEngine
 from cc50tw.backends.toy import TOKEN_TEXT, ToyBackend
 from cc50tw.client import connect
-from cc50tw.codec import FrameDecoder, MessageType, decode_done, encode_infer
 from cc50tw.server import CC50ServerFactory, CC50ServerProtocol, ServerConfig
+from cc50tw.testing import SlowReader, rss_bytes
 
 REQUESTS = 100
 TOKENS = int(os.environ.get("CC50_SLOW_READER_TOKENS", "5000"))
@@ -44,44 +41,6 @@ STALL_SECONDS = float(os.environ.get("CC50_SLOW_READER_SECONDS", "10"))
 QUEUED_BYTES_BOUND = 1 << 20
 
 
-class SlowReader(Protocol):
-    """Sends every request at once, then reads nothing until told to."""
-
-    def __init__(self) -> None:
-        self.decoder = FrameDecoder(1 << 20)
-        self.chunks: dict[int, int] = {}
-        self.wrong: list[str] = []
-        self.done: dict[int, int] = {}
-        self.finished: Deferred[None] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(b"".join(encode_infer(i, "slow", TOKENS, credit_bytes=0xFFFFFFFF) for i in range(1, REQUESTS + 1)))
-        self.transport.pauseProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        for frame in self.decoder.feed(data):
-            if frame.type == MessageType.RESP_CHUNK:
-                if frame.req_id in self.done:
-                    self.wrong.append(f"chunk after DONE for {frame.req_id}")
-                if frame.payload != TOKEN_TEXT.encode():
-                    self.wrong.append(f"unexpected chunk {frame.payload!r}")
-                self.chunks[frame.req_id] = self.chunks.get(frame.req_id, 0) + 1
-            elif frame.type == MessageType.RESP_DONE:
-                self.done[frame.req_id] = decode_done(frame).tokens
-                if len(self.done) == REQUESTS:
-                    self.finished.callback(None)
-            else:
-                self.wrong.append(f"unexpected frame type {frame.type} for {frame.req_id}")
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc to read RSS")
 @pytest_twisted.ensureDeferred
 async def test_slow_reader_is_bounded_and_loses_nothing() -> None:
@@ -90,7 +49,7 @@ async def test_slow_reader_is_bounded_and_loses_nothing() -> None:
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     address = port.getHost()
     try:
-        slow = SlowReader()
+        slow = SlowReader(REQUESTS, TOKENS, TOKEN_TEXT.encode())
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", address.port), slow)
         await deferLater(reactor, 0.5, lambda: None)
         [server_side] = [p for p in factory.connections if isinstance(p, CC50ServerProtocol)]
@@ -117,11 +76,8 @@ async def test_slow_reader_is_bounded_and_loses_nothing() -> None:
         assert peak_queued < QUEUED_BYTES_BOUND
         assert rss_during - rss_before < 64 << 20
 
-        slow.transport.resumeProducing()
-        await slow.finished
-        assert slow.wrong == []
-        assert slow.chunks == {i: TOKENS for i in range(1, REQUESTS + 1)}
-        assert slow.done == {i: TOKENS for i in range(1, REQUESTS + 1)}
+        await slow.startReading()
+        assert slow.verify() == []
         await other.close()
         slow.transport.loseConnection()
     finally:
