@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -73,7 +73,6 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = self.factory.config.max_frame_bytes
-        self.callLater = self.factory.reactor.callLater  # TimeoutMixin's clock
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         if not self.factory.connectionOpened(self):
             self.rejected = True
@@ -90,6 +89,10 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         self.streams.clear()
         if not self.rejected:
             self.factory.connectionClosed(self)
+
+    def callLater(self, delay: float, call: Callable[..., object], *args: object, **kwargs: object) -> IDelayedCall:  # type: ignore[override]
+        """TimeoutMixin's clock: the factory's reactor, so tests can use a fake one."""
+        return self.factory.reactor.callLater(delay, call, *args, **kwargs)
 
     def timeoutConnection(self) -> None:
         self.log.info("closing idle connection from {peer}", peer=self.peer)

@@ -257,7 +257,7 @@ class ServerProcess:
         """Lines of the log that show an error inside the server."""
         return [line for line in self.log().splitlines() if any(p in line for p in LOG_PROBLEMS)]
 
-    def connect(self, timeout: float = 10.0) -> "RawConnection":
+    def connect(self, timeout: float = 10.0) -> RawConnection:
         return RawConnection(self.socket_address, timeout)
 
     def stop(self, timeout: float = 10.0) -> int:
@@ -370,7 +370,7 @@ class RawConnection:
         self._ready: list[Frame] = []
         self.eof = False
 
-    def __enter__(self) -> "RawConnection":
+    def __enter__(self) -> RawConnection:
         return self
 
     def __exit__(
@@ -408,7 +408,7 @@ class RawConnection:
         self.sock.settimeout(remaining)
         try:
             data = self.sock.recv(1 << 16)
-        except socket.timeout:
+        except TimeoutError:
             raise TimeoutError("no complete frame before the deadline") from None
         except ConnectionResetError:
             data = b""

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 
@@ -31,6 +32,7 @@ from cc50tw.client import connect
 from cc50tw.server import CC50ServerFactory, CC50ServerProtocol, ServerConfig
 from cc50tw.testing import SlowReader, rss_bytes
 
+reactor: Any = _reactor
 REQUESTS = 100
 TOKENS = int(os.environ.get("CC50_SLOW_READER_TOKENS", "5000"))
 STALL_SECONDS = float(os.environ.get("CC50_SLOW_READER_SECONDS", "10"))

@@ -30,7 +30,6 @@ from twisted.internet.defer import gatherResults
 
 from cc50tw.client import CC50ClientProtocol, Response, connect
 from cc50tw.codec import (
-    HEADER,
     MAGIC,
     VERSION,
     DoneStats,
@@ -341,7 +340,7 @@ def test_raw_cpp_client_request_bytes(shared_cc50_server: ServerProcess) -> None
     """The exact REQ_INFER captured from the C++ client (../shared/vectors) gets 64 tokens."""
     captured = bytes.fromhex(
         "434335300100010057630a8700000000000000003600000040000000000004002a000000"
-        + "Explain quantum computing in simple terms.".encode().hex()
+        + b"Explain quantum computing in simple terms.".hex()
     )
     with shared_cc50_server.connect() as conn:
         conn.send(captured)

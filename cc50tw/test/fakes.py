@@ -98,9 +98,9 @@ class Connection:
         self.transport = StringTransport()
         protocol = factory.buildProtocol(self.transport.getPeer())
         assert isinstance(protocol, CC50ServerProtocol)
-        self.protocol = protocol
+        self.protocol: CC50ServerProtocol = protocol
         self.protocol.makeConnection(self.transport)
-        self._decoder = FrameDecoder(1 << 30)
+        self._decoder: FrameDecoder = FrameDecoder(1 << 30)
         self.frames: list[Frame] = []
 
     def send(self, data: bytes) -> None:

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from cc50tw.backends.lcg import CPUEngine
 from cc50tw.backends.toy import ToyBackend
 from cc50tw.client import CC50ClientProtocol, Completion
-from cc50tw.codec import ErrorCode, MessageType, decode_credit, encode_chunk, encode_done, DoneStats, FrameDecoder
+from cc50tw.codec import DoneStats, ErrorCode, FrameDecoder, MessageType, decode_credit, encode_chunk, encode_done
 from cc50tw.errors import ClientError
 from cc50tw.test.fakes import ManualBackend, make_factory
 

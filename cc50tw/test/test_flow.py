@@ -217,6 +217,7 @@ class SlowReaderTests(SynchronousTestCase):
         factory.backend = backend
         transport = BoundedTransport(high=4096)
         protocol = factory.buildProtocol(None)
+        assert protocol is not None
         protocol.makeConnection(transport)
         protocol.dataReceived(b"".join(encode_infer(i, "p", 2000, credit_bytes=0xFFFFFFFF) for i in range(1, 21)))
 
