@@ -41,6 +41,7 @@ class MessageType(enum.IntEnum):
     RESP_ERR = 4
     REQ_CANCEL = 5
     REQ_CREDIT = 6
+    HELLO = 7
 
 
 class ErrorCode(enum.IntEnum):
@@ -66,6 +67,7 @@ class ErrorCode(enum.IntEnum):
     TIMEOUT = 12
     UPSTREAM_UNAVAILABLE = 13
     TOO_MANY_REQUESTS = 14
+    UNAUTHORIZED = 15
 
 
 class ProtocolError(Exception):
@@ -171,6 +173,11 @@ def encode_cancel(req_id: int) -> bytes:
 
 def encode_credit(req_id: int, credit_bytes: int) -> bytes:
     return encode_frame(MessageType.REQ_CREDIT, req_id, CREDIT.pack(credit_bytes))
+
+
+def encode_hello(token: bytes = b"") -> bytes:
+    """HELLO from a client carries its shared-secret token; from a server, its name."""
+    return encode_frame(MessageType.HELLO, 0, token)
 
 
 def decode_infer(frame: Frame) -> InferRequest:

@@ -75,6 +75,12 @@ class IBackend(Interface):
         cancels or goes away.
         """
 
+    def checkHealth() -> Deferred[bool]:  # type: ignore[misc]
+        """
+        Whether the backend can serve now (the upstream answers, the GPU is
+        there); polled by the server for ``/readyz`` and ``cc50_backend_up``.
+        """
+
     def startBackend() -> Deferred[None] | None:  # type: ignore[misc]
         """Prepare (compile kernels, check the upstream); called once at service start."""
 

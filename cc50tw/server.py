@@ -9,11 +9,13 @@ keeps the server's memory per connection bounded whatever the client does.
 
 from __future__ import annotations
 
+import hmac
 import itertools
 from collections.abc import Callable
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
@@ -21,10 +23,12 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from cc50tw import __version__
 from cc50tw.admission import Admission
 from cc50tw.codec import (
     DEFAULT_CREDIT_BYTES,
     HEADER,
+    HEADER_SIZE,
     MAGIC,
     VERSION,
     DoneStats,
@@ -37,11 +41,15 @@ from cc50tw.codec import (
     decode_infer,
     encode_done,
     encode_error,
+    encode_frame,
 )
 from cc50tw.errors import RequestFailed
-from cc50tw.interfaces import IBackend, InferenceRequest
+from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest
+from cc50tw.metrics import ServerMetrics
 from cc50tw.receiver import CC50Receiver
 from cc50tw.stream import RequestStream
+
+SERVER_NAME = f"cc50tw/{__version__}".encode()
 
 
 @attrs.frozen
@@ -56,6 +64,10 @@ class ServerConfig:
     max_queue: int = 4096
     idle_timeout: float = 300.0
     stall_timeout: float = 60.0
+    #: Shared secret a client must present in HELLO before anything else; None = no authentication.
+    auth_token: bytes | None = None
+    #: One log line per finished request (off for benchmarks that measure the server alone).
+    log_requests: bool = True
 
 
 @implementer(IPushProducer)
@@ -67,6 +79,9 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         self.streams: dict[int, RequestStream] = {}
         self.transportPaused = False
         self.rejected = False
+        self.authenticated = False
+        self.bytesSent = 0
+        self.bytesReceived = 0
         self._rotation = itertools.count()
 
     # Connection ------------------------------------------------------------
@@ -74,6 +89,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
     def connectionMade(self) -> None:
         self.MAX_LENGTH = self.factory.config.max_frame_bytes
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self.authenticated = self.factory.config.auth_token is None
         if not self.factory.connectionOpened(self):
             self.rejected = True
             limit = self.factory.config.max_connections
@@ -89,6 +105,9 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         self.streams.clear()
         if not self.rejected:
             self.factory.connectionClosed(self)
+        self.factory.bytesSent += self.bytesSent
+        self.factory.bytesReceived += self.bytesReceived
+        self.bytesSent = self.bytesReceived = 0
 
     def callLater(self, delay: float, call: Callable[..., object], *args: object, **kwargs: object) -> IDelayedCall:  # type: ignore[override]
         """TimeoutMixin's clock: the factory's reactor, so tests can use a fake one."""
@@ -125,11 +144,15 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self.rejected:
             return
+        self.bytesReceived += len(data)
         if not self.streams:
             self.resetTimeout()
         super().dataReceived(data)
 
     def frameReceived(self, frame: Frame) -> None:
+        if not self.authenticated and frame.type != MessageType.HELLO:
+            self._refuse(frame.req_id, "authentication required: send HELLO with the shared token first")
+            return
         handler = self._handlers.get(frame.type)
         if handler is None:
             self.sendError(
@@ -150,8 +173,24 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         self.sendError(error.req_id, error.code, error.message + "; closing the connection")
         self.transport.loseConnection()  # type: ignore[union-attr]
 
+    def _refuse(self, req_id: int, message: str) -> None:
+        self.log.info("refusing {peer}: {message}", peer=self.peer, message=message)
+        self.sendError(req_id, ErrorCode.UNAUTHORIZED, message)
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _hello(self, frame: Frame) -> None:
+        expected = self.factory.config.auth_token
+        if expected is not None and not hmac.compare_digest(frame.payload, expected):
+            self._refuse(frame.req_id, "authentication failed: wrong token")
+            return
+        self.authenticated = True
+        self.sendFrame(encode_frame(MessageType.HELLO, frame.req_id, SERVER_NAME))
+
     def _infer(self, frame: Frame) -> None:
         req_id = frame.req_id
+        if self.factory.draining:
+            self.sendError(req_id, ErrorCode.SHUTTING_DOWN, "server is shutting down; send new requests elsewhere")
+            return
         if req_id in self.streams:
             self.sendError(req_id, ErrorCode.DUPLICATE_REQ_ID, f"req_id {req_id} is already in flight on this connection")
             return
@@ -213,21 +252,28 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
     # Sending ---------------------------------------------------------------
 
     def sendChunk(self, req_id: int, data: bytes) -> None:
+        self.bytesSent += HEADER_SIZE + len(data)
         self.transport.writeSequence(  # type: ignore[union-attr]
             (HEADER.pack(MAGIC, VERSION, MessageType.RESP_CHUNK, req_id, 0, len(data)), data)
         )
 
+    def sendFrame(self, frame: bytes) -> None:
+        self.bytesSent += len(frame)
+        self.transport.write(frame)  # type: ignore[union-attr]
+
     def sendDone(self, req_id: int, stats: DoneStats) -> None:
-        self.transport.write(encode_done(req_id, stats))  # type: ignore[union-attr]
+        self.sendFrame(encode_done(req_id, stats))
 
     def sendError(self, req_id: int, code: ErrorCode, message: str) -> None:
-        self.transport.write(encode_error(req_id, code, message))  # type: ignore[union-attr]
+        self.sendFrame(encode_error(req_id, code, message))
 
     def streamEnded(self, stream: RequestStream) -> None:
         if self.streams.get(stream.req_id) is stream:
             del self.streams[stream.req_id]
-            if not self.streams and self.connected:
-                self.setTimeout(self.factory.config.idle_timeout)
+            if not self.streams:
+                if self.connected:
+                    self.setTimeout(self.factory.config.idle_timeout)
+                self.factory.checkQuiet()
 
     # IPushProducer (towards the transport) ----------------------------------
 
@@ -268,6 +314,57 @@ class CC50ServerFactory(Factory):
         self.connections: set[CC50ServerProtocol] = set()
         self.creditPauses = 0
         self.transportPauses = 0
+        self.bytesSent = 0
+        self.bytesReceived = 0
+        self.backendHealthy = True
+        self.draining = False
+        self.metrics = ServerMetrics(self)
+        self._quietWaiter: Deferred[None] | None = None
+        self._quietCondition: Callable[[], bool] = lambda: True
+
+    @property
+    def inFlight(self) -> int:
+        return sum(len(connection.streams) for connection in self.connections)
+
+    def requestEnded(
+        self,
+        stream: RequestStream,
+        outcome: str,
+        result: GenerationResult | None = None,
+        backendError: bool = False,
+        message: str = "",
+    ) -> None:
+        """Record one finished request: metrics, and one log line."""
+        now = self.reactor.seconds()
+        metrics = self.metrics
+        metrics.requests.labels(outcome).inc()
+        latency = now - stream.started_at
+        metrics.duration.observe(latency)
+        if backendError:
+            metrics.backend_errors.labels(outcome).inc()
+        first, last = stream.first_chunk_at, stream.last_chunk_at
+        if first is not None:
+            metrics.ttft.observe(first - stream.started_at)
+            if last is not None and stream.chunks_sent > 1:
+                metrics.inter_token.observe((last - first) / (stream.chunks_sent - 1))
+        if result is not None:
+            metrics.generated_tokens.inc(result.generated_tokens)
+            metrics.prompt_tokens.inc(result.prompt_tokens)
+        if self.config.log_requests:
+            self.log.info(
+                "request {req_id} from {peer}: {outcome} backend={backend} tokens={tokens} "
+                "prompt_tokens={prompt_tokens} bytes={bytes} latency_ms={latency_ms:.3f} ttft_ms={ttft_ms}{detail}",
+                req_id=stream.req_id,
+                peer=stream.connection.peer,
+                outcome=outcome,
+                backend=self.backend.name,
+                tokens=result.generated_tokens if result else None,
+                prompt_tokens=result.prompt_tokens if result else None,
+                bytes=stream.bytes_sent,
+                latency_ms=latency * 1e3,
+                ttft_ms=f"{(first - stream.started_at) * 1e3:.3f}" if first is not None else None,
+                detail=f" ({message})" if message else "",
+            )
 
     def connectionOpened(self, protocol: CC50ServerProtocol) -> bool:
         if len(self.connections) >= self.config.max_connections:
@@ -277,3 +374,57 @@ class CC50ServerFactory(Factory):
 
     def connectionClosed(self, protocol: CC50ServerProtocol) -> None:
         self.connections.discard(protocol)
+        self.checkQuiet()
+
+    # Graceful shutdown -----------------------------------------------------
+
+    def checkQuiet(self) -> None:
+        """Wake a shutdown waiting for in-flight requests or connections to end."""
+        waiter = self._quietWaiter
+        if waiter is not None and self._quietCondition():
+            self._quietWaiter = None
+            waiter.callback(None)
+
+    def _waitUntil(self, condition: Callable[[], bool], timeout: float) -> Deferred[None]:
+        """Fire when ``condition`` holds (checked as requests and connections end) or after ``timeout``."""
+        waiter: Deferred[None] = Deferred()
+        if condition():
+            waiter.callback(None)
+            return waiter
+        self._quietCondition = condition
+        self._quietWaiter = waiter
+
+        def expire() -> None:
+            if self._quietWaiter is waiter:
+                self._quietWaiter = None
+                waiter.callback(None)
+
+        timer = self.reactor.callLater(timeout, expire)
+
+        def stopTimer(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+
+        waiter.addCallback(stopTimer)
+        return waiter
+
+    async def shutdown(self, drainTimeout: float, closeTimeout: float = 5.0) -> None:
+        """
+        Stop taking requests, let those in flight finish for up to
+        ``drainTimeout`` seconds, end the rest with SHUTTING_DOWN, then close
+        every connection.  Every accepted request gets its terminal frame.
+        """
+        self.draining = True
+        if self.inFlight:
+            self.log.info("draining {count} in-flight requests (up to {timeout:g}s)", count=self.inFlight, timeout=drainTimeout)
+        await self._waitUntil(lambda: self.inFlight == 0, drainTimeout)
+        for connection in list(self.connections):
+            for stream in list(connection.streams.values()):
+                stream.cancel(
+                    ErrorCode.SHUTTING_DOWN,
+                    f"server shutting down: the request did not finish within the {drainTimeout:g}s drain timeout",
+                )
+            connection.transport.loseConnection()  # type: ignore[union-attr]
+        await self._waitUntil(lambda: not self.connections, closeTimeout)
+        for connection in list(self.connections):
+            connection.transport.abortConnection()  # type: ignore[union-attr]

@@ -41,7 +41,9 @@ class RequestStream:
         self.finished = False
         self.started_at = connection.now()
         self.first_chunk_at: float | None = None
+        self.last_chunk_at: float | None = None
         self.bytes_sent = 0
+        self.chunks_sent = 0
         self._pending = b""
         self._producer: IPushProducer | None = None
         self._producerPaused = False
@@ -71,7 +73,7 @@ class RequestStream:
             generation = backend.generate(self.request, self)
         except Exception as e:  # a backend bug must not take the connection down
             self.log.failure("backend.generate raised for request {req_id}", req_id=self.req_id)
-            self._end(ErrorCode.BACKEND_ERROR, f"backend failed to start: {e}")
+            self._end(ErrorCode.BACKEND_ERROR, f"backend failed to start: {e}", fromBackend=True)
             return
         self._generation = generation
         generation.addCallbacks(self._generated, self._generationFailed)
@@ -96,12 +98,12 @@ class RequestStream:
             return  # we cancelled it and already sent the terminal frame
         error = failure.value
         if isinstance(error, RequestFailed):
-            self._end(error.code, error.message)
+            self._end(error.code, error.message, fromBackend=True)
         elif isinstance(error, CancelledError):
-            self._end(ErrorCode.CANCELLED, "request cancelled by the backend")
+            self._end(ErrorCode.CANCELLED, "request cancelled by the backend", fromBackend=True)
         else:
             self.log.failure("backend failed request {req_id}", failure, req_id=self.req_id)
-            self._end(ErrorCode.BACKEND_ERROR, f"backend error: {failure.getErrorMessage()}")
+            self._end(ErrorCode.BACKEND_ERROR, f"backend error: {failure.getErrorMessage()}", fromBackend=True)
 
     def _done(self) -> None:
         assert self._result is not None
@@ -117,6 +119,7 @@ class RequestStream:
         )
         self._terminate()
         self.connection.sendDone(self.req_id, stats)
+        self.connection.factory.requestEnded(self, "done", self._result)
 
     def cancel(self, code: ErrorCode, message: str) -> None:
         """End the request now with RESP_ERR, stopping the backend's work."""
@@ -127,10 +130,12 @@ class RequestStream:
         """The connection is gone: stop the work, send nothing."""
         if not self.finished:
             self._terminate()
+            self.connection.factory.requestEnded(self, "disconnected")
 
-    def _end(self, code: ErrorCode, message: str) -> None:
+    def _end(self, code: ErrorCode, message: str, fromBackend: bool = False) -> None:
         self._terminate()
         self.connection.sendError(self.req_id, code, message)
+        self.connection.factory.requestEnded(self, code.name.lower(), backendError=fromBackend, message=message)
 
     def _terminate(self) -> None:
         self.finished = True
@@ -203,8 +208,10 @@ class RequestStream:
         if size:
             self.credit -= size
             self.bytes_sent += size
+            self.chunks_sent += 1
+            self.last_chunk_at = now = self.connection.now()
             if self.first_chunk_at is None:
-                self.first_chunk_at = self.connection.now()
+                self.first_chunk_at = now
             self.connection.sendChunk(self.req_id, data)
 
     @property

@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from cc50tw.backends import BackendSpec, builtin_backends
 from cc50tw.endpoints import server_description
@@ -56,6 +57,15 @@ _SERVER_OPTIONS: list[list[Any]] = [
     ["max-queue", None, 4096, "Requests waiting for a backend slot; beyond it, OVERLOADED.", _count("max-queue")],
     ["idle-timeout", None, 300.0, "Seconds before a connection with nothing in flight is closed.", _seconds("idle-timeout")],
     ["stall-timeout", None, 60.0, "Seconds a request may wait for REQ_CREDIT before it is ended.", _seconds("stall-timeout")],
+    ["drain-timeout", None, 30.0, "On shutdown, seconds in-flight requests may take to finish.", _seconds("drain-timeout")],
+    ["metrics", None, None, "Endpoint for /metrics, /healthz and /readyz over HTTP, e.g. tcp:9100:interface=127.0.0.1 (off by default)."],
+    ["health-interval", None, 5.0, "Seconds between backend health checks.", _seconds("health-interval")],
+    ["auth-token-file", None, None, "File holding a shared secret clients must send in HELLO (off by default)."],
+    ["log-format", None, "text", "Log format: text, or json (one JSON object per line, on stdout)."],
+]
+
+_SERVER_FLAGS: list[list[Any]] = [
+    ["quiet-requests", None, "Do not log one line per finished request (for benchmarks)."],
 ]
 
 
@@ -68,6 +78,7 @@ class Options(usage.Options):
 
     backends = builtin_backends()
     optParameters = _SERVER_OPTIONS + [option for spec in backends.values() for option in spec.options]
+    optFlags = _SERVER_FLAGS
     longdesc = (
         "Serve LLM token streams over the CC50 binary protocol. "
         "--listen takes a Twisted endpoint description (tcp:9199, "
@@ -95,9 +106,26 @@ class Options(usage.Options):
             )
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format must be text or json, not {self['log-format']!r}")
+        if self["log-format"] == "json" and self.parent is not None and not self.parent.get("logger"):
+            # twistd resolves --logger after its subcommand's options, so
+            # naming our observer factory here is enough to switch format.
+            self.parent["logger"] = "cc50tw.logs.jsonObserver"
+        self.authToken = None
+        if self["auth-token-file"]:
+            try:
+                with open(self["auth-token-file"], "rb") as tokenFile:
+                    self.authToken = tokenFile.read().strip()
+            except OSError as e:
+                raise usage.UsageError(f"cannot read --auth-token-file: {e}") from None
+            if not self.authToken:
+                raise usage.UsageError(f"--auth-token-file {self['auth-token-file']} is empty")
+        if self["metrics"]:
+            self["metrics"] = server_description(self["metrics"])
         from twisted.internet import reactor
 
-        for description in self["listen"]:
+        for description in self["listen"] + ([self["metrics"]] if self["metrics"] else []):
             try:
                 serverFromString(reactor, description)
             except Exception as e:
@@ -113,43 +141,105 @@ class Options(usage.Options):
             max_queue=self["max-queue"],
             idle_timeout=self["idle-timeout"],
             stall_timeout=self["stall-timeout"],
+            auth_token=self.authToken,
+            log_requests=not self["quiet-requests"],
         )
 
 
 class CC50Service(MultiService):
-    """Starts the backend before the listeners, and stops it after them."""
+    """
+    Starts the backend before the listeners and stops it after them; on stop,
+    drains in-flight requests before closing connections.
+    """
 
     log = Logger()
 
-    def __init__(self, backend: IBackend, factory: CC50ServerFactory, descriptions: list[str], reactor: Any) -> None:
+    def __init__(
+        self,
+        backend: IBackend,
+        factory: CC50ServerFactory,
+        descriptions: list[str],
+        reactor: Any,
+        drainTimeout: float = 30.0,
+        metricsDescription: str | None = None,
+        healthInterval: float = 5.0,
+    ) -> None:
         super().__init__()
         self.backend = backend
         self.factory = factory
         self.descriptions = descriptions
+        self.drainTimeout = drainTimeout
+        self.listeners: list[StreamServerEndpointService] = []
         for description in descriptions:
             listener = StreamServerEndpointService(serverFromString(reactor, description), factory)
             # Fail twistd at start (non-zero exit) when a port cannot be bound,
             # rather than logging and serving nothing.
             listener._raiseSynchronously = True
             listener.setServiceParent(self)
+            self.listeners.append(listener)
+        self.operations: StreamServerEndpointService | None = None
+        if metricsDescription:
+            from cc50tw.web import operationsSite
+
+            self.operations = StreamServerEndpointService(
+                serverFromString(reactor, metricsDescription), operationsSite(factory, self.isListening)
+            )
+            self.operations._raiseSynchronously = True
+        self.healthCheck = TimerService(healthInterval, self.checkBackend)
+        self.healthCheck.clock = reactor
+        self.healthCheck.setServiceParent(self)
+
+    def isListening(self) -> bool:
+        return bool(self.running) and all(listener.running for listener in self.listeners)
+
+    def checkBackend(self) -> Deferred[None]:
+        checked: Deferred[bool] = maybeDeferred(self.backend.checkHealth)  # type: ignore[call-overload]
+
+        def record(healthy: object) -> None:
+            healthy = healthy is True
+            if healthy != self.factory.backendHealthy:
+                self.log.info(
+                    "backend {name!r} is now {state}", name=self.backend.name, state="healthy" if healthy else "unhealthy"
+                )
+            self.factory.backendHealthy = healthy
+
+        def failed(failure: Failure) -> None:
+            self.log.info("backend health check failed: {error}", error=failure.getErrorMessage())
+            record(False)
+
+        return checked.addCallbacks(record, failed)
 
     def privilegedStartService(self) -> None:
         self.log.info("cc50 backend: {backend}", backend=self.backend.describe())
         result = self.backend.startBackend()
         if isinstance(result, Deferred):
             result.addErrback(lambda f: self.log.failure("backend failed to start", f))
+        if self.operations is not None:
+            self.operations.privilegedStartService()
         super().privilegedStartService()
 
     def startService(self) -> None:
         super().startService()
+        if self.operations is not None:
+            self.operations.startService()
         self.log.info(
             "cc50 serving backend {name!r} on {endpoints}", name=self.backend.name, endpoints=", ".join(self.descriptions)
         )
 
+    async def _stop(self) -> None:
+        # Stop accepting first, so no connection arrives during the drain.
+        await maybeDeferred(super().stopService)
+        self.log.info("cc50 stopped listening; draining")
+        await self.factory.shutdown(self.drainTimeout)
+        if self.operations is not None:
+            await maybeDeferred(self.operations.stopService)
+        result = self.backend.stopBackend()
+        if isinstance(result, Deferred):
+            await result
+        self.log.info("cc50 stopped")
+
     def stopService(self) -> Deferred[None]:
-        stopped: Deferred[None] = maybeDeferred(super().stopService)  # type: ignore[arg-type]
-        stopped.addCallback(lambda _: self.backend.stopBackend())
-        return stopped
+        return Deferred.fromCoroutine(self._stop())
 
 
 def makeService(options: Options) -> IService:
@@ -161,4 +251,12 @@ def makeService(options: Options) -> IService:
     except Exception as e:
         raise usage.UsageError(f"backend {spec.name!r} could not start: {e}") from None
     factory = CC50ServerFactory(backend, options.serverConfig(), reactor)
-    return CC50Service(backend, factory, options["listen"], reactor)
+    return CC50Service(
+        backend,
+        factory,
+        options["listen"],
+        reactor,
+        drainTimeout=options["drain-timeout"],
+        metricsDescription=options["metrics"],
+        healthInterval=options["health-interval"],
+    )

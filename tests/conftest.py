@@ -6,7 +6,8 @@ Fixtures for the integration tests: real ``twistd cc50`` processes.
 free loopback port (or ``unix_path=`` / ``listen=``), waits until it accepts
 connections and returns a ``ServerProcess`` (``port``, ``process``,
 ``log_path``, ``address``, ``endpoint``).  At teardown every server it
-started gets SIGTERM and must exit promptly with status 0, and its log must
+started gets SIGTERM and must exit promptly and cleanly (status 0, or -SIGTERM, which
+is how twistd reports a clean signal shutdown), and its log must
 hold no traceback (a test that provokes one on purpose sets
 ``allow_log_problems``).
 
@@ -25,7 +26,7 @@ from typing import Protocol
 
 import pytest
 
-from tests.helpers import ServerProcess, cc50_server_command, start_server
+from tests.helpers import CLEAN_EXIT_ON_SIGTERM, ServerProcess, cc50_server_command, start_server
 
 DEFAULT_SERVER_ARGS = ("--toy-iters=0",)
 
@@ -79,7 +80,7 @@ class CC50Launcher:
             else:
                 if not was_alive:
                     problems.append(f"the server had already exited (status {status}) before teardown")
-                elif status != 0:
+                elif status not in CLEAN_EXIT_ON_SIGTERM:
                     problems.append(f"exit status {status} after SIGTERM")
             if not server.allow_log_problems and server.log_problems():
                 problems.append(f"errors in the server log: {server.log_problems()[:5]}")

@@ -47,6 +47,12 @@ LOOPBACK = "127.0.0.1"
 LOG_PROBLEMS = ("Traceback (most recent call last)", "Unhandled Error", "Unhandled error in Deferred")
 
 
+#: How a server that shut down cleanly on SIGTERM exits.  twistd re-raises the
+#: signal that stopped its reactor (``app._exitWithSignal``), so a clean
+#: ``twistd`` shows -SIGTERM, not 0.
+CLEAN_EXIT_ON_SIGTERM = (0, -signal.SIGTERM)
+
+
 class StartupFailed(AssertionError):
     """A server process did not come up; the message carries its log."""
 
@@ -513,6 +519,7 @@ def raw_infer(
 
 
 __all__ = [
+    "CLEAN_EXIT_ON_SIGTERM",
     "LOOPBACK",
     "REPO_ROOT",
     "ConnectionClosed",

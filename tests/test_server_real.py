@@ -47,6 +47,7 @@ from cc50tw.errors import ClientError
 from cc50tw.tap import _SERVER_OPTIONS
 from tests.conftest import StartCC50
 from tests.helpers import (
+    CLEAN_EXIT_ON_SIGTERM,
     LOOPBACK,
     Outcome,
     RawConnection,
@@ -202,6 +203,18 @@ def test_cli_connection_refused() -> None:
     result = run(cc50_command("infer", "--server", f"{LOOPBACK}:{free_port()}", "--max-tokens", "1"))
     assert result.returncode != 0
     assert "refused" in (result.stdout + result.stderr).lower()
+
+
+@pytest.mark.xfail(
+    reason="cc50 infer/bench print a Twisted traceback ('main function encountered error') when the server "
+    "cannot be reached: cli.py awaits connect() with no handler for ConnectError",
+    strict=True,
+)
+def test_cli_connection_refused_without_traceback() -> None:
+    result = run(cc50_command("infer", "--server", f"{LOOPBACK}:{free_port()}", "--max-tokens", "1"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("cc50: "), result.stderr
 
 
 # The client library -------------------------------------------------------------
@@ -362,6 +375,26 @@ def test_credit_window_and_grant(shared_cc50_server: ServerProcess) -> None:
         while not outcomes[4].finished:
             apply_frame(outcomes, conn.read_frame())
     assert_completed(outcomes[4], 5)
+
+
+def test_zero_max_tokens_means_the_server_default(shared_cc50_server: ServerProcess) -> None:
+    with shared_cc50_server.connect() as conn:
+        assert_completed(conn.infer(1, "as many as you like", 0), 256)  # --max-tokens default
+
+
+def test_default_window_without_grants(shared_cc50_server: ServerProcess) -> None:
+    """
+    credit_bytes 0 is a 262144-byte window.  A client that never sends
+    REQ_CREDIT (the C++ client) gets any answer that fits it; one byte more and
+    the request ends in CREDIT_STALL, after exactly the window's bytes.
+    """
+    fits = 262144 // len(TOKEN)
+    with shared_cc50_server.connect() as conn:
+        assert_completed(conn.infer(1, "fits", fits), fits)
+        conn.send_infer(2, "one token too many", fits + 1)
+        outcome = conn.collect([2], timeout=STALL_TIMEOUT + 10)[2]
+    assert outcome.text == tokens(fits + 1)[:262144]
+    assert outcome.error is not None and outcome.error.code == ErrorCode.CREDIT_STALL, outcome.error
 
 
 def test_credit_stall_timeout(shared_cc50_server: ServerProcess) -> None:
@@ -616,7 +649,9 @@ def test_unknown_backend_fails_at_start() -> None:
     result = run(cc50_server_command(f"tcp:{port}:interface=127.0.0.1", "--backend=nope"), timeout=30)
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert "unknown backend 'nope'; installed backends: toy" in output
+    installed = re.search(r"unknown backend 'nope'; installed backends: (.*)", output)
+    assert installed is not None, output
+    assert "toy" in installed.group(1).split(", ")
     assert not port_in_use(port)
 
 
@@ -703,7 +738,7 @@ def test_sigterm_with_clients_connected(cc50_server: StartCC50) -> None:
     conns[0].read_frame()
     started = time.monotonic()
     status = server.stop(timeout=15)
-    assert status == 0, server.log_tail()
+    assert status in CLEAN_EXIT_ON_SIGTERM, server.log_tail()
     assert time.monotonic() - started < 10
     assert not server.log_problems(), server.log_problems()
     for conn in conns:

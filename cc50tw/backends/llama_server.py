@@ -36,7 +36,7 @@ import treq
 from treq.client import HTTPClient
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from cc50tw.backends import BackendSpec
@@ -284,6 +284,43 @@ def _bodyMessage(body: bytes) -> str:
 
 
 # One request ---------------------------------------------------------------
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """
+    A request body written in one go.
+
+    treq turns ``bytes`` into a ``FileBodyProducer``, which writes from a
+    ``Cooperator`` task one reactor turn later; a prompt is small, and that
+    turn would be added to every request's time to first token.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _bodyProducer(data: Any) -> IBodyProducer:
+    return _BytesProducer(data) if isinstance(data, bytes) else IBodyProducer(data)
+
+
+def makeHTTPClient(agent: IAgent) -> HTTPClient:
+    """A treq client over ``agent`` that sends ``bytes`` bodies without a reactor turn."""
+    return HTTPClient(agent, data_to_body_producer=_bodyProducer)
 
 
 class _SSEBody(TwistedProtocol):
@@ -718,7 +755,7 @@ class LlamaServerBackend:
                 pool = HTTPConnectionPool(reactor, persistent=True)
                 pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
                 pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
-            http = HTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=pool))
+            http = makeHTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=pool))
         self.pool = pool
         self.http = http
         #: Streams that have not ended; tests and metrics read its size.
@@ -745,38 +782,41 @@ class LlamaServerBackend:
 
     def startBackend(self) -> Deferred[None]:
         """Check ``/health`` once and log what it says; never refuse to start."""
-        checked = self.checkHealth()
-        checked.addCallback(lambda message: self.log.info("{message}", message=message))
-        return checked.addCallback(lambda _: None)
+        probed = self.probeHealth()
+        probed.addCallback(lambda probe: self.log.info("{message}", message=probe[1]))
+        return probed.addCallback(lambda _: None)
 
-    def checkHealth(self) -> Deferred[str]:
-        """A sentence about the upstream's state, for the log (never fails)."""
+    def checkHealth(self) -> Deferred[bool]:
+        """Whether llama-server's ``/health`` says it can serve now (never fails)."""
+        return self.probeHealth().addCallback(lambda probe: probe[0])
+
+    def probeHealth(self) -> Deferred[tuple[bool, str]]:
+        """Ask ``/health``: whether the upstream is ready, and a sentence for the log; never fails."""
         where = f"llama-server at {self.url}"
         got: Deferred[Any] = self.http.get(self.url + "/health", timeout=self.connect_timeout + 5)
 
-        def answered(response: Any) -> Deferred[str]:
+        def answered(response: Any) -> Deferred[tuple[bool, str]]:
             body: Deferred[bytes] = treq.content(response)
 
-            def read(data: bytes) -> str:
+            def read(data: bytes) -> tuple[bool, str]:
                 if response.code == 200:
-                    return f"{where} is healthy ({data.decode('utf-8', 'replace').strip()[:200]})"
+                    return True, f"{where} is healthy ({data.decode('utf-8', 'replace').strip()[:200]})"
                 if response.code == 503:
-                    return (
+                    return False, (
                         f"{where} is up but not ready (HTTP 503: {_bodyMessage(data)}); requests will get "
                         "UPSTREAM_UNAVAILABLE until it has loaded its model"
                     )
-                return f"{where} answered /health with HTTP {response.code}: {_bodyMessage(data)}"
+                return False, f"{where} answered /health with HTTP {response.code}: {_bodyMessage(data)}"
 
             return body.addCallback(read)
 
-        def failed(failure: Failure) -> str:
+        def failed(failure: Failure) -> tuple[bool, str]:
             if failure.check(CancelledError):
                 reason = "no answer in time"
             else:
                 reason = failure.getErrorMessage()
-            return (
-                f"{where} is not reachable ({reason}); starting anyway, and requests will get "
-                "UPSTREAM_UNAVAILABLE until it comes up"
+            return False, (
+                f"{where} is not reachable ({reason}); requests will get UPSTREAM_UNAVAILABLE until it comes up"
             )
 
         got.addCallbacks(answered, failed)

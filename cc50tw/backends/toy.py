@@ -10,10 +10,10 @@ stops new work between tokens, and cancelling stops it for good.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -157,11 +157,19 @@ class ToyBackend:
         stream.start()
         return stream.done
 
+    def checkHealth(self) -> Deferred[bool]:
+        return succeed(True)
+
     def startBackend(self) -> Any:
-        return None
+        # The CUDA engine starts its worker (and so the driver) here rather
+        # than in build(): twistd daemonises in between, and CUDA does not
+        # survive fork().
+        start = getattr(self.engine, "start", None)
+        return start() if start is not None else None
 
     def stopBackend(self) -> Any:
-        return None
+        stop = getattr(self.engine, "stop", None)
+        return stop() if stop is not None else None
 
 
 def _positive_int(value: str) -> int:
@@ -171,10 +179,36 @@ def _positive_int(value: str) -> int:
     return number
 
 
-def build(options: Mapping[str, Any], reactor: Any) -> ToyBackend:
-    from cc50tw.backends.lcg import CPUEngine
+TOY_DEVICES = ("auto", "cuda", "cpu")
 
-    engine = CPUEngine(reactor, reactor.getThreadPool())
+
+def _device(value: str) -> str:
+    device = value.strip().lower()
+    if device not in TOY_DEVICES:
+        raise ValueError(f"must be one of {', '.join(TOY_DEVICES)}, got {value!r}")
+    return device
+
+
+def _count_up_to(limit: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        number = int(value)
+        if not 1 <= number <= limit:
+            raise ValueError(f"must be between 1 and {limit}, got {number}")
+        return number
+
+    return parse
+
+
+def build(options: Mapping[str, Any], reactor: Any) -> ToyBackend:
+    # Imported here so that listing backends does not import the CUDA code.
+    from cc50tw.backends.cuda import DEFAULT_BLOCK, DEFAULT_GRID, select_engine
+
+    engine = select_engine(
+        options.get("toy-device", "auto"),
+        reactor,
+        options.get("toy-grid", DEFAULT_GRID),
+        options.get("toy-block", DEFAULT_BLOCK),
+    )
     return ToyBackend(reactor, engine, options["toy-iters"])
 
 
@@ -183,6 +217,15 @@ SPEC = BackendSpec(
     description="deterministic synthetic work per token (the C++ CC50 toy); emits ' token'",
     options=[
         ["toy-iters", None, 20000, "LCG iterations per token (0 = no work, for transport benchmarks)", _positive_int],
+        [
+            "toy-device",
+            None,
+            "auto",
+            "Where the work runs: auto (CUDA when PyCUDA and a GPU are there, else CPU), cuda, or cpu.",
+            _device,
+        ],
+        ["toy-grid", None, 8, "CUDA blocks per kernel launch.", _count_up_to(2**31 - 1)],
+        ["toy-block", None, 256, "CUDA threads per block (at most 1024).", _count_up_to(1024)],
     ],
     build=build,
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface import implementer
@@ -72,6 +72,7 @@ class ManualBackend:
     def __init__(self) -> None:
         self.streams: dict[int, ManualStream] = {}
         self.raiseOnGenerate: Exception | None = None
+        self.healthy = True
 
     def describe(self) -> str:
         return "manual test backend"
@@ -82,6 +83,9 @@ class ManualBackend:
         stream = ManualStream(request, sink)
         self.streams[request.req_id] = stream
         return stream.done
+
+    def checkHealth(self) -> Deferred[bool]:
+        return succeed(self.healthy)
 
     def startBackend(self) -> Any:
         return None

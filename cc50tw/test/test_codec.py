@@ -381,6 +381,7 @@ class RoundTripTests(SynchronousTestCase):
                 ("TIMEOUT", 12),
                 ("UPSTREAM_UNAVAILABLE", 13),
                 ("TOO_MANY_REQUESTS", 14),
+                ("UNAUTHORIZED", 15),
             ],
         )
 

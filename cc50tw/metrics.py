@@ -1,0 +1,83 @@
+"""
+Prometheus metrics for one server, in its own registry.
+
+Per-request figures (outcomes, latencies, tokens) are recorded once, when a
+request ends; per-chunk and per-byte figures are plain integers that the
+protocol already keeps, read only when Prometheus scrapes.  That keeps the
+hot path free of locks and label look-ups, which matters at 200,000 frames/s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from cc50tw.server import CC50ServerFactory
+
+#: Latency buckets from 100 µs (a toy round trip) to a minute (a long answer).
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _FactoryCollector(Collector):
+    """Reads the counters the server keeps as plain integers, at scrape time."""
+
+    def __init__(self, factory: CC50ServerFactory) -> None:
+        self._factory = factory
+
+    def collect(self) -> Iterable[Metric]:
+        factory = self._factory
+        yield GaugeMetricFamily("cc50_connections_open", "Client connections open.", value=len(factory.connections))
+        yield GaugeMetricFamily(
+            "cc50_requests_in_flight", "Requests whose backend call is running.", value=factory.admission.running
+        )
+        yield GaugeMetricFamily(
+            "cc50_requests_queued", "Requests waiting for a backend slot.", value=factory.admission.queued
+        )
+        sent = CounterMetricFamily("cc50_bytes_sent", "Bytes written to clients, headers included.")
+        sent.add_metric([], factory.bytesSent + sum(c.bytesSent for c in factory.connections))
+        yield sent
+        received = CounterMetricFamily("cc50_bytes_received", "Bytes read from clients.")
+        received.add_metric([], factory.bytesReceived + sum(c.bytesReceived for c in factory.connections))
+        yield received
+        pauses = CounterMetricFamily(
+            "cc50_flow_control_pauses", "Times a backend stream was paused, by reason.", labels=["reason"]
+        )
+        pauses.add_metric(["credit"], factory.creditPauses)
+        pauses.add_metric(["tcp"], factory.transportPauses)
+        yield pauses
+        yield GaugeMetricFamily(
+            "cc50_backend_up", "1 when the backend's last health check passed.", value=1.0 if factory.backendHealthy else 0.0
+        )
+
+
+class ServerMetrics:
+    def __init__(self, factory: CC50ServerFactory, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.requests = Counter(
+            "cc50_requests", "Requests ended, by outcome: done, or the error code's name.", ["outcome"], registry=self.registry
+        )
+        self.backend_errors = Counter(
+            "cc50_backend_errors", "Requests the backend failed, by error code's name.", ["kind"], registry=self.registry
+        )
+        self.ttft = Histogram(
+            "cc50_time_to_first_token_seconds", "From REQ_INFER to the first chunk sent.", buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inter_token = Histogram(
+            "cc50_inter_token_latency_seconds",
+            "Mean gap between a request's chunks, one observation per request.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "cc50_request_duration_seconds", "From REQ_INFER to its terminal frame.", buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.generated_tokens = Counter("cc50_generated_tokens", "Tokens generated.", registry=self.registry)
+        self.prompt_tokens = Counter("cc50_prompt_tokens", "Prompt tokens processed.", registry=self.registry)
+        self.registry.register(_FactoryCollector(factory))

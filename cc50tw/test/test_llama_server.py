@@ -1,0 +1,937 @@
+"""
+Unit tests for the llama-server backend, without sockets or a real server.
+
+Most tests run the real treq/Agent HTTP client against ``FakeUpstream``: each
+connection the agent opens is a ``StringTransport``, the request bytes it
+wrote can be read back, and the test writes a recorded HTTP response (status
+line, headers, chunked SSE body) into the client protocol byte by byte if it
+likes.  That exercises the real HTTP parsing and the real body transport, so
+pause, resume and abort are checked on the transport the backend actually
+gets.  Error responses are also checked through ``treq.testing.StubTreq``.
+"""
+
+from __future__ import annotations
+
+import json
+from types import MethodType
+from typing import Any
+
+from treq.client import HTTPClient
+from treq.testing import StubTreq
+from twisted.internet import error as netError
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from cc50tw.backends import builtin_backends
+from cc50tw.backends.llama_server import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_FIRST_EVENT_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    LlamaServerBackend,
+    UpstreamStream,
+    makeHTTPClient,
+)
+from cc50tw.codec import ErrorCode
+from cc50tw.errors import BackendError
+from cc50tw.interfaces import GenerationResult, InferenceRequest, ITokenSink
+
+URL = "http://llama.test:8080"
+
+
+# Doubles ---------------------------------------------------------------------
+
+
+@implementer(ITokenSink)
+class RecordingSink:
+    """An ``ITokenSink`` that records writes and can pause its producer on demand."""
+
+    def __init__(self, pauseOnWrite: bool = False) -> None:
+        self.writes: list[str] = []
+        self.producer: IPushProducer | None = None
+        self.registrations = 0
+        self.unregistrations = 0
+        self.pauseOnWrite = pauseOnWrite
+
+    def write(self, text: str) -> None:
+        text.encode("utf-8")  # a lone surrogate, i.e. a broken character, raises here
+        assert text, "empty writes are pointless"
+        self.writes.append(text)
+        if self.pauseOnWrite and self.producer is not None:
+            self.producer.pauseProducing()
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        assert streaming
+        self.producer = producer
+        self.registrations += 1
+
+    def unregisterProducer(self) -> None:
+        self.unregistrations += 1
+
+    @property
+    def text(self) -> str:
+        return "".join(self.writes)
+
+
+class TCPLikeTransport(StringTransport):
+    """``StringTransport`` whose ``stopProducing`` closes the connection, as a TCP transport's does."""
+
+    def stopProducing(self) -> None:
+        super().stopProducing()
+        self.loseConnection()
+
+
+class FakeUpstream:
+    """
+    Connections for a real ``Agent``, each a ``TCPLikeTransport`` the test drives.
+
+    ``refuse`` makes the next connection attempts fail with that exception.
+    """
+
+    def __init__(self, reactor: MemoryReactorClock) -> None:
+        self.reactor = reactor
+        self.connections: list[tuple[Any, TCPLikeTransport]] = []
+        self.refuse: Exception | None = None
+        self.pending: list[Deferred[Any]] = []
+        self.holdConnects = False
+
+    def endpointForURI(self, uri: Any) -> FakeUpstream:
+        return self
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        if self.refuse is not None:
+            return fail(self.refuse)
+        if self.holdConnects:
+            held: Deferred[Any] = Deferred()
+            self.pending.append(held)
+            return held
+        protocol = factory.buildProtocol(None)
+        transport = TCPLikeTransport()
+        protocol.makeConnection(transport)
+        self.connections.append((protocol, transport))
+        return succeed(protocol)
+
+    def client(self) -> HTTPClient:
+        pool = HTTPConnectionPool(self.reactor, persistent=True)
+        return makeHTTPClient(Agent.usingEndpointFactory(self.reactor, self, pool=pool))
+
+    def request(self, index: int = -1) -> tuple[str, str, dict[str, Any]]:
+        """Method, path and JSON body of the request written on a connection."""
+        raw = self.connections[index][1].value()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        method, path, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+        return method, path, json.loads(body)
+
+    def send(self, data: bytes, index: int = -1) -> None:
+        self.connections[index][0].dataReceived(data)
+
+    def transport(self, index: int = -1) -> TCPLikeTransport:
+        return self.connections[index][1]
+
+    def lose(self, reason: Exception, index: int = -1) -> None:
+        self.connections[index][0].connectionLost(Failure(reason))
+
+
+def sseHead(contentType: bytes = b"text/event-stream") -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: " + contentType + b"\r\n"
+        b"Transfer-Encoding: chunked\r\nKeep-Alive: timeout=5, max=100\r\n\r\n"
+    )
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def event(**fields: Any) -> bytes:
+    return b"data: " + json.dumps(fields).encode() + b"\n\n"
+
+
+def completionEvents(pieces: list[str], prompt: int = 4, predicted: int | None = None) -> list[bytes]:
+    """What llama-server's /completion streams for ``pieces``, then its final event."""
+    events = [
+        event(index=0, content=piece, tokens=[7], stop=False, tokens_predicted=i + 1, tokens_evaluated=prompt)
+        for i, piece in enumerate(pieces)
+    ]
+    events.append(
+        event(
+            index=0,
+            content="",
+            tokens=[],
+            stop=True,
+            stop_type="limit",
+            tokens_predicted=len(pieces) if predicted is None else predicted,
+            tokens_evaluated=prompt,
+            truncated=False,
+            timings={"prompt_n": prompt, "predicted_n": len(pieces)},
+        )
+    )
+    return events
+
+
+def completionResponse(pieces: list[str], prompt: int = 4, predicted: int | None = None) -> bytes:
+    return sseHead() + b"".join(chunk(e) for e in completionEvents(pieces, prompt, predicted)) + LAST_CHUNK
+
+
+def errorResponse(code: int, phrase: bytes, body: bytes, contentType: bytes = b"application/json") -> bytes:
+    return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+        code,
+        phrase,
+        contentType,
+        len(body),
+        body,
+    )
+
+
+class Harness:
+    """A backend on a ``FakeUpstream`` with a ``MemoryReactorClock``."""
+
+    def __init__(self, endpoint: str = "/completion", **options: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        self.upstream = FakeUpstream(self.reactor)
+        self.backend = LlamaServerBackend(self.reactor, URL, endpoint, http=self.upstream.client(), **options)
+        self.results: list[object] = []
+
+    def generate(
+        self, prompt: str = "Hello there", max_tokens: int = 16, sink: RecordingSink | None = None
+    ) -> tuple[Deferred[GenerationResult], RecordingSink]:
+        sink = sink or RecordingSink()
+        d = self.backend.generate(InferenceRequest(1, prompt, max_tokens), sink)
+        d.addBoth(self.results.append)
+        return d, sink
+
+    def result(self) -> GenerationResult:
+        assert len(self.results) == 1, f"expected one result, got {self.results}"
+        result = self.results[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        assert isinstance(result, GenerationResult)
+        return result
+
+    def error(self) -> BackendError:
+        assert len(self.results) == 1, f"expected one result, got {self.results}"
+        result = self.results[0]
+        assert isinstance(result, Failure), f"expected a failure, got {result}"
+        error = result.value
+        assert isinstance(error, BackendError), f"expected BackendError, got {result}"
+        return error
+
+
+# Streaming -----------------------------------------------------------------
+
+
+class CompletionStreamingTests(SynchronousTestCase):
+    def test_requestBody(self) -> None:
+        h = Harness()
+        h.generate("Tell me", 32)
+        method, path, body = h.upstream.request()
+        self.assertEqual((method, path), ("POST", "/completion"))
+        self.assertEqual(body, {"prompt": "Tell me", "n_predict": 32, "stream": True, "cache_prompt": True})
+
+    def test_streamsEveryPieceAsItArrives(self) -> None:
+        h = Harness()
+        _, sink = h.generate()
+        h.upstream.send(sseHead())
+        for i, e in enumerate(completionEvents([" the", " café", " 日本"])[:3]):
+            h.upstream.send(chunk(e))
+            self.assertEqual(len(sink.writes), i + 1)
+        self.assertEqual(sink.writes, [" the", " café", " 日本"])
+        self.assertEqual(h.results, [])
+        h.upstream.send(chunk(completionEvents([" the", " café", " 日本"])[-1]))
+        self.assertEqual(h.result(), GenerationResult(4, 3))
+        self.assertEqual((sink.registrations, sink.unregistrations), (1, 1))
+
+    def test_countsComeFromTheUpstreamNotFromEvents(self) -> None:
+        """Two events that carried five tokens (e.g. held-back UTF-8) count as five."""
+        h = Harness()
+        _, sink = h.generate()
+        h.upstream.send(completionResponse(["ab", "cd"], prompt=9, predicted=5))
+        self.assertEqual(h.result(), GenerationResult(9, 5))
+        self.assertEqual(sink.text, "abcd")
+
+    def test_everyByteInItsOwnRead(self) -> None:
+        h = Harness()
+        _, sink = h.generate()
+        for byte in completionResponse(["x", " é", "🙂", " end"]):
+            h.upstream.send(bytes([byte]))
+        self.assertEqual(sink.text, "x é🙂 end")
+        self.assertEqual(h.result(), GenerationResult(4, 4))
+
+    def test_severalEventsInOneRead(self) -> None:
+        h = Harness()
+        _, sink = h.generate()
+        h.upstream.send(completionResponse([str(i) for i in range(20)]))
+        self.assertEqual(sink.writes, [str(i) for i in range(20)])
+        self.assertEqual(h.result(), GenerationResult(4, 20))
+
+    def test_surrogatePairSplitAcrossEvents(self) -> None:
+        """A character escaped as a surrogate pair split over two events is written whole."""
+        h = Harness()
+        _, sink = h.generate()
+        h.upstream.send(sseHead())
+        h.upstream.send(chunk(b'data: {"content":"a\\ud83d","stop":false}\n\n'))
+        self.assertEqual(sink.writes, ["a"])
+        h.upstream.send(chunk(b'data: {"content":"\\ude42b","stop":false}\n\n'))
+        h.upstream.send(chunk(completionEvents([])[-1]) + LAST_CHUNK)
+        self.assertEqual(sink.writes, ["a", "🙂b"])
+
+    def test_pingCommentsAndCRLF(self) -> None:
+        h = Harness()
+        _, sink = h.generate()
+        body = b':\r\n\r\ndata: {"content":"x","stop":false}\r\n\r\n:\n\ndata: {"content":"","stop":true,"tokens_predicted":1,"tokens_evaluated":2}\r\n\r\n'
+        h.upstream.send(sseHead() + chunk(body) + LAST_CHUNK)
+        self.assertEqual(sink.text, "x")
+        self.assertEqual(h.result(), GenerationResult(2, 1))
+
+    def test_emptyContentIsNotWritten(self) -> None:
+        h = Harness()
+        _, sink = h.generate()
+        h.upstream.send(completionResponse(["", "a", ""]))
+        self.assertEqual(sink.writes, ["a"])
+
+    def test_connectionIsReusedAfterACleanFinish(self) -> None:
+        h = Harness()
+        h.generate()
+        h.upstream.send(completionResponse(["a"]))
+        self.assertFalse(h.upstream.transport().disconnecting)
+        h.upstream.transport().clear()
+        _, sink = h.generate()
+        self.assertEqual(len(h.upstream.connections), 1)
+        h.upstream.send(completionResponse(["b"]))
+        self.assertEqual(sink.text, "b")
+
+
+class OpenAIStreamingTests(SynchronousTestCase):
+    def test_completionsRequestAndStream(self) -> None:
+        h = Harness("/v1/completions")
+        _, sink = h.generate("Once", 8)
+        method, path, body = h.upstream.request()
+        self.assertEqual((method, path), ("POST", "/v1/completions"))
+        self.assertEqual(body["prompt"], "Once")
+        self.assertEqual(body["max_tokens"], 8)
+        self.assertTrue(body["stream"])
+        self.assertEqual(body["stream_options"], {"include_usage": True})
+        events = [
+            event(choices=[{"text": " upon", "index": 0, "finish_reason": None}]),
+            event(choices=[{"text": " a", "index": 0, "finish_reason": None}]),
+            event(
+                choices=[{"text": "", "index": 0, "finish_reason": "length"}],
+                usage={"prompt_tokens": 2, "completion_tokens": 7, "total_tokens": 9},
+            ),
+            b"data: [DONE]\n\n",
+        ]
+        h.upstream.send(sseHead() + b"".join(chunk(e) for e in events) + LAST_CHUNK)
+        self.assertEqual(sink.text, " upon a")
+        self.assertEqual(h.result(), GenerationResult(2, 7))
+
+    def test_usageInAChunkWithoutChoices(self) -> None:
+        """OpenAI and vLLM send usage in a last chunk whose choices are empty."""
+        h = Harness("/v1/completions")
+        _, sink = h.generate()
+        events = [
+            event(choices=[{"text": "z", "index": 0, "finish_reason": "stop"}]),
+            event(choices=[], usage={"prompt_tokens": 3, "completion_tokens": 1}),
+            b"data: [DONE]\n\n",
+        ]
+        h.upstream.send(sseHead() + b"".join(chunk(e) for e in events) + LAST_CHUNK)
+        self.assertEqual(h.result(), GenerationResult(3, 1))
+
+    def test_chatCompletions(self) -> None:
+        h = Harness("/v1/chat/completions")
+        _, sink = h.generate("Hi", 4)
+        _, path, body = h.upstream.request()
+        self.assertEqual(path, "/v1/chat/completions")
+        self.assertEqual(body["messages"], [{"role": "user", "content": "Hi"}])
+        events = [
+            event(choices=[{"delta": {"role": "assistant", "content": None}, "index": 0, "finish_reason": None}]),
+            event(choices=[{"delta": {"content": "Hel"}, "index": 0, "finish_reason": None}]),
+            event(choices=[{"delta": {"content": "lo"}, "index": 0, "finish_reason": None}]),
+            event(choices=[{"delta": {}, "index": 0, "finish_reason": "stop"}]),
+            event(choices=[], usage={"prompt_tokens": 5, "completion_tokens": 2}),
+            b"data: [DONE]\n\n",
+        ]
+        h.upstream.send(sseHead() + b"".join(chunk(e) for e in events) + LAST_CHUNK)
+        self.assertEqual(sink.text, "Hello")
+        self.assertEqual(h.result(), GenerationResult(5, 2))
+
+    def test_endWithoutDoneAfterFinishReasonIsAccepted(self) -> None:
+        h = Harness("/v1/completions")
+        _, sink = h.generate()
+        events = [event(choices=[{"text": "q", "index": 0, "finish_reason": "length"}])]
+        h.upstream.send(sseHead() + b"".join(chunk(e) for e in events) + LAST_CHUNK)
+        self.assertEqual(sink.text, "q")
+        self.assertEqual(h.result().generated_tokens, 1)
+
+    def test_endWithoutDoneOrFinishReasonFails(self) -> None:
+        h = Harness("/v1/completions")
+        h.generate()
+        events = [event(choices=[{"text": "q", "index": 0, "finish_reason": None}])]
+        h.upstream.send(sseHead() + b"".join(chunk(e) for e in events) + LAST_CHUNK)
+        self.assertEqual(h.error().code, ErrorCode.BACKEND_ERROR)
+        self.assertIn("without its final event", h.error().message)
+
+
+# Errors --------------------------------------------------------------------
+
+
+class RequestErrorTests(SynchronousTestCase):
+    def test_connectionRefused(self) -> None:
+        h = Harness()
+        h.upstream.refuse = netError.ConnectionRefusedError("Connection refused")
+        _, sink = h.generate()
+        error = h.error()
+        self.assertEqual(error.code, ErrorCode.UPSTREAM_UNAVAILABLE)
+        self.assertIn("not reachable", error.message)
+        self.assertIn(URL, error.message)
+        self.assertEqual(sink.writes, [])
+        self.assertEqual(sink.unregistrations, 1)
+
+    def test_dnsFailure(self) -> None:
+        h = Harness()
+        h.upstream.refuse = netError.DNSLookupError("no such host")
+        h.generate()
+        self.assertEqual(h.error().code, ErrorCode.UPSTREAM_UNAVAILABLE)
+
+    def test_connectTimeout(self) -> None:
+        h = Harness(connect_timeout=2.5)
+        h.upstream.refuse = netError.TimeoutError("User timeout caused connection failure.")
+        h.generate()
+        self.assertEqual(h.error().code, ErrorCode.TIMEOUT)
+        self.assertIn("2.5s", h.error().message)
+        self.assertIn("--llama-connect-timeout", h.error().message)
+
+    def test_contextOverflowIs400WithTheUpstreamMessage(self) -> None:
+        h = Harness()
+        h.generate()
+        body = json.dumps(
+            {
+                "error": {
+                    "code": 400,
+                    "message": "the request exceeds the available context size, try increasing it",
+                    "type": "exceed_context_size_error",
+                    "n_prompt_tokens": 5000,
+                    "n_ctx": 2048,
+                }
+            }
+        ).encode()
+        h.upstream.send(errorResponse(400, b"Bad Request", body))
+        error = h.error()
+        self.assertEqual(error.code, ErrorCode.BACKEND_ERROR)
+        self.assertIn("HTTP 400", error.message)
+        self.assertIn("exceeds the available context size", error.message)
+
+    def test_loadingIs503Unavailable(self) -> None:
+        h = Harness()
+        h.generate()
+        body = b'{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}'
+        h.upstream.send(errorResponse(503, b"Service Unavailable", body))
+        error = h.error()
+        self.assertEqual(error.code, ErrorCode.UPSTREAM_UNAVAILABLE)
+        self.assertIn("Loading model", error.message)
+
+    def test_plainTextServerError(self) -> None:
+        h = Harness()
+        h.generate()
+        h.upstream.send(errorResponse(500, b"Internal Server Error", b"boom\n", b"text/plain"))
+        self.assertEqual(h.error().code, ErrorCode.BACKEND_ERROR)
+        self.assertIn("HTTP 500: boom", h.error().message)
+
+    def test_hugeErrorBodyIsNotReadWhole(self) -> None:
+        h = Harness()
+        h.generate()
+        h.upstream.send(
+            b"HTTP/1.1 500 Oops\r\nContent-Type: text/plain\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 70000
+        )
+        self.assertEqual(h.error().code, ErrorCode.BACKEND_ERROR)
+        self.assertTrue(h.upstream.transport().disconnecting)
+
+    def test_notAnEventStream(self) -> None:
+        h = Harness()
+        h.generate()
+        h.upstream.send(errorResponse(200, b"OK", b'{"content":"all at once"}'))
+        self.assertEqual(h.error().code, ErrorCode.BACKEND_ERROR)
+        self.assertIn("instead of an event stream", h.error().message)
+
+    def test_retriesOnceWhenTheConnectionDiesBeforeAnAnswer(self) -> None:
+        """A keep-alive connection closed under us is retried on a fresh one, once."""
+        h = Harness()
+        _, sink = h.generate()
+        h.upstream.lose(netError.ConnectionDone())
+        self.assertEqual(h.results, [])
+        self.assertEqual(len(h.upstream.connections), 2)
+        h.upstream.send(completionResponse(["ok"]))
+        self.assertEqual(sink.text, "ok")
+        self.assertEqual(h.result(), GenerationResult(4, 1))
+
+    def test_secondConnectionDeathFails(self) -> None:
+        h = Harness()
+        h.generate()
+        h.upstream.lose(netError.ConnectionDone())
+        h.upstream.lose(netError.ConnectionDone())
+        self.assertEqual(len(h.upstream.connections), 2)
+        self.assertEqual(h.error().code, ErrorCode.UPSTREAM_UNAVAILABLE)
+        self.assertIn("before answering", h.error().message)
+
+
+class StreamErrorTests(SynchronousTestCase):
+    def test_malformedJSON(self) -> None:
+        h = Harness()
+        _, sink = h.generate()
+        h.upstream.send(sseHead() + chunk(completionEvents(["ok"])[0]) + chunk(b"data: {not json\n\n"))
+        self.assertEqual(sink.writes, ["ok"])
+        self.assertEqual(h.error().code, ErrorCode.BACKEND_ERROR)
+        self.assertIn("not JSON", h.error().message)
+        self.assertTrue(h.upstream.transport().disconnecting)
+
+    def test_eventThatIsNotAnObject(self) -> None:
+        h = Harness()
+        h.generate()
+        h.upstream.send(sseHead() + chunk(b"data: [1, 2]\n\n"))
+        self.assertIn("not a JSON object", h.error().message)
+
+    def test_contentThatIsNotAString(self) -> None:
+        h = Harness()
+        h.generate()
+        h.upstream.send(sseHead() + chunk(b'data: {"content": 5}\n\n'))
+        self.assertEqual(h.error().code, ErrorCode.BACKEND_ERROR)
+
+    def test_errorEventMidStream(self) -> None:
+        h = Harness()
+        _, sink = h.generate()
+        error = event(error={"code": 500, "message": "slot crashed", "type": "server_error"})
+        h.upstream.send(sseHead() + chunk(completionEvents(["a"])[0]) + chunk(error))
+        self.assertEqual(sink.writes, ["a"])
+        self.assertEqual(h.error().code, ErrorCode.BACKEND_ERROR)
+        self.assertIn("slot crashed", h.error().message)
+
+    def test_oversizedEvent(self) -> None:
+        h = Harness()
+        h.generate()
+        h.upstream.send(sseHead())
+        with self.assertRaises(AssertionError):
+            h.error()
+        for _ in range(200):
+            if h.results:
+                break
+            h.upstream.send(chunk(b"x" * 65536))
+        self.assertEqual(h.error().code, ErrorCode.BACKEND_ERROR)
+        self.assertIn("malformed event stream", h.error().message)
+
+    def test_bodyEndsWithoutFinalEvent(self) -> None:
+        h = Harness()
+        _, sink = h.generate()
+        h.upstream.send(sseHead() + chunk(completionEvents(["a"])[0]) + LAST_CHUNK)
+        self.assertEqual(sink.writes, ["a"])
+        self.assertEqual(h.error().code, ErrorCode.BACKEND_ERROR)
+        self.assertIn("without its final event", h.error().message)
+
+    def test_connectionLostMidStream(self) -> None:
+        """llama-server killed mid-stream: the request fails, saying where and what."""
+        h = Harness()
+        _, sink = h.generate()
+        h.upstream.send(sseHead() + chunk(completionEvents(["a"])[0]))
+        h.upstream.lose(netError.ConnectionLost())
+        self.assertEqual(sink.writes, ["a"])
+        error = h.error()
+        self.assertEqual(error.code, ErrorCode.UPSTREAM_UNAVAILABLE)
+        self.assertIn("closed the connection mid-stream", error.message)
+        self.assertEqual(sink.unregistrations, 1)
+
+    def test_firstEventTimeout(self) -> None:
+        h = Harness(first_event_timeout=30)
+        h.generate()
+        h.upstream.send(sseHead() + chunk(b":\n\n"))  # a ping is not an event
+        h.reactor.advance(29.9)
+        self.assertEqual(h.results, [])
+        h.reactor.advance(0.2)
+        self.assertEqual(h.error().code, ErrorCode.TIMEOUT)
+        self.assertIn("--llama-first-event-timeout", h.error().message)
+        self.assertTrue(h.upstream.transport().disconnecting)
+
+    def test_firstEventTimeoutBeforeHeaders(self) -> None:
+        """No response at all: the request is cancelled, which aborts its connection."""
+        h = Harness(first_event_timeout=30)
+        h.generate()
+        h.reactor.advance(31)
+        self.assertEqual(h.error().code, ErrorCode.TIMEOUT)
+        self.assertTrue(h.upstream.transport().disconnected)
+
+    def test_idleTimeout(self) -> None:
+        h = Harness(idle_timeout=10)
+        _, sink = h.generate()
+        h.upstream.send(sseHead() + chunk(completionEvents(["a"])[0]))
+        h.reactor.advance(9)
+        h.upstream.send(chunk(b":\n\n"))  # any byte shows the stream is alive
+        h.reactor.advance(9)
+        h.upstream.send(chunk(completionEvents(["a", "b"])[1]))
+        h.reactor.advance(9)
+        self.assertEqual(h.results, [])
+        h.reactor.advance(1.1)
+        self.assertEqual(sink.writes, ["a", "b"])
+        self.assertEqual(h.error().code, ErrorCode.TIMEOUT)
+        self.assertIn("--llama-idle-timeout", h.error().message)
+
+    def test_noTimersLeftAfterFinishing(self) -> None:
+        h = Harness()
+
+        def ours() -> list[object]:
+            functions = [getattr(call, "func", None) for call in h.reactor.getDelayedCalls()]
+            return [f for f in functions if isinstance(f, MethodType) and isinstance(f.__self__, UpstreamStream)]
+
+        h.generate()
+        self.assertEqual(len(ours()), 1)
+        h.upstream.send(completionResponse(["a"]))
+        h.result()
+        self.assertEqual(ours(), [])
+
+    def test_defaults(self) -> None:
+        h = Harness()
+        self.assertEqual(h.backend.connect_timeout, DEFAULT_CONNECT_TIMEOUT)
+        self.assertEqual(h.backend.first_event_timeout, DEFAULT_FIRST_EVENT_TIMEOUT)
+        self.assertEqual(h.backend.idle_timeout, DEFAULT_IDLE_TIMEOUT)
+        self.assertIn(URL, h.backend.describe())
+
+
+class StubTreqErrorTests(SynchronousTestCase):
+    """The same mapping through treq's own in-memory HTTP stack."""
+
+    class Upstream(Resource):
+        isLeaf = True
+
+        def __init__(self, code: int, body: bytes, contentType: bytes = b"application/json") -> None:
+            super().__init__()
+            self.code, self.body, self.contentType = code, body, contentType
+            self.requests: list[tuple[bytes, dict[str, Any]]] = []
+
+        def render(self, request: Request) -> bytes:
+            content = request.content.read() if request.content else b""
+            self.requests.append((request.path, json.loads(content) if content else {}))
+            request.setResponseCode(self.code)
+            request.setHeader(b"content-type", self.contentType)
+            return self.body
+
+    def generate(self, resource: Resource, endpoint: str = "/completion") -> tuple[list[object], RecordingSink]:
+        stub = StubTreq(resource)
+        backend = LlamaServerBackend(MemoryReactorClock(), URL, endpoint, http=stub)  # type: ignore[arg-type]
+        sink = RecordingSink()
+        results: list[object] = []
+        backend.generate(InferenceRequest(3, "p", 4), sink).addBoth(results.append)
+        stub.flush()
+        return results, sink
+
+    def failure(self, results: list[object]) -> BackendError:
+        self.assertEqual(len(results), 1)
+        result = results[0]
+        assert isinstance(result, Failure)
+        assert isinstance(result.value, BackendError)
+        return result.value
+
+    def test_400(self) -> None:
+        resource = self.Upstream(
+            400, b'{"error":{"code":400,"message":"prompt too long","type":"invalid_request_error"}}'
+        )
+        results, _ = self.generate(resource)
+        error = self.failure(results)
+        self.assertEqual((error.code, "prompt too long" in error.message), (ErrorCode.BACKEND_ERROR, True))
+        self.assertEqual(resource.requests[0][0], b"/completion")
+
+    def test_503(self) -> None:
+        resource = self.Upstream(503, b'{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}')
+        error = self.failure(self.generate(resource)[0])
+        self.assertEqual(error.code, ErrorCode.UPSTREAM_UNAVAILABLE)
+
+    def test_404NamesTheEndpointOption(self) -> None:
+        resource = self.Upstream(404, b'{"error":{"code":404,"message":"File Not Found"}}')
+        error = self.failure(self.generate(resource, "/v1/completions")[0])
+        self.assertEqual(error.code, ErrorCode.BACKEND_ERROR)
+        self.assertIn("--llama-endpoint", error.message)
+
+    def test_openAIStyleStringError(self) -> None:
+        resource = self.Upstream(422, b'{"error": "bad max_tokens"}')
+        error = self.failure(self.generate(resource, "/v1/completions")[0])
+        self.assertIn("bad max_tokens", error.message)
+
+    def test_streamThroughStubTreq(self) -> None:
+        resource = self.Upstream(200, b"".join(completionEvents(["x", "y"])), b"text/event-stream")
+        results, sink = self.generate(resource)
+        self.assertEqual(sink.text, "xy")
+        self.assertEqual(results, [GenerationResult(4, 2)])
+
+
+# Cancellation --------------------------------------------------------------
+
+
+class CancellationTests(SynchronousTestCase):
+    def test_cancelWhileConnecting(self) -> None:
+        h = Harness()
+        h.upstream.holdConnects = True
+        d, sink = h.generate()
+        d.cancel()
+        self.assertIsInstance(h.results[0], Failure)
+        assert isinstance(h.results[0], Failure)
+        h.results[0].trap(CancelledError)
+        self.assertTrue(h.upstream.pending[0].called)  # the connection attempt was cancelled too
+        self.assertEqual(sink.unregistrations, 1)
+
+    def test_cancelBeforeTheResponseAbortsTheConnection(self) -> None:
+        h = Harness()
+        d, _ = h.generate()
+        d.cancel()
+        self.assertTrue(h.upstream.transport().disconnected)  # abortConnection
+        assert isinstance(h.results[0], Failure)
+        h.results[0].trap(CancelledError)
+
+    def test_cancelMidStreamClosesTheConnectionAtOnce(self) -> None:
+        h = Harness()
+        d, sink = h.generate()
+        h.upstream.send(sseHead() + chunk(completionEvents(["a", "b"])[0]))
+        self.assertFalse(h.upstream.transport().disconnecting)
+        d.cancel()
+        self.assertTrue(h.upstream.transport().disconnecting)
+        assert isinstance(h.results[0], Failure)
+        h.results[0].trap(CancelledError)
+        # Whatever was already on its way is dropped.
+        h.upstream.send(chunk(completionEvents(["a", "b"])[1]))
+        self.assertEqual(sink.writes, ["a"])
+        self.assertEqual(len(h.results), 1)
+        self.assertEqual(h.backend.active, set())
+
+    def test_cancelWhileReadingAnErrorBody(self) -> None:
+        h = Harness()
+        d, _ = h.generate()
+        h.upstream.send(b"HTTP/1.1 500 Oops\r\nContent-Length: 100\r\n\r\npartial")
+        d.cancel()
+        self.assertTrue(h.upstream.transport().disconnecting)
+        assert isinstance(h.results[0], Failure)
+        h.results[0].trap(CancelledError)
+
+    def test_stopProducing(self) -> None:
+        h = Harness()
+        _, sink = h.generate()
+        h.upstream.send(sseHead() + chunk(completionEvents(["a"])[0]))
+        assert sink.producer is not None
+        sink.producer.stopProducing()
+        self.assertTrue(h.upstream.transport().disconnecting)
+        self.assertEqual(h.error().code, ErrorCode.CANCELLED)
+
+    def test_stopBackendStopsEveryStream(self) -> None:
+        h = Harness()
+        h.generate()
+        h.generate()
+        self.assertEqual(len(h.backend.active), 2)
+        h.backend.stopBackend()
+        self.assertEqual(len(h.results), 2)
+        self.assertTrue(all(t.disconnected for _, t in h.upstream.connections))
+
+
+# Backpressure --------------------------------------------------------------
+
+
+class PauseResumeTests(SynchronousTestCase):
+    def test_pauseStopsReadingTheBody(self) -> None:
+        h = Harness()
+        _, sink = h.generate()
+        h.upstream.send(sseHead() + chunk(completionEvents(["a", "b", "c"])[0]))
+        assert sink.producer is not None
+        sink.producer.pauseProducing()
+        self.assertEqual(h.upstream.transport().producerState, "paused")
+        sink.producer.resumeProducing()
+        self.assertEqual(h.upstream.transport().producerState, "producing")
+
+    def test_pauseBeforeTheResponseStaysPaused(self) -> None:
+        """The Agent resumes the transport when the body is delivered; we pause it again."""
+        h = Harness()
+        _, sink = h.generate()
+        assert sink.producer is not None
+        sink.producer.pauseProducing()
+        h.upstream.send(sseHead())
+        self.assertEqual(h.upstream.transport().producerState, "paused")
+        sink.producer.resumeProducing()
+        self.assertEqual(h.upstream.transport().producerState, "producing")
+
+    def test_eventsReceivedWhilePausedWaitForResume(self) -> None:
+        """A sink that pauses after each write gets one piece per resume, in order."""
+        h = Harness()
+        sink = RecordingSink(pauseOnWrite=True)
+        h.generate(sink=sink)
+        events = completionEvents(["a", "b", "c"])
+        h.upstream.send(sseHead() + b"".join(chunk(e) for e in events))  # all in one read
+        self.assertEqual(sink.writes, ["a"])
+        self.assertEqual(h.upstream.transport().producerState, "paused")
+        assert sink.producer is not None
+        sink.producer.resumeProducing()
+        self.assertEqual(sink.writes, ["a", "b"])
+        sink.producer.resumeProducing()
+        self.assertEqual(sink.writes, ["a", "b", "c"])
+        self.assertEqual(h.results, [])  # the final event is still queued
+        sink.producer.resumeProducing()
+        self.assertEqual(h.result(), GenerationResult(4, 3))
+        h.upstream.send(LAST_CHUNK)
+        self.assertEqual(len(h.results), 1)
+
+    def test_bodyEndingWhilePausedDeliversEverythingFirst(self) -> None:
+        h = Harness()
+        sink = RecordingSink(pauseOnWrite=True)
+        h.generate(sink=sink)
+        h.upstream.send(sseHead() + b"".join(chunk(e) for e in completionEvents(["a", "b"])[:2]) + LAST_CHUNK)
+        self.assertEqual(sink.writes, ["a"])
+        self.assertEqual(h.results, [])
+        assert sink.producer is not None
+        sink.producer.resumeProducing()
+        self.assertEqual(sink.writes, ["a", "b"])
+        self.assertEqual(h.error().message.count("without its final event"), 1)
+
+    def test_timersDoNotRunWhilePaused(self) -> None:
+        """A client that reads slowly is not the upstream's fault."""
+        h = Harness(idle_timeout=10)
+        _, sink = h.generate()
+        h.upstream.send(sseHead() + chunk(completionEvents(["a"])[0]))
+        assert sink.producer is not None
+        sink.producer.pauseProducing()
+        h.reactor.advance(1000)
+        self.assertEqual(h.results, [])
+        sink.producer.resumeProducing()
+        h.reactor.advance(9)
+        self.assertEqual(h.results, [])
+        h.reactor.advance(2)
+        self.assertEqual(h.error().code, ErrorCode.TIMEOUT)
+
+    def test_finishingWhilePausedLetsTheBodyDrain(self) -> None:
+        """After the final event the transport is resumed, so the connection can be reused."""
+        h = Harness()
+        sink = RecordingSink(pauseOnWrite=True)
+        h.generate(sink=sink)
+        events = completionEvents(["a"])
+        h.upstream.send(sseHead() + chunk(events[0]) + chunk(events[1]))
+        assert sink.producer is not None
+        self.assertEqual(h.upstream.transport().producerState, "paused")
+        sink.producer.resumeProducing()
+        self.assertEqual(h.result(), GenerationResult(4, 1))
+        self.assertEqual(h.upstream.transport().producerState, "producing")
+
+    def test_pauseAndResumeAfterTheEndAreHarmless(self) -> None:
+        h = Harness()
+        _, sink = h.generate()
+        h.upstream.send(completionResponse(["a"]))
+        assert sink.producer is not None
+        sink.producer.pauseProducing()
+        sink.producer.resumeProducing()
+        sink.producer.stopProducing()
+        self.assertEqual(h.result(), GenerationResult(4, 1))
+
+
+# Start-up check and options ------------------------------------------------
+
+
+class HealthCheckTests(SynchronousTestCase):
+    class Health(Resource):
+        isLeaf = True
+
+        def __init__(self, code: int, body: bytes) -> None:
+            super().__init__()
+            self.code, self.body = code, body
+
+        def render_GET(self, request: Request) -> bytes:
+            assert request.path == b"/health", request.path
+            request.setResponseCode(self.code)
+            return self.body
+
+    def check(self, http: Any) -> tuple[bool, str]:
+        backend = LlamaServerBackend(MemoryReactorClock(), URL, http=http)
+        probes: list[tuple[bool, str]] = []
+        healthy: list[bool] = []
+        backend.probeHealth().addCallback(probes.append)
+        backend.checkHealth().addCallback(healthy.append)
+        if isinstance(http, StubTreq):
+            http.flush()
+        self.assertEqual(len(probes), 1)
+        self.assertEqual(healthy, [probes[0][0]])
+        return probes[0]
+
+    def test_healthy(self) -> None:
+        ok, message = self.check(StubTreq(self.Health(200, b'{"status":"ok"}')))
+        self.assertTrue(ok)
+        self.assertIn("is healthy", message)
+
+    def test_loading(self) -> None:
+        ok, message = self.check(StubTreq(self.Health(503, b'{"error":{"code":503,"message":"Loading model"}}')))
+        self.assertFalse(ok)
+        self.assertIn("not ready", message)
+        self.assertIn("Loading model", message)
+
+    def test_unreachable(self) -> None:
+        class Refusing:
+            def get(self, url: str, **kwargs: Any) -> Deferred[Any]:
+                return fail(netError.ConnectionRefusedError())
+
+        ok, message = self.check(Refusing())
+        self.assertFalse(ok)
+        self.assertIn("not reachable", message)
+        self.assertIn(URL, message)
+
+    def test_startBackendNeverFails(self) -> None:
+        class Refusing:
+            def get(self, url: str, **kwargs: Any) -> Deferred[Any]:
+                return fail(netError.ConnectionRefusedError())
+
+        backend = LlamaServerBackend(MemoryReactorClock(), URL, http=Refusing())  # type: ignore[arg-type]
+        results: list[object] = []
+        backend.startBackend().addBoth(results.append)
+        self.assertEqual(results, [None])
+
+
+class OptionsTests(SynchronousTestCase):
+    def options(self, *argv: str) -> Any:
+        from cc50tw.tap import Options
+
+        options = Options()
+        options.parseOptions(["--backend=llama_server", *argv])
+        return options
+
+    def test_registered(self) -> None:
+        self.assertIn("llama_server", builtin_backends())
+
+    def test_defaults(self) -> None:
+        options = self.options()
+        backend = builtin_backends()["llama_server"].build(options, MemoryReactorClock())
+        assert isinstance(backend, LlamaServerBackend)
+        self.assertEqual((backend.url, backend.endpoint), ("http://127.0.0.1:8080", "/completion"))
+
+    def test_allOptions(self) -> None:
+        options = self.options(
+            "--llama-url=http://10.0.0.5:9000/",
+            "--llama-endpoint=/v1/chat/completions",
+            "--llama-connect-timeout=1.5",
+            "--llama-first-event-timeout=20",
+            "--llama-idle-timeout=7",
+        )
+        backend = builtin_backends()["llama_server"].build(options, MemoryReactorClock())
+        assert isinstance(backend, LlamaServerBackend)
+        self.assertEqual(backend.url, "http://10.0.0.5:9000")
+        self.assertEqual(backend.endpoint, "/v1/chat/completions")
+        self.assertEqual((backend.connect_timeout, backend.first_event_timeout, backend.idle_timeout), (1.5, 20.0, 7.0))
+
+    def test_badEndpoint(self) -> None:
+        with self.assertRaises(usage.UsageError):
+            self.options("--llama-endpoint=/generate")
+
+    def test_badTimeout(self) -> None:
+        with self.assertRaises(usage.UsageError):
+            self.options("--llama-idle-timeout=0")
+
+    def test_badURL(self) -> None:
+        from cc50tw.tap import makeService
+
+        with self.assertRaises(usage.UsageError) as caught:
+            makeService(self.options("--llama-url=llama:8080"))
+        self.assertIn("--llama-url", str(caught.exception))
