@@ -41,9 +41,10 @@ async def run_bench(
     connections: int = 1,
     keep_text: int = 0,
     credit_bytes: int = 0,
+    token: bytes | None = None,
 ) -> BenchResult:
     clients: list[CC50ClientProtocol] = list(
-        await gatherResults([connect(reactor, server) for _ in range(max(1, connections))])
+        await gatherResults([connect(reactor, server, token) for _ in range(max(1, connections))])
     )
     records: list[RequestRecord] = []
     errors: list[str] = []

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError
 from twisted.internet.task import react
 
 from cc50tw.errors import ClientError
@@ -31,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--prompt", default="Hello", help="prompt text")
         sub.add_argument("--max-tokens", type=int, default=0, help="tokens to generate (0 = server default)")
         sub.add_argument("--credit-bytes", type=int, default=0, help="initial credit window (0 = 262144)")
+        sub.add_argument("--auth-token-file", help="file holding the server's shared token (sent in HELLO)")
 
     infer = commands.add_parser("infer", help="stream one answer to stdout")
     common(infer)
@@ -41,13 +43,23 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
     bench.add_argument("--connections", type=int, default=1, help="connections to spread them over")
     bench.add_argument("--print", type=int, default=0, dest="print_count", help="print the text of the first N answers")
+    bench.add_argument(
+        "--metrics-url", help="the server's /metrics URL: print its own TTFT for this run beside the client's"
+    )
     return parser
+
+
+def _token(args: argparse.Namespace) -> bytes | None:
+    if not args.auth_token_file:
+        return None
+    with open(args.auth_token_file, "rb") as tokenFile:
+        return tokenFile.read().strip()
 
 
 async def _infer(reactor: Any, args: argparse.Namespace) -> int:
     from cc50tw.client import connect
 
-    client = await connect(reactor, args.server)
+    client = await connect(reactor, args.server, _token(args))
     response = client.infer(args.prompt, args.max_tokens, args.credit_bytes)
     try:
         async for text in response:
@@ -71,7 +83,10 @@ async def _infer(reactor: Any, args: argparse.Namespace) -> int:
 
 async def _bench(reactor: Any, args: argparse.Namespace) -> int:
     from cc50tw.bench import run_bench
+    from cc50tw.scrape import parse_histogram, scrape
 
+    TTFT = "cc50_time_to_first_token_seconds"
+    before = parse_histogram(await scrape(args.metrics_url), TTFT) if args.metrics_url else None
     result = await run_bench(
         reactor,
         args.server,
@@ -82,6 +97,7 @@ async def _bench(reactor: Any, args: argparse.Namespace) -> int:
         args.connections,
         keep_text=args.print_count,
         credit_bytes=args.credit_bytes,
+        token=_token(args),
     )
     for record in result.records:
         if record.text is not None:
@@ -95,6 +111,12 @@ async def _bench(reactor: Any, args: argparse.Namespace) -> int:
     )
     print(describe("latency", latencies))
     print(describe("ttft", [r.ttft_ms for r in result.records]))
+    if before is not None:
+        server = parse_histogram(await scrape(args.metrics_url), TTFT).since(before)
+        print(
+            f"server_ttft mean={server.mean * 1e3:.3f} p50~{server.quantile(0.5) * 1e3:.3f} "
+            f"p99~{server.quantile(0.99) * 1e3:.3f} (ms, from {args.metrics_url}, {server.observations:.0f} requests)"
+        )
     mean_rate = sum(per_request_rate) / len(per_request_rate) if per_request_rate else 0.0
     print(
         f"tokens={tokens} tokens_per_s={tokens / result.wall_s if result.wall_s else 0.0:.1f} "
@@ -112,7 +134,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def run(reactor: Any) -> Deferred[None]:
         async def go() -> None:
-            code = await command(reactor, args)
+            try:
+                code = await command(reactor, args)
+            except (ConnectError, ClientError, OSError, RuntimeError) as e:
+                sys.stderr.write(f"cc50: {args.command} against {args.server} failed: {e}\n")
+                code = 2
             if code:
                 raise SystemExit(code)
 

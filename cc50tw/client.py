@@ -38,6 +38,7 @@ from cc50tw.codec import (
     decode_error,
     encode_cancel,
     encode_credit,
+    encode_hello,
     encode_infer,
 )
 from cc50tw.endpoints import client_description
@@ -164,7 +165,14 @@ class CC50ClientProtocol(CC50Receiver):
         self._responses: dict[int, Response] = {}
         self._ids = itertools.count(1)
         self._closed: Failure | None = None
+        self._hello: Deferred[bytes] | None = None
         self.lost: Deferred[None] = Deferred()
+
+    def hello(self, token: bytes) -> Deferred[bytes]:
+        """Authenticate with the server's shared token; fires with the server's name."""
+        self._hello = Deferred()
+        self.sendFrame(encode_hello(token))
+        return self._hello
 
     def infer(self, prompt: str, max_tokens: int = 0, credit_bytes: int = 0) -> Response:
         req_id = next(self._ids)
@@ -206,6 +214,11 @@ class CC50ClientProtocol(CC50Receiver):
                 else:
                     done._finish(stats, None)
             return
+        if kind == MessageType.HELLO:
+            waiter, self._hello = self._hello, None
+            if waiter is not None:
+                waiter.callback(frame.payload)
+            return
         if kind == MessageType.RESP_ERR:
             error = decode_error(frame)
             failed = self._responses.pop(frame.req_id, None)
@@ -235,6 +248,9 @@ class CC50ClientProtocol(CC50Receiver):
         self.lost.callback(None)
 
     def _failAll(self, failure: Failure) -> None:
+        waiter, self._hello = self._hello, None
+        if waiter is not None:
+            waiter.errback(failure)
         responses, self._responses = self._responses, {}
         for response in responses.values():
             response._finish(None, failure)
@@ -243,10 +259,22 @@ class CC50ClientProtocol(CC50Receiver):
 CC50Client = CC50ClientProtocol
 
 
-def connect(reactor: Any, description: str) -> Deferred[CC50ClientProtocol]:
-    """Connect to a CC50 server: ``tcp:HOST:PORT``, ``unix:PATH``, ``HOST:PORT``..."""
+async def _connect(reactor: Any, description: str, token: bytes | None) -> CC50ClientProtocol:
     endpoint = clientFromString(reactor, client_description(description))
-    return connectProtocol(endpoint, CC50ClientProtocol())  # type: ignore[return-value]
+    protocol = await connectProtocol(endpoint, CC50ClientProtocol())
+    if token is not None:
+        await protocol.hello(token)
+    return protocol
+
+
+def connect(reactor: Any, description: str, token: bytes | None = None) -> Deferred[CC50ClientProtocol]:
+    """
+    Connect to a CC50 server: ``tcp:HOST:PORT``, ``unix:PATH``, ``HOST:PORT``,
+    or ``tls:HOST:PORT:trustRoots=CA.pem`` (add ``certificate=`` and
+    ``privateKey=`` for a client certificate).  With ``token``, authenticate
+    (HELLO) before returning, so a wrong token fails here, not on a request.
+    """
+    return Deferred.fromCoroutine(_connect(reactor, description, token))
 
 
 __all__ = ["CC50Client", "CC50ClientProtocol", "Completion", "Response", "connect"]

@@ -275,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for field in ("n_embd", "n_layer", "n_head", "n_head_kv", "n_ff", "n_ctx", "seed")
         if getattr(args, field) is not None
     }
+    if "n_head" in overrides and "n_head_kv" not in overrides:
+        overrides["n_head_kv"] = overrides["n_head"]  # plain multi-head attention unless asked
     try:
         shape = attrs.evolve(PRESETS[args.preset], **overrides)
     except ValueError as e:
