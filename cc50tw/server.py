@@ -156,7 +156,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         handler = self._handlers.get(frame.type)
         if handler is None:
             self.sendError(
-                frame.req_id, ErrorCode.UNKNOWN_TYPE, f"unknown frame type {frame.type}; this server knows types 1-6"
+                frame.req_id, ErrorCode.UNKNOWN_TYPE, f"unknown frame type {frame.type}; this server knows types 1-7"
             )
             return
         handler(self, frame)
@@ -241,6 +241,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         )
 
     _handlers: dict[int, Callable[[CC50ServerProtocol, Frame], None]] = {
+        MessageType.HELLO: _hello,
         MessageType.REQ_INFER: _infer,
         MessageType.REQ_CANCEL: _cancel,
         MessageType.REQ_CREDIT: _credit,

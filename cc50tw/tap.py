@@ -8,6 +8,7 @@ kernel, checking its upstream), then one ``StreamServerEndpointService`` per
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -169,6 +170,7 @@ class CC50Service(MultiService):
         self.factory = factory
         self.descriptions = descriptions
         self.drainTimeout = drainTimeout
+        self.reactor = reactor
         self.listeners: list[StreamServerEndpointService] = []
         for description in descriptions:
             listener = StreamServerEndpointService(serverFromString(reactor, description), factory)
@@ -237,6 +239,11 @@ class CC50Service(MultiService):
         if isinstance(result, Deferred):
             await result
         self.log.info("cc50 stopped")
+        # twistd re-raises the signal that stopped it, so the process would
+        # die of SIGTERM even after a clean drain; a drained stop is a
+        # success, and exits 0 (what systemd and orchestrators expect).
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())

@@ -8,3 +8,6 @@ cc50 = ServiceMaker(
     "Serve LLM token streams over the CC50 binary protocol",
     "cc50",
 )
+
+# ``mtls:`` endpoint strings (TLS with required client certificates).
+from cc50tw.tls import mutualTLS  # noqa: E402,F401
