@@ -119,8 +119,10 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
 
     @property
     def peer(self) -> str:
+        """``host:port`` of the client, or the address's own text (unix sockets)."""
         address: IAddress | None = self.transport.getPeer() if self.transport else None  # type: ignore[union-attr]
-        return str(address)
+        host, port = getattr(address, "host", None), getattr(address, "port", None)
+        return f"{host}:{port}" if host is not None and port is not None else str(address)
 
     @property
     def queuedBytes(self) -> int:

@@ -138,7 +138,8 @@ async def test_client_library_over_v1_completions(llama: LlamaServer, cc50_serve
     assert "".join(pieces) == direct.text
     assert completion.text == direct.text
     assert completion.stats.tokens == completion.stats.generated_tokens == 40
-    assert completion.stats.prompt_tokens == direct.prompt_tokens > 0
+    assert completion.stats.prompt_tokens == direct.prompt_tokens
+    assert direct.prompt_tokens > 0
     assert completion.stats.ttft_us is not None and 0 < completion.stats.ttft_us <= completion.stats.elapsed_us
 
 
@@ -169,7 +170,7 @@ async def test_eight_concurrent_requests_on_one_connection(llama: LlamaServer, c
     assert len(completions) == 8
     for completion in completions:
         assert completion.stats.generated_tokens == 200
-        assert completion.stats.prompt_tokens > 0
+        assert (completion.stats.prompt_tokens or 0) > 0
         assert completion.text
     # llama-server counts how full its decode batches were: above one means
     # the requests really ran side by side in its slots.
