@@ -10,7 +10,8 @@ socket back to the model without the backend knowing about either.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -86,3 +87,22 @@ class IBackend(Interface):
 
     def stopBackend() -> Deferred[None] | None:  # type: ignore[misc]
         """Release what ``startBackend`` took; called once at service stop."""
+
+
+class IBackendFactory(Interface):
+    """
+    A backend as a plugin: what ``twistd cc50 --backend=NAME`` looks up.
+
+    Providers also provide ``twisted.plugin.IPlugin`` and live in a module of
+    the ``cc50tw.plugins`` package (see ``docs/backends.md``).
+    """
+
+    name = Attribute("The --backend value, e.g. 'toy'.")
+    description = Attribute("One line for twistd cc50 --help.")
+    options = Attribute(
+        "Backend options in usage.Options.optParameters form: "
+        "[long, short, default, doc, coerce]; they become twistd cc50 options."
+    )
+
+    def build(options: Mapping[str, Any], reactor: Any) -> IBackend:  # type: ignore[misc]
+        """Make the backend from the parsed options; raise ValueError with a clear message if they are wrong."""

@@ -20,9 +20,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from cc50tw.backends import BackendSpec, builtin_backends
+from cc50tw.backends import installed_backends
 from cc50tw.endpoints import server_description
-from cc50tw.interfaces import IBackend
+from cc50tw.interfaces import IBackend, IBackendFactory
 from cc50tw.server import CC50ServerFactory, ServerConfig
 
 DEFAULT_LISTEN = "tcp:9199"
@@ -70,14 +70,14 @@ _SERVER_FLAGS: list[list[Any]] = [
 ]
 
 
-def _backend_help(specs: dict[str, BackendSpec]) -> str:
+def _backend_help(specs: dict[str, IBackendFactory]) -> str:
     return "\n".join(f"  {name:<14}{spec.description}" for name, spec in sorted(specs.items()))
 
 
 class Options(usage.Options):
     """Command-line options of ``twistd cc50``."""
 
-    backends = builtin_backends()
+    backends = installed_backends({option[0] for option in _SERVER_OPTIONS} | {"listen", "l", "help", "version"})
     optParameters = _SERVER_OPTIONS + [option for spec in backends.values() for option in spec.options]
     optFlags = _SERVER_FLAGS
     longdesc = (

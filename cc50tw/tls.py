@@ -30,7 +30,7 @@ def _read(path: str) -> bytes:
 class MutualTLSServerParser:
     prefix = "mtls"
 
-    def parseStreamServer(
+    def parseStreamServer(  # type: ignore[override]
         self,
         reactor: Any,
         port: str,

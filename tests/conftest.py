@@ -71,6 +71,12 @@ class CC50Launcher:
         for server in self.servers:
             if server.exit_status is not None:
                 continue  # the test stopped it and checked how
+            if server.signalled:
+                try:
+                    server.stop(timeout=20.0)
+                except AssertionError as e:
+                    report.append(f"server {server.address} (pid {server.pid}): {e}")
+                continue
             problems: list[str] = []
             was_alive = server.alive()
             try:

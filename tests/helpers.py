@@ -193,15 +193,19 @@ def start_logged_process(
         )
 
 
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0, signalled: bool = False) -> int:
     """
-    SIGTERM, then wait up to ``timeout`` seconds; SIGKILL if it will not go.
+    SIGTERM (unless ``signalled``: already sent), then wait up to ``timeout``
+    seconds; SIGKILL if it will not go.
 
     Returns the exit status; raises ``AssertionError`` if SIGKILL was needed.
+    Sending SIGTERM only once matters: a second one reaches a twistd that is
+    already stopping its reactor.
     """
     if process.poll() is not None:
         return process.returncode
-    process.send_signal(signal.SIGTERM)
+    if not signalled:
+        process.send_signal(signal.SIGTERM)
     try:
         return process.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -224,6 +228,8 @@ class ServerProcess:
     allow_log_problems: bool = False
     #: The exit status, once ``stop`` has run.
     exit_status: int | None = None
+    #: Whether SIGTERM has been sent.
+    signalled: bool = False
 
     @property
     def address(self) -> str:
@@ -263,13 +269,20 @@ class ServerProcess:
         """Lines of the log that show an error inside the server."""
         return [line for line in self.log().splitlines() if any(p in line for p in LOG_PROBLEMS)]
 
-    def connect(self, timeout: float = 10.0) -> RawConnection:
-        return RawConnection(self.socket_address, timeout)
+    def connect(self, timeout: float = 10.0, recv_buffer: int | None = None) -> RawConnection:
+        return RawConnection(self.socket_address, timeout, recv_buffer)
+
+    def terminate(self) -> None:
+        """Send SIGTERM once, without waiting (``stop`` then waits)."""
+        if not self.signalled and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.signalled = True
 
     def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM and wait (see ``stop_process``); remembers the status."""
+        """SIGTERM (once) and wait (see ``stop_process``); remembers the status."""
         if self.exit_status is None:
-            self.exit_status = stop_process(self.process, timeout)
+            self.exit_status = stop_process(self.process, timeout, self.signalled)
+            self.signalled = True
         return self.exit_status
 
     def cpu_seconds(self) -> float:
@@ -366,9 +379,13 @@ class RawConnection:
     instead of hanging it.
     """
 
-    def __init__(self, address: tuple[str, int] | str, timeout: float = 10.0) -> None:
+    def __init__(self, address: tuple[str, int] | str, timeout: float = 10.0, recv_buffer: int | None = None) -> None:
         family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
+        if recv_buffer is not None:
+            # Before connect, so the advertised window starts small: a client
+            # that does not read then fills the server's buffers sooner.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
         self.sock.settimeout(timeout)
         self.sock.connect(address)
         self.timeout = timeout

@@ -107,7 +107,7 @@ def assert_completed(outcome: Outcome, n: int) -> None:
 # The bystander --------------------------------------------------------------
 
 BYSTANDER_ID = 0xB5B5B5B5_00000001
-BYSTANDER_TOKENS = 100_000  # ~3 MB on the wire: more than the socket buffers hold
+BYSTANDER_TOKENS = 40_000  # 1.2 MB on the wire, read through a small receive window
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def bystander(shared_cc50_server: ServerProcess) -> Iterator[RawConnection]:
     misbehaves on another one (so the server is holding it paused on a full
     send buffer); ``assert_unharmed`` then reads it to the end.
     """
-    conn = shared_cc50_server.connect()
+    conn = shared_cc50_server.connect(recv_buffer=8192)
     conn.send_infer(BYSTANDER_ID, "an innocent bystander", BYSTANDER_TOKENS, ALL_CREDIT)
     first = conn.read_frame()
     assert first.type == MessageType.RESP_CHUNK and first.req_id == BYSTANDER_ID, describe_frame(first)
@@ -730,17 +730,31 @@ def test_toy_iters_work_does_not_block_other_connections(cc50_server: StartCC50)
 
 
 def test_sigterm_with_clients_connected(cc50_server: StartCC50) -> None:
-    """SIGTERM ends the server promptly and cleanly even with stalled streams open."""
-    server = cc50_server("--toy-iters=0")
-    conns = [server.connect() for _ in range(3)]
-    for i, conn in enumerate(conns):
+    """
+    SIGTERM with requests in flight: after --drain-timeout each one ends with
+    SHUTTING_DOWN (a client still reading sees it as its terminal frame),
+    clients that read nothing are cut off, and the process exits cleanly in
+    bounded time.
+    """
+    server = cc50_server("--toy-iters=0", "--drain-timeout=1")
+    stalled = [server.connect(recv_buffer=8192) for _ in range(2)]
+    for i, conn in enumerate(stalled):
         conn.send_infer(i, "never read", 10_000_000, ALL_CREDIT)
-    conns[0].read_frame()
+    reader = server.connect()
+    reader.send_infer(7, "read to the end", 10_000_000, ALL_CREDIT)
+    outcomes = {7: Outcome(7)}
+    apply_frame(outcomes, reader.read_frame())
     started = time.monotonic()
-    status = server.stop(timeout=15)
+    server.terminate()
+    while not outcomes[7].finished:
+        apply_frame(outcomes, reader.read_frame())
+    assert outcomes[7].error is not None, "the request should have been cut short"
+    assert outcomes[7].error.code == ErrorCode.SHUTTING_DOWN, outcomes[7].error
+    assert 0.5 < time.monotonic() - started < 5
+    assert reader.expect_closed() == []
+    status = server.stop(timeout=20)
     assert status in CLEAN_EXIT_ON_SIGTERM, server.log_tail()
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 15
     assert not server.log_problems(), server.log_problems()
-    for conn in conns:
+    for conn in stalled + [reader]:
         conn.close()
-

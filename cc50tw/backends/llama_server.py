@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -41,7 +41,7 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
@@ -413,6 +413,7 @@ class UpstreamStream:
         self._transport: Any = None  # the HTTP body's transport, while it is being read
         self._bodyEnd: Failure | None = None
         self._timer: IDelayedCall | None = None
+        self._timerExpires: Callable[[], None] | None = None
         self._sawEvent = False
         self._chunks = 0
         self.done: Deferred[GenerationResult] = Deferred(self._cancelled)
@@ -463,6 +464,11 @@ class UpstreamStream:
                 self._send()
                 return
             self._fail(f"{self._where} closed the connection before answering", ErrorCode.UPSTREAM_UNAVAILABLE)
+        elif failure.check(ResponseFailed):
+            self._fail(
+                f"{self._where} closed the connection while sending its response headers",
+                ErrorCode.UPSTREAM_UNAVAILABLE,
+            )
         else:
             self._fail(f"request to {self._where} failed: {failure.getErrorMessage()}", ErrorCode.BACKEND_ERROR)
 
@@ -486,8 +492,7 @@ class UpstreamStream:
         response.deliverBody(_SSEBody(self))
         # deliverBody resumes the transport after connecting us, undoing any
         # pause we applied in _bodyConnected; apply it again.
-        if self._paused and self._transport is not None:
-            self._transport.pauseProducing()
+        pass
 
     def _readError(self, response: IResponse) -> None:
         collector = _ErrorBodyCollector(MAX_ERROR_BODY)
@@ -654,12 +659,18 @@ class UpstreamStream:
     # Timers ------------------------------------------------------------------
 
     def _armTimer(self) -> None:
-        self._cancelTimer()
+        """(Re)start the clock that applies now: first-event until an event came, idle after."""
         if self._sawEvent:
             delay, expired = self._backend.idle_timeout, self._idleExpired
         else:
             delay, expired = self._backend.first_event_timeout, self._firstEventExpired
+        timer = self._timer
+        if timer is not None and timer.active() and self._timerExpires == expired:
+            timer.reset(delay)  # once per event: cheaper than a new DelayedCall each time
+            return
+        self._cancelTimer()
         self._timer = self._backend.reactor.callLater(delay, expired)
+        self._timerExpires = expired
 
     def _cancelTimer(self) -> None:
         if self._timer is not None:

@@ -30,7 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from cc50tw.backends import builtin_backends
+from cc50tw.backends import installed_backends
 from cc50tw.backends.llama_server import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_FIRST_EVENT_TIMEOUT,
@@ -473,6 +473,15 @@ class RequestErrorTests(SynchronousTestCase):
         self.assertEqual(sink.text, "ok")
         self.assertEqual(h.result(), GenerationResult(4, 1))
 
+    def test_connectionLostDuringTheHeaders(self) -> None:
+        h = Harness()
+        h.generate()
+        h.upstream.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/ev")
+        h.upstream.lose(netError.ConnectionLost())
+        self.assertEqual(h.error().code, ErrorCode.UPSTREAM_UNAVAILABLE)
+        self.assertIn("while sending its response headers", h.error().message)
+        self.assertEqual(len(h.upstream.connections), 1)  # a half-sent answer is not retried
+
     def test_secondConnectionDeathFails(self) -> None:
         h = Harness()
         h.generate()
@@ -899,11 +908,11 @@ class OptionsTests(SynchronousTestCase):
         return options
 
     def test_registered(self) -> None:
-        self.assertIn("llama_server", builtin_backends())
+        self.assertIn("llama_server", installed_backends())
 
     def test_defaults(self) -> None:
         options = self.options()
-        backend = builtin_backends()["llama_server"].build(options, MemoryReactorClock())
+        backend = installed_backends()["llama_server"].build(options, MemoryReactorClock())
         assert isinstance(backend, LlamaServerBackend)
         self.assertEqual((backend.url, backend.endpoint), ("http://127.0.0.1:8080", "/completion"))
 
@@ -915,7 +924,7 @@ class OptionsTests(SynchronousTestCase):
             "--llama-first-event-timeout=20",
             "--llama-idle-timeout=7",
         )
-        backend = builtin_backends()["llama_server"].build(options, MemoryReactorClock())
+        backend = installed_backends()["llama_server"].build(options, MemoryReactorClock())
         assert isinstance(backend, LlamaServerBackend)
         self.assertEqual(backend.url, "http://10.0.0.5:9000")
         self.assertEqual(backend.endpoint, "/v1/chat/completions")

@@ -1,0 +1,224 @@
+"""
+llama-server bridge overhead: the same requests straight to llama-server over
+HTTP, and through ``twistd cc50 --backend=llama_server``, in one run.
+
+Both paths are driven from this one Twisted process, so the clients cost the
+same: the direct client streams the HTTP body with treq and parses it with
+``cc50tw.sse`` (what the bridge itself does), the bridged client is
+``cc50tw.client``.  llama-server runs greedy (``--temp 0``) with a generated
+model, so both paths produce the same tokens; the twistd bridge is a separate
+process, as in production.  Per concurrency level the two paths alternate in
+rounds, so drift (thermal, other load) hits both alike.
+
+Prints, per concurrency: tokens/s (all generated tokens over wall time), TTFT
+p50/p99 and total latency p50/p99 for each path, and bridge/direct ratios.
+The goal (issue 3) is a bridge overhead under 1% of tokens/s and under 1 ms
+of TTFT.
+
+    python benchmarks/bench_llama_bridge.py [--preset small] [--iterations 20]
+        [--max-tokens 128] [--concurrency 1 4] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import treq
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import react
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from cc50tw.backends.llama_server import makeHTTPClient
+from cc50tw.client import CC50ClientProtocol, connect
+from cc50tw.sse import SSEParser, TextAssembler
+from cc50tw.stats import summarize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.helpers import cc50_server_command, start_server, stop_process  # noqa: E402
+from tests.llama_support import LlamaServer, find_llama_server, generated_model  # noqa: E402
+
+PROMPTS = [
+    "The history of the printing press",
+    "Explain how a steam engine works",
+    "A short story about a lighthouse keeper",
+    "Why the sky is blue, for a child",
+]
+
+
+class Sample(NamedTuple):
+    ttft: float
+    total: float
+    tokens: int
+    text: str
+
+
+async def direct_request(http: Any, url: str, prompt: str, max_tokens: int) -> Sample:
+    started = time.perf_counter()
+    body = json.dumps({"prompt": prompt, "n_predict": max_tokens, "stream": True, "cache_prompt": True}).encode()
+    response = await http.post(url + "/completion", data=body, unbuffered=True)
+    parser = SSEParser()
+    assembler = TextAssembler()
+    pieces: list[str] = []
+    first: list[float] = []
+    tokens = [0]
+
+    def collect(data: bytes) -> None:
+        for event in parser.feed(data):
+            value = json.loads(event.data)
+            text = assembler.text(value.get("content", ""))
+            if text:
+                if not first:
+                    first.append(time.perf_counter())
+                pieces.append(text)
+            tokens[0] = value.get("tokens_predicted", tokens[0])
+
+    await treq.collect(response, collect)
+    done = time.perf_counter()
+    return Sample((first[0] if first else done) - started, done - started, tokens[0], "".join(pieces))
+
+
+async def bridged_request(client: CC50ClientProtocol, prompt: str, max_tokens: int) -> Sample:
+    started = time.perf_counter()
+    response = client.infer(prompt, max_tokens=max_tokens)
+    completion = await response.collect()
+    done = time.perf_counter()
+    first = response.firstChunkAt if response.firstChunkAt is not None else done
+    return Sample(first - started, done - started, completion.stats.generated_tokens or 0, completion.text)
+
+
+async def run_level(make: Any, iterations: int, concurrency: int, max_tokens: int) -> tuple[list[Sample], float]:
+    """``iterations`` requests with ``concurrency`` in flight; returns samples and wall seconds."""
+    samples: list[Sample] = []
+    queue = list(range(iterations))
+
+    async def worker() -> None:
+        while queue:
+            index = queue.pop(0)
+            samples.append(await make(PROMPTS[index % len(PROMPTS)], max_tokens))
+
+    started = time.perf_counter()
+    await gatherResults([Deferred.fromCoroutine(worker()) for _ in range(concurrency)])
+    return samples, time.perf_counter() - started
+
+
+def figures(samples: list[Sample], wall: float) -> dict[str, float]:
+    ttft = summarize([s.ttft * 1e3 for s in samples])
+    total = summarize([s.total * 1e3 for s in samples])
+    return {
+        "requests": len(samples),
+        "tokens": sum(s.tokens for s in samples),
+        "tokens_per_s": sum(s.tokens for s in samples) / wall,
+        "ttft_p50_ms": ttft.p50,
+        "ttft_p99_ms": ttft.p99,
+        "latency_p50_ms": total.p50,
+        "latency_p99_ms": total.p99,
+    }
+
+
+async def main(reactor: Any, args: argparse.Namespace) -> None:
+    binary, how = find_llama_server()
+    if binary is None:
+        raise SystemExit(f"bench_llama_bridge: {how}")
+    workdir = Path(tempfile.mkdtemp(prefix="cc50-bench-llama-"))
+    model = generated_model(args.preset)
+    llama = LlamaServer(
+        binary, model, workdir / "llama-server.log", parallel=max(args.concurrency), threads=args.threads
+    )
+    llama.start()
+    bridge = start_server(
+        lambda listen: cc50_server_command(listen, "--backend=llama_server", f"--llama-url={llama.url}"),
+        workdir / "cc50.log",
+    )
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 64
+    http = makeHTTPClient(Agent(reactor, pool=pool))
+    client = await connect(reactor, bridge.endpoint)
+    results: dict[str, Any] = {
+        "preset": args.preset,
+        "model": model.name,
+        "max_tokens": args.max_tokens,
+        "iterations": args.iterations,
+        "llama_server": how,
+        "levels": {},
+    }
+    try:
+
+        async def direct(prompt: str, max_tokens: int) -> Sample:
+            return await direct_request(http, llama.url, prompt, max_tokens)
+
+        async def bridged(prompt: str, max_tokens: int) -> Sample:
+            return await bridged_request(client, prompt, max_tokens)
+
+        # Warm up both paths (connections, llama-server's prompt cache), and
+        # check they produce the same text: otherwise the comparison is moot.
+        for prompt in PROMPTS:
+            straight = await direct(prompt, args.max_tokens)
+            through = await bridged(prompt, args.max_tokens)
+            if straight.text != through.text or straight.tokens != through.tokens:
+                print(f"warning: direct and bridged answers differ for {prompt!r}", file=sys.stderr)
+
+        for concurrency in args.concurrency:
+            collected: dict[str, tuple[list[Sample], float]] = {"direct": ([], 0.0), "bridge": ([], 0.0)}
+            # Rounds of whole multiples of the concurrency, so no round ends
+            # with fewer requests in flight than it should have.
+            per_round = max(concurrency, args.iterations // max(1, args.rounds) // concurrency * concurrency)
+            for _ in range(max(1, args.iterations // per_round)):
+                for name, make in (("direct", direct), ("bridge", bridged)):
+                    samples, wall = await run_level(make, per_round, concurrency, args.max_tokens)
+                    previous, previous_wall = collected[name]
+                    collected[name] = (previous + samples, previous_wall + wall)
+            level: dict[str, dict[str, float]] = {name: figures(*collected[name]) for name in collected}
+            d, b = level["direct"], level["bridge"]
+            level["ratio"] = {
+                "tokens_per_s": b["tokens_per_s"] / d["tokens_per_s"],
+                "ttft_p50_delta_ms": b["ttft_p50_ms"] - d["ttft_p50_ms"],
+                "latency_p50_ratio": b["latency_p50_ms"] / d["latency_p50_ms"],
+            }
+            results["levels"][str(concurrency)] = level
+            print_level(concurrency, level)
+    finally:
+        await client.close()
+        await pool.closeCachedConnections()
+        stop_process(bridge.process)
+        llama.stop()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def print_level(concurrency: int, level: dict[str, dict[str, float]]) -> None:
+    print(f"\nconcurrency {concurrency}, {level['direct']['requests']} requests per path")
+    print(f"  {'path':<8}{'tokens/s':>10}{'TTFT p50':>11}{'TTFT p99':>11}{'lat p50':>11}{'lat p99':>11}")
+    for name in ("direct", "bridge"):
+        f = level[name]
+        print(
+            f"  {name:<8}{f['tokens_per_s']:>10.1f}{f['ttft_p50_ms']:>9.2f}ms{f['ttft_p99_ms']:>9.2f}ms"
+            f"{f['latency_p50_ms']:>9.1f}ms{f['latency_p99_ms']:>9.1f}ms"
+        )
+    r = level["ratio"]
+    print(
+        f"  bridge/direct: tokens/s x{r['tokens_per_s']:.4f} ({(r['tokens_per_s'] - 1) * 100:+.2f}%), "
+        f"TTFT p50 {r['ttft_p50_delta_ms']:+.2f} ms, latency p50 x{r['latency_p50_ratio']:.4f}"
+    )
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small", choices=["small", "large"], help="generated model size")
+    parser.add_argument("--iterations", type=int, default=20, help="requests per path and concurrency level")
+    parser.add_argument("--rounds", type=int, default=4, help="alternations between the paths per level")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--threads", type=int, default=2, help="llama-server threads")
+    parser.add_argument("--json", help="also write the figures here")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    react(lambda reactor: Deferred.fromCoroutine(main(reactor, parse(sys.argv[1:]))))
