@@ -22,6 +22,7 @@ setup(
         "treq>=24.9",
         "zope.interface>=6",
         "attrs>=23",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "cuda": ["pycuda>=2024.1", "numpy"],

@@ -492,7 +492,8 @@ class UpstreamStream:
         response.deliverBody(_SSEBody(self))
         # deliverBody resumes the transport after connecting us, undoing any
         # pause we applied in _bodyConnected; apply it again.
-        pass
+        if self._paused and self._transport is not None:
+            self._transport.pauseProducing()
 
     def _readError(self, response: IResponse) -> None:
         collector = _ErrorBodyCollector(MAX_ERROR_BODY)
@@ -560,7 +561,7 @@ class UpstreamStream:
             return
         self._draining = True
         try:
-            while self._events and not self._paused and not self._ended:
+            while self._events and not self._ended:
                 event = self._events.popleft()
                 self.progress.events += 1
                 try:

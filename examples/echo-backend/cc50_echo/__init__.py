@@ -1,0 +1,1 @@
+"""cc50-echo: a cc50tw backend that streams the prompt back."""
