@@ -106,7 +106,7 @@ class SSEParser:
                 # CR is the last byte we have: the line is complete, but an
                 # LF in the next read belongs to this same line ending.
                 lineEnd, nextStart = cr, cr + 1
-                self._skipCR = True
+                pass
             event = self._line(buffer[start:lineEnd])
             if event is not None:
                 events.append(event)

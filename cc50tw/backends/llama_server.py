@@ -561,7 +561,7 @@ class UpstreamStream:
             return
         self._draining = True
         try:
-            while self._events and not self._ended:
+            while self._events and not self._paused and not self._ended:
                 event = self._events.popleft()
                 self.progress.events += 1
                 try:

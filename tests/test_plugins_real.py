@@ -1,0 +1,78 @@
+"""
+A third-party backend, installed and uninstalled with pip, found by a real
+``twistd cc50`` with no edit of cc50tw: the example in examples/echo-backend.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import StartCC50
+from tests.helpers import REPO_ROOT, cc50_command, twistd_command
+
+ECHO = REPO_ROOT / "examples" / "echo-backend"
+
+
+def pip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def cc50_help() -> str:
+    result = subprocess.run(twistd_command("cc50", "--help"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture
+def echo_installed() -> object:
+    installed = pip("install", "--no-deps", "--no-build-isolation", str(ECHO))
+    if installed.returncode != 0:
+        # Without setuptools in the environment, let pip build in isolation.
+        installed = pip("install", "--no-deps", str(ECHO))
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    yield
+    pip("uninstall", "-y", "cc50-echo")
+
+
+def test_installed_plugin_is_listed_served_and_removed(echo_installed: object, cc50_server: StartCC50) -> None:
+    help_text = cc50_help()
+    assert "echo" in help_text and "example third-party plugin" in help_text
+    assert "--echo-reverse" in help_text
+
+    server = cc50_server("--backend=echo", "--echo-reverse=yes")
+    result = subprocess.run(
+        cc50_command("infer", "--server", server.address, "--prompt", "one two three", "--max-tokens", "10"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "three two one"
+    assert "tokens=3" in result.stderr
+
+    bad = subprocess.run(
+        twistd_command("-n", "--pidfile=", "cc50", "--backend=echo", "--echo-reverse=maybe"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0
+    assert "echo-reverse" in bad.stdout + bad.stderr and "yes or no" in bad.stdout + bad.stderr
+
+    uninstalled = pip("uninstall", "-y", "cc50-echo")
+    assert uninstalled.returncode == 0, uninstalled.stderr
+    help_text = cc50_help()
+    assert "--echo-reverse" not in help_text
+    missing = subprocess.run(
+        twistd_command("-n", "--pidfile=", "cc50", "--backend=echo"), capture_output=True, text=True, timeout=60
+    )
+    assert missing.returncode != 0
+    assert "unknown backend 'echo'" in missing.stdout + missing.stderr
