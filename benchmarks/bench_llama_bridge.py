@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import treq
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import react
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 
 from cc50tw.backends.llama_server import makeHTTPClient
 from cc50tw.client import CC50ClientProtocol, connect
@@ -62,7 +62,12 @@ class Sample(NamedTuple):
 async def direct_request(http: Any, url: str, prompt: str, max_tokens: int) -> Sample:
     started = time.perf_counter()
     body = json.dumps({"prompt": prompt, "n_predict": max_tokens, "stream": True, "cache_prompt": True}).encode()
-    response = await http.post(url + "/completion", data=body, unbuffered=True)
+    try:
+        response = await http.post(url + "/completion", data=body, unbuffered=True)
+    except ResponseNeverReceived:
+        # A keep-alive connection the server closed as we reused it; the
+        # bridge retries these once too, so the direct path does the same.
+        response = await http.post(url + "/completion", data=body, unbuffered=True)
     parser = SSEParser()
     assembler = TextAssembler()
     pieces: list[str] = []
@@ -138,6 +143,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     )
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 64
+    pool.cachedConnectionTimeout = 4  # as the bridge's: below llama-server's 5 s keep-alive
     http = makeHTTPClient(Agent(reactor, pool=pool))
     client = await connect(reactor, bridge.endpoint)
     results: dict[str, Any] = {

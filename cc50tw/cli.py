@@ -128,6 +128,20 @@ async def _bench(reactor: Any, args: argparse.Namespace) -> int:
     return 1 if result.errors else 0
 
 
+def _tls_errors() -> tuple[type[Exception], ...]:
+    """
+    How a TLS handshake fails (unknown CA, wrong host name, no client
+    certificate): OpenSSL's error, or service_identity's for the host name.
+    Empty when the TLS extras are not installed.
+    """
+    try:
+        from OpenSSL.SSL import Error
+        from service_identity.exceptions import VerificationError
+    except ImportError:
+        return ()
+    return (Error, VerificationError)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     command = {"infer": _infer, "bench": _bench}[args.command]
@@ -138,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 code = await command(reactor, args)
             except (ConnectError, ClientError, OSError, RuntimeError) as e:
                 sys.stderr.write(f"cc50: {args.command} against {args.server} failed: {e}\n")
+                code = 2
+            except _tls_errors() as e:
+                sys.stderr.write(f"cc50: {args.command} against {args.server} failed: TLS: {e}\n")
                 code = 2
             if code:
                 raise SystemExit(code)

@@ -270,9 +270,10 @@ async def _connect(reactor: Any, description: str, token: bytes | None) -> CC50C
 def connect(reactor: Any, description: str, token: bytes | None = None) -> Deferred[CC50ClientProtocol]:
     """
     Connect to a CC50 server: ``tcp:HOST:PORT``, ``unix:PATH``, ``HOST:PORT``,
-    or ``tls:HOST:PORT:trustRoots=CA.pem`` (add ``certificate=`` and
-    ``privateKey=`` for a client certificate).  With ``token``, authenticate
-    (HELLO) before returning, so a wrong token fails here, not on a request.
+    or ``tls:HOST:PORT:trustRoots=CA_DIR`` (a directory whose ``*.pem`` files
+    are the trusted CAs; add ``certificate=`` and ``privateKey=`` for a client
+    certificate).  With ``token``, authenticate (HELLO) before returning, so a
+    wrong token fails here, not on a request.
     """
     return Deferred.fromCoroutine(_connect(reactor, description, token))
 

@@ -24,6 +24,7 @@ until the rest arrives, and turns what can never be completed into U+FFFD.
 from __future__ import annotations
 
 import codecs
+import re
 from typing import NamedTuple
 
 #: Default bound on one event's size (its buffered lines plus the current
@@ -33,6 +34,8 @@ from typing import NamedTuple
 DEFAULT_MAX_EVENT_BYTES = 8 << 20
 
 _BOM = "\ufeff"
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _REPLACEMENT = "\ufffd"
 
 
@@ -90,43 +93,40 @@ class SSEParser:
             if data[:1] == b"\n":
                 data = data[1:]
         buffer = self._buffer + data if self._buffer else data
-        start = 0
-        end = len(buffer)
-        while start < end:
-            cr = buffer.find(b"\r", start)
-            lf = buffer.find(b"\n", start)
-            if cr == -1 and lf == -1:
-                break
-            if cr == -1 or (lf != -1 and lf < cr):
-                lineEnd, nextStart = lf, lf + 1
-            elif cr + 1 < end:
-                lineEnd = cr
-                nextStart = cr + 2 if buffer[cr + 1] == 0x0A else cr + 1
-            else:
-                # CR is the last byte we have: the line is complete, but an
-                # LF in the next read belongs to this same line ending.
-                lineEnd, nextStart = cr, cr + 1
-                pass
-            event = self._line(buffer[start:lineEnd])
+        if b"\r" in buffer:
+            lines = _LINE_END.split(buffer)
+            # A CR that ends this read is a whole line ending, but an LF at the
+            # start of the next read would belong to it, not end another line.
+            self._skipCR = buffer.endswith(b"\r")
+        else:
+            lines = buffer.split(b"\n")  # the common case: LF only, one C-level split
+        self._buffer = lines.pop()  # what follows the last line ending: an incomplete line
+        for raw in lines:
+            event = self._line(raw)
             if event is not None:
                 events.append(event)
-            start = nextStart
-        self._buffer = buffer[start:]
         if self._eventBytes + len(self._buffer) > self.max_event_bytes:
             raise SSEError(f"event larger than {self.max_event_bytes} bytes without a blank line")
         return events
 
     def _line(self, raw: bytes) -> SSEEvent | None:
+        if not raw:
+            return self._dispatch()
+        self._eventBytes += len(raw)
+        if self._eventBytes > self.max_event_bytes:
+            raise SSEError(f"event larger than {self.max_event_bytes} bytes without a blank line")
+        if raw.startswith(b"data: ") and not self._firstLine:
+            # What every inference server sends, once per token: skip the generic path.
+            self._data.append(raw[6:].decode("utf-8", "replace"))
+            self._hasData = True
+            return None
         line = raw.decode("utf-8", "replace")
         if self._firstLine:
             self._firstLine = False
             if line.startswith(_BOM):
                 line = line[1:]
-        if not line:
-            return self._dispatch()
-        self._eventBytes += len(raw)
-        if self._eventBytes > self.max_event_bytes:
-            raise SSEError(f"event larger than {self.max_event_bytes} bytes without a blank line")
+                if not line:
+                    return self._dispatch()
         if line[0] == ":":
             return None  # a comment: llama-server's keep-alive ping is ":\n\n"
         field, colon, value = line.partition(":")
@@ -206,7 +206,7 @@ class TextAssembler:
 
 def _joinSurrogates(text: str) -> str:
     """Pair surrogates into characters and replace the ones with no partner."""
-    if not any("\ud800" <= c <= "\udfff" for c in text):
+    if _SURROGATE.search(text) is None:
         return text
     out: list[str] = []
     i = 0

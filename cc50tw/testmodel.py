@@ -36,7 +36,7 @@ import attrs
 
 #: Bumped when the generated file changes for the same shape and seed, so
 #: caches keyed by ``ModelShape.fileName`` are refreshed.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
@@ -107,6 +107,7 @@ PRESETS: dict[str, ModelShape] = {
 
 #: Token ids fixed by the vocabulary's layout.
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+_FIRST_BYTE_ID = 3  # <0x00>; the 256 byte tokens follow the three control tokens
 
 
 def build_vocab() -> tuple[list[bytes], list[float], list[int]]:
@@ -217,6 +218,9 @@ def write_model(path: str | os.PathLike[str], shape: ModelShape) -> Path:
     # random ones and top-k/min-p sampling never reaches them.
     output = matrix(vocab, shape.n_embd, 3.0 / np.sqrt(shape.n_embd))
     output[[UNK_ID, BOS_ID, EOS_ID]] = 0
+    # Bytes 0x80-0xFF alone are never valid UTF-8; damped, they still turn up
+    # (llama-server must cope) without turning every answer into U+FFFD.
+    output[_FIRST_BYTE_ID + 0x80 : _FIRST_BYTE_ID + 0x100] *= 0.5
     writer.add_tensor("output.weight", output)
 
     try:

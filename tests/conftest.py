@@ -92,7 +92,8 @@ class CC50Launcher:
                 problems.append(f"errors in the server log: {server.log_problems()[:5]}")
             if problems:
                 report.append(
-                    f"server {server.address} (pid {server.pid}): " + "; ".join(problems)
+                    f"server {server.address} (pid {server.pid}): "
+                    + "; ".join(problems)
                     + f"\n--- {server.log_path} ---\n{server.log_tail()}"
                 )
         if report:
@@ -108,7 +109,9 @@ def cc50_server(tmp_path: Path) -> Iterator[StartCC50]:
 
 
 @pytest.fixture(scope="module")
-def shared_cc50_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def shared_cc50_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """One server for the module, with the module's ``SHARED_SERVER_ARGS``."""
     args = tuple(getattr(request.module, "SHARED_SERVER_ARGS", DEFAULT_SERVER_ARGS))
     launcher = CC50Launcher(tmp_path_factory.mktemp("cc50-shared"))

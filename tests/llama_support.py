@@ -180,6 +180,17 @@ class LlamaServer:
         slots: list[dict[str, Any]] = json.loads(body)
         return slots
 
+    def metrics(self) -> dict[str, float]:
+        """llama-server's Prometheus counters and gauges, by name (needs ``--metrics``)."""
+        status, body = http_get(self.url + "/metrics", timeout=5.0)
+        assert status == 200, f"/metrics answered HTTP {status}: {body[:200]!r}"
+        values: dict[str, float] = {}
+        for line in body.decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.partition(" ")
+                values[name] = float(value)
+        return values
+
     def busy_slots(self) -> int:
         return sum(1 for slot in self.slots() if slot.get("is_processing"))
 

@@ -9,11 +9,12 @@ serving everyone else.  Every misbehaving-client test therefore ends by
 checking that a request already in flight on another connection (the
 "bystander") and a request on a fresh connection both complete correctly,
 and that the process is still alive; the fixture's teardown then checks the
-server exits 0 on SIGTERM with no traceback in its log.
+server exits cleanly on SIGTERM with no traceback in its log.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import socket
@@ -23,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import pytest_twisted
@@ -49,6 +51,7 @@ from tests.conftest import StartCC50
 from tests.helpers import (
     CLEAN_EXIT_ON_SIGTERM,
     LOOPBACK,
+    REPO_ROOT,
     Outcome,
     RawConnection,
     ServerProcess,
@@ -110,8 +113,13 @@ BYSTANDER_ID = 0xB5B5B5B5_00000001
 BYSTANDER_TOKENS = 40_000  # 1.2 MB on the wire, read through a small receive window
 
 
+class Bystander(NamedTuple):
+    conn: RawConnection
+    outcome: Outcome
+
+
 @pytest.fixture
-def bystander(shared_cc50_server: ServerProcess) -> Iterator[RawConnection]:
+def bystander(shared_cc50_server: ServerProcess) -> Iterator[Bystander]:
     """
     A large request in flight on its own connection, unread while the test
     misbehaves on another one (so the server is holding it paused on a full
@@ -119,21 +127,19 @@ def bystander(shared_cc50_server: ServerProcess) -> Iterator[RawConnection]:
     """
     conn = shared_cc50_server.connect(recv_buffer=8192)
     conn.send_infer(BYSTANDER_ID, "an innocent bystander", BYSTANDER_TOKENS, ALL_CREDIT)
-    first = conn.read_frame()
-    assert first.type == MessageType.RESP_CHUNK and first.req_id == BYSTANDER_ID, describe_frame(first)
-    conn.pending_first = first  # type: ignore[attr-defined]
-    yield conn
+    outcome = Outcome(BYSTANDER_ID)
+    apply_frame({BYSTANDER_ID: outcome}, conn.read_frame())  # it has started
+    yield Bystander(conn, outcome)
     conn.close()
 
 
-def assert_unharmed(server: ServerProcess, bystander: RawConnection | None = None) -> None:
+def assert_unharmed(server: ServerProcess, bystander: Bystander | None = None) -> None:
     """The server still serves: the bystander finishes intact, a new connection works, the process lives."""
     if bystander is not None:
-        outcomes = {BYSTANDER_ID: Outcome(BYSTANDER_ID)}
-        apply_frame(outcomes, bystander.pending_first)  # type: ignore[attr-defined]
-        while not outcomes[BYSTANDER_ID].finished:
-            apply_frame(outcomes, bystander.read_frame())
-        assert_completed(outcomes[BYSTANDER_ID], BYSTANDER_TOKENS)
+        outcomes = {BYSTANDER_ID: bystander.outcome}
+        while not bystander.outcome.finished:
+            apply_frame(outcomes, bystander.conn.read_frame())
+        assert_completed(bystander.outcome, BYSTANDER_TOKENS)
     fresh = raw_infer(server.socket_address, "still there?", 5, req_id=0xFEED)
     assert_completed(fresh, 5)
     assert fresh.done is not None and fresh.done.prompt_tokens == 2
@@ -146,7 +152,9 @@ def assert_unharmed(server: ServerProcess, bystander: RawConnection | None = Non
 @pytest.mark.parametrize("form", ["address", "endpoint"])
 def test_cli_infer_streams_tokens(shared_cc50_server: ServerProcess, form: str) -> None:
     server = getattr(shared_cc50_server, form)  # 127.0.0.1:PORT, or tcp:127.0.0.1:PORT
-    result = run(cc50_command("infer", "--server", server, "--prompt", "Explain quantum computing", "--max-tokens", "7"))
+    result = run(
+        cc50_command("infer", "--server", server, "--prompt", "Explain quantum computing", "--max-tokens", "7")
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == " token" * 7 + "\n"
     assert re.search(r"^tokens=7 prompt_tokens=3 elapsed_us=\d+ ttft_us=\d+$", result.stderr, re.M), result.stderr
@@ -234,7 +242,9 @@ async def test_100_requests_over_10_connections(shared_cc50_server: ServerProces
             response = clients[connection].infer(f"request number {number}", max_tokens)
             parts: list[str] = []
 
-            def onChunk(text: str, parts: list[str] = parts, log: list[int] = arrivals[connection], rid: int = response.req_id) -> None:
+            def onChunk(
+                text: str, parts: list[str] = parts, log: list[int] = arrivals[connection], rid: int = response.req_id
+            ) -> None:
                 parts.append(text)
                 log.append(rid)
 
@@ -318,6 +328,27 @@ async def test_client_cancel(shared_cc50_server: ServerProcess) -> None:
         await client.close()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="Response.collect() returns self.done.addCallback(...) (client.py), which changes response.done "
+    "itself: after collect(), awaiting response.done gives the Completion, not the DoneStats",
+)
+@pytest_twisted.ensureDeferred
+async def test_collect_leaves_done_with_the_stats(shared_cc50_server: ServerProcess) -> None:
+    from twisted.internet import reactor
+
+    client = await connect(reactor, shared_cc50_server.endpoint)
+    try:
+        response = client.infer("both", 2)
+        completion = await response.collect()
+        assert completion.stats.tokens == 2
+        stats = await response.done
+        assert isinstance(stats, DoneStats), f"response.done fired with {stats!r}"
+    finally:
+        await client.close()
+
+
 # Raw sockets: well-formed but demanding ------------------------------------------
 
 
@@ -342,16 +373,15 @@ def test_raw_multiplexing_with_arbitrary_req_ids(shared_cc50_server: ServerProce
 
 
 def test_raw_cpp_client_request_bytes(shared_cc50_server: ServerProcess) -> None:
-    """The exact REQ_INFER captured from the C++ client (../shared/vectors) gets 64 tokens."""
-    captured = bytes.fromhex(
-        "434335300100010057630a8700000000000000003600000040000000000004002a000000"
-        + b"Explain quantum computing in simple terms.".hex()
-    )
+    """The exact REQ_INFER captured from the C++ client gets its 64 tokens."""
+    vectors = json.loads((REPO_ROOT / "cc50tw" / "test" / "data" / "cc50-v1-captured.json").read_text())
+    captured = vectors["cpp_client_req_infer"]
     with shared_cc50_server.connect() as conn:
-        conn.send(captured)
-        outcome = conn.collect([2265604951])[2265604951]
-    assert_completed(outcome, 64)
-    assert outcome.done is not None and outcome.done.prompt_tokens == 6
+        conn.send(bytes.fromhex(captured["hex"]))
+        req_id = captured["fields"]["req_id"]
+        outcome = conn.collect([req_id])[req_id]
+    assert_completed(outcome, captured["fields"]["payload"]["max_tokens"])
+    assert outcome.done is not None and outcome.done.prompt_tokens == 6  # the toy counts words
 
 
 def test_credit_window_and_grant(shared_cc50_server: ServerProcess) -> None:
@@ -404,6 +434,22 @@ def test_credit_stall_timeout(shared_cc50_server: ServerProcess) -> None:
         assert_completed(conn.infer(6, "again", 2), 2)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=TimeoutError,
+    reason="a REQ_CREDIT of 0 bytes restarts the stall clock (stream.py RequestStream.grant: 'Any grant is "
+    "progress'), so a client can hold a stalled request, and its backend slot, for ever",
+)
+def test_zero_credit_grants_do_not_defeat_the_stall_timeout(shared_cc50_server: ServerProcess) -> None:
+    with shared_cc50_server.connect() as conn:
+        conn.send_infer(41, "stall", 5, credit_bytes=6)
+        assert conn.read_frame().payload == b" token"
+        for _ in range(3):  # 2.4 s of "grants" that grant nothing, past the 2 s stall timeout
+            time.sleep(0.8)
+            conn.send(encode_credit(41, 0))
+        assert_error(conn.read_frame(timeout=1), 41, ErrorCode.CREDIT_STALL)
+
+
 def test_cancel_mid_stream(shared_cc50_server: ServerProcess) -> None:
     with shared_cc50_server.connect() as conn:
         conn.send_infer(8, "endless", 10_000_000, ALL_CREDIT)
@@ -430,7 +476,7 @@ def test_cancel_and_credit_for_unknown_req_ids_are_ignored(shared_cc50_server: S
 # Raw sockets: misbehaving clients -------------------------------------------------
 
 
-def test_garbage_bytes(shared_cc50_server: ServerProcess, bystander: RawConnection) -> None:
+def test_garbage_bytes(shared_cc50_server: ServerProcess, bystander: Bystander) -> None:
     garbage = random.Random(50).randbytes(300)
     assert garbage[:4] != b"CC50"
     with shared_cc50_server.connect() as conn:
@@ -441,7 +487,7 @@ def test_garbage_bytes(shared_cc50_server: ServerProcess, bystander: RawConnecti
     assert_unharmed(shared_cc50_server, bystander)
 
 
-def test_http_request_on_the_cc50_port(shared_cc50_server: ServerProcess, bystander: RawConnection) -> None:
+def test_http_request_on_the_cc50_port(shared_cc50_server: ServerProcess, bystander: Bystander) -> None:
     with shared_cc50_server.connect() as conn:
         conn.send(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         frames = conn.expect_closed()
@@ -450,7 +496,7 @@ def test_http_request_on_the_cc50_port(shared_cc50_server: ServerProcess, bystan
     assert_unharmed(shared_cc50_server, bystander)
 
 
-def test_bad_magic_after_good_request(shared_cc50_server: ServerProcess, bystander: RawConnection) -> None:
+def test_bad_magic_after_good_request(shared_cc50_server: ServerProcess, bystander: Bystander) -> None:
     """A good request first, then a frame with bad magic: ERR with req_id 0, then close."""
     bad = struct.pack("<IHHQII", 0x31354343, VERSION, MessageType.REQ_INFER, 5, 0, 0)
     with shared_cc50_server.connect() as conn:
@@ -462,7 +508,7 @@ def test_bad_magic_after_good_request(shared_cc50_server: ServerProcess, bystand
     assert_unharmed(shared_cc50_server, bystander)
 
 
-def test_wrong_version(shared_cc50_server: ServerProcess, bystander: RawConnection) -> None:
+def test_wrong_version(shared_cc50_server: ServerProcess, bystander: Bystander) -> None:
     payload = struct.pack("<III", 3, 0, 2) + b"hi"
     frame = struct.pack("<IHHQII", MAGIC, 2, MessageType.REQ_INFER, 5, 0, len(payload)) + payload
     with shared_cc50_server.connect() as conn:
@@ -473,21 +519,21 @@ def test_wrong_version(shared_cc50_server: ServerProcess, bystander: RawConnecti
     assert_unharmed(shared_cc50_server, bystander)
 
 
-def test_oversized_frame_is_refused_before_its_payload(
-    shared_cc50_server: ServerProcess, bystander: RawConnection
-) -> None:
+def test_oversized_frame_is_refused_before_its_payload(shared_cc50_server: ServerProcess, bystander: Bystander) -> None:
     """TOO_LARGE comes as soon as the header arrives; the payload is skipped and the connection goes on."""
     length = MAX_FRAME_BYTES * 3
     payload = struct.pack("<III", 3, 0, length - 12) + b"p" * (length - 12)
     with shared_cc50_server.connect() as conn:
         conn.send(encode_header(MessageType.REQ_INFER, 9, length) + payload[:100])
-        assert_error(conn.read_frame(timeout=5), 9, ErrorCode.TOO_LARGE, f"frame of {length} bytes", "--max-frame-bytes")
+        assert_error(
+            conn.read_frame(timeout=5), 9, ErrorCode.TOO_LARGE, f"frame of {length} bytes", "--max-frame-bytes"
+        )
         conn.send(payload[100:])
         assert_completed(conn.infer(10, "after the big one", 4), 4)
     assert_unharmed(shared_cc50_server, bystander)
 
 
-def test_huge_length_is_never_buffered(shared_cc50_server: ServerProcess, bystander: RawConnection) -> None:
+def test_huge_length_is_never_buffered(shared_cc50_server: ServerProcess, bystander: Bystander) -> None:
     with shared_cc50_server.connect() as conn:
         conn.send(encode_header(MessageType.REQ_INFER, 11, 0xFFFFFFFF))
         assert_error(conn.read_frame(timeout=5), 11, ErrorCode.TOO_LARGE, "4294967295")
@@ -504,9 +550,7 @@ def test_huge_length_is_never_buffered(shared_cc50_server: ServerProcess, bystan
         pytest.param(encode_infer(12, "done", 3) + encode_infer(13, "cut", 3)[:30], id="a-request-then-a-fragment"),
     ],
 )
-def test_truncated_frame_then_close(
-    shared_cc50_server: ServerProcess, bystander: RawConnection, fragment: bytes
-) -> None:
+def test_truncated_frame_then_close(shared_cc50_server: ServerProcess, bystander: Bystander, fragment: bytes) -> None:
     with shared_cc50_server.connect() as conn:
         conn.send(fragment)
         conn.shutdown_write()
@@ -517,7 +561,7 @@ def test_truncated_frame_then_close(
     assert_unharmed(shared_cc50_server, bystander)
 
 
-def test_unknown_types(shared_cc50_server: ServerProcess, bystander: RawConnection) -> None:
+def test_unknown_types(shared_cc50_server: ServerProcess, bystander: Bystander) -> None:
     with shared_cc50_server.connect() as conn:
         conn.send(encode_frame(99, 21, b"whatever"))
         assert_error(conn.read_frame(), 21, ErrorCode.UNKNOWN_TYPE, "unknown frame type 99")
@@ -537,7 +581,7 @@ def test_unknown_types(shared_cc50_server: ServerProcess, bystander: RawConnecti
     ids=["short-prefix", "prompt-len-mismatch", "bad-utf8"],
 )
 def test_malformed_infer_payload(
-    shared_cc50_server: ServerProcess, bystander: RawConnection, payload: bytes, fragment: str
+    shared_cc50_server: ServerProcess, bystander: Bystander, payload: bytes, fragment: str
 ) -> None:
     with shared_cc50_server.connect() as conn:
         conn.send(encode_frame(MessageType.REQ_INFER, 31, payload))
@@ -546,7 +590,7 @@ def test_malformed_infer_payload(
     assert_unharmed(shared_cc50_server, bystander)
 
 
-def test_duplicate_req_id(shared_cc50_server: ServerProcess, bystander: RawConnection) -> None:
+def test_duplicate_req_id(shared_cc50_server: ServerProcess, bystander: Bystander) -> None:
     """The duplicate gets DUPLICATE_REQ_ID; the original goes on to its DONE."""
     n = 20_000
     with shared_cc50_server.connect() as conn:
@@ -572,7 +616,7 @@ def test_duplicate_req_id(shared_cc50_server: ServerProcess, bystander: RawConne
 
 
 @pytest.mark.parametrize("how", ["reset", "close"])
-def test_disconnect_mid_stream(shared_cc50_server: ServerProcess, bystander: RawConnection, how: str) -> None:
+def test_disconnect_mid_stream(shared_cc50_server: ServerProcess, bystander: Bystander, how: str) -> None:
     conn = shared_cc50_server.connect()
     conn.send(encode_infer(1, "endless", 10_000_000, ALL_CREDIT) + encode_infer(2, "endless", 10_000_000, ALL_CREDIT))
     conn.read_frames(100)
@@ -597,12 +641,14 @@ def test_disconnect_stops_the_backend(shared_cc50_server: ServerProcess) -> None
     idle_start = shared_cc50_server.cpu_seconds()
     time.sleep(1.0)
     idle = shared_cc50_server.cpu_seconds() - idle_start
-    assert busy > 0.2, f"the server did not look busy while streaming ({busy:.2f} s CPU in 0.5 s)"
-    assert idle < 0.1, f"the server used {idle:.2f} s of CPU in the second after its client vanished"
+    # Thresholds are loose because this machine may be shared: streaming must
+    # have cost measurable CPU, and the second after the disconnect almost none.
+    assert busy >= 0.05, f"the server did not look busy while streaming ({busy:.2f} s CPU in 0.5 s)"
+    assert idle <= min(0.06, busy / 3), f"the server used {idle:.2f} s of CPU in the second after its client vanished"
     assert_unharmed(shared_cc50_server)
 
 
-def test_many_misbehaving_connections_at_once(shared_cc50_server: ServerProcess, bystander: RawConnection) -> None:
+def test_many_misbehaving_connections_at_once(shared_cc50_server: ServerProcess, bystander: Bystander) -> None:
     rng = random.Random(4)
     conns = [shared_cc50_server.connect() for _ in range(30)]
     for i, conn in enumerate(conns):
@@ -692,7 +738,9 @@ def short_dir() -> Iterator[Path]:
 def test_listen_unix_socket(cc50_server: StartCC50, short_dir: Path) -> None:
     path = short_dir / "cc50.sock"
     server = cc50_server("--toy-iters=0", unix_path=path)
-    result = run(cc50_command("infer", "--server", f"unix:{path}", "--prompt", "over a unix socket", "--max-tokens", "7"))
+    result = run(
+        cc50_command("infer", "--server", f"unix:{path}", "--prompt", "over a unix socket", "--max-tokens", "7")
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == " token" * 7 + "\n"
     assert_completed(raw_infer(str(path), "raw unix", 3), 3)
@@ -719,6 +767,22 @@ def test_toy_iters_work_does_not_block_other_connections(cc50_server: StartCC50)
         outcome = slow.collect([1], timeout=60)[1]
     assert outcome.done is not None and outcome.done.tokens == 100
     assert quick < 1.0, f"a 1-token request took {quick:.2f} s next to a 100-token one"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=TimeoutError,
+    reason="a request paused only by transport backpressure (client granted itself a large window and stopped "
+    "reading) has no timeout: the stall clock runs only while it is blocked on credit, and the idle timeout "
+    "only with nothing in flight, so it keeps its --max-concurrency slot for ever",
+)
+def test_unread_streams_do_not_hold_backend_slots_forever(cc50_server: StartCC50) -> None:
+    server = cc50_server("--toy-iters=0", "--max-concurrency=1", "--max-queue=1", "--stall-timeout=0.5")
+    with server.connect(recv_buffer=8192) as hog:
+        hog.send_infer(1, "read nothing", 10_000_000, ALL_CREDIT)
+        hog.read_frame()
+        time.sleep(1.5)  # well past --stall-timeout with nothing read
+        assert_completed(raw_infer(server.socket_address, "anyone else?", 2, timeout=1.5), 2)
 
 
 def test_sigterm_with_clients_connected(cc50_server: StartCC50) -> None:

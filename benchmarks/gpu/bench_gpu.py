@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import LoopingCall, deferLater, react
 from zope.interface import implementer
 
@@ -119,13 +119,13 @@ def raw_kernel(grid: int, block: int, quick: bool) -> dict[str, Any]:
             samples = 200 if quick else GPU_SAMPLES[iters]
             for _ in range(50):
                 device.launch(iters)
-                device.result()
+                device.results(1)
             times = []
             value = -1
             for _ in range(samples):
                 started = time.perf_counter()
                 device.launch(iters)
-                value = device.result()
+                value = device.results(1)[0]
                 times.append(time.perf_counter() - started)
             results[str(iters)] = summary(times) | {"value": value, "matches_cpu": value == spin_lane(iters)}
         return results
@@ -173,6 +173,18 @@ async def reactor_jitter(reactor: Any, engine: ToyEngine, tokens: int, iters: in
         "max_gap_ms": max(gaps) * 1e3 if gaps else None,
         "lateness_ms": late,
     }
+
+
+async def concurrent_streams(reactor: Any, engine: ToyEngine, streams: int, tokens: int, iters: int) -> dict[str, Any]:
+    """Tokens/s of many toy streams at once in this process: the engine's ceiling, no sockets."""
+    backend = ToyBackend(reactor, engine, iters)
+    started = time.perf_counter()
+    results = await gatherResults(
+        [backend.generate(InferenceRequest(n, "streams", tokens), NullSink()) for n in range(streams)]
+    )
+    wall = time.perf_counter() - started
+    total = sum(result.generated_tokens for result in results)
+    return {"streams": streams, "tokens": total, "iters": iters, "wall_s": wall, "tokens_per_s": total / wall}
 
 
 # End to end through twistd -----------------------------------------------------------
@@ -374,6 +386,11 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{j['tokens_per_s']:.0f} tokens/s in-process; 10 ms LoopingCall max gap {j['max_gap_ms']:.2f} ms, "
                 f"lateness p99 {j['lateness_ms'].get('p99', float('nan')):.2f} ms over {j['ticks']} ticks."
             )
+    for run in results.get("cuda_streams", []):
+        lines.append(
+            f"In-process, no sockets: {run['streams']} CUDA toy stream(s) at {run['iters']} iters: "
+            f"{run['tokens_per_s']:.0f} tokens/s ({run['tokens']} tokens)."
+        )
     lines += [
         "",
         "End to end through `twistd -n cc50 --backend=toy` and cc50tw.client (one connection per client):",
@@ -437,6 +454,12 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             print(json.dumps(results["cuda_engine"], indent=1), flush=True)
             results["cuda_jitter"] = await reactor_jitter(reactor, engine, 2000 if args.quick else 10000, 20000)
             print(json.dumps(results["cuda_jitter"], indent=1), flush=True)
+            results["cuda_streams"] = [
+                await concurrent_streams(reactor, engine, streams, 500 if args.quick else 2000, iters)
+                for iters in (20000, 0)
+                for streams in (1, 16)
+            ]
+            print(json.dumps(results["cuda_streams"], indent=1), flush=True)
         finally:
             await engine.stop()
     else:

@@ -10,7 +10,9 @@
 #      --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64"
 #   python3 -m pip download --no-deps $P -d .whl mako markupsafe platformdirs pytools \
 #       setuptools siphash24 typing_extensions wheel twisted treq multipart zope.interface \
-#       attrs automat constantly hyperlink incremental idna
+#       attrs automat constantly hyperlink incremental idna \
+#       pyopenssl cryptography cffi pycparser service_identity pyasn1 pyasn1_modules
+#   (numpy, prometheus_client and hypothesis are already on that machine's image)
 #   python3 -m pip download --no-binary :all: --no-deps --no-build-isolation -d .whl pycuda==2026.1
 #       (the last needs the 'wheel' package importable, for pip's metadata step)
 #
@@ -54,7 +56,7 @@ if ! $PY -c "import pycuda.driver" 2>/dev/null; then
     rm -rf "$build" && mkdir -p "$build"
     tar xzf "$REPO"/.whl/pycuda-*.tar.gz -C "$build" || { echo "FAILED: no pycuda sdist in .whl/"; exit 1; }
     src=$(echo "$build"/pycuda-*)
-    curand=--cuda-enable-curand
+    curand=""  # on by default; configure.py has only the --no- switch
     ls "$CUDA_ROOT"/lib64/libcurand.so* >/dev/null 2>&1 || curand=--no-cuda-enable-curand
     # configure.py writes siteconf.py, which also skips setup's 10 s countdown.
     (cd "$src" && $PY configure.py --cuda-root="$CUDA_ROOT" $curand) || { echo "FAILED: configure"; exit 1; }
@@ -89,7 +91,7 @@ bench=$?
 
 if [ "${FULL_SUITE:-1}" = 1 ]; then
     step "whole suite on this machine (information only)"
-    timeout 300 $PY -m twisted.trial cc50tw 2>&1 | tail -25
+    timeout 120 $PY -m twisted.trial cc50tw 2>&1 | tail -25
 fi
 step "done (bench exit $bench)"
 exit $bench

@@ -11,6 +11,8 @@ constraints shape this module:
   reactor with ``callFromThread``.  Requests share the one worker through a
   FIFO queue, which is also the order one GPU queue would run them in; each
   toy stream has at most one token in that queue, so streams take turns.
+  The worker launches every token waiting (one kernel each) before it waits
+  once for all of them, so concurrent streams keep the GPU busy.
 
 * CUDA does not survive ``fork()``.  ``twistd`` builds the backend, then
   daemonises, so nothing here may initialise the driver in the process that
@@ -72,6 +74,12 @@ PROBE_ITERS = 1000
 PROBE_TIMEOUT = 180.0
 
 NO_DEVICE = "no CUDA device"
+
+#: Most launches the worker queues before it waits for them.  Each token is
+#: still one launch; taking every token already waiting (one per busy
+#: stream) and waiting once for all of them keeps the GPU busy while Python
+#: does the per-token bookkeeping, which is what many concurrent streams need.
+MAX_BATCH = 256
 
 
 # Telling people why CUDA is not used -------------------------------------
@@ -266,7 +274,7 @@ class _Job:
 
 
 class _Device:
-    """The worker thread's CUDA state: context, compiled kernel, one result word."""
+    """The worker thread's CUDA state: context, compiled kernel, result words."""
 
     def __init__(self, ordinal: int, grid: int, block: int) -> None:
         import numpy
@@ -282,10 +290,12 @@ class _Device:
             self._module = SourceModule(KERNEL_SOURCE)
             self._kernel = self._module.get_function("spin_kernel")
             self._kernel.prepare("IP")
-            # One output word serves every request: the worker runs one
-            # launch at a time, so no two launches ever share it.
-            self._out = cuda.mem_alloc(4)
-            self._host = cuda.pagelocked_empty(1, numpy.uint32)
+            # One output word per launch of a batch, reused by every batch:
+            # only the worker launches, and it reads a batch back before the
+            # next one starts.
+            self._out = cuda.mem_alloc(4 * MAX_BATCH)
+            self._address = int(self._out)
+            self._host = cuda.pagelocked_empty(MAX_BATCH, numpy.uint32)
         except BaseException:
             self._context.pop()
             self._context.detach()
@@ -293,13 +303,20 @@ class _Device:
         self._grid = (grid, 1)
         self._block = (block, 1, 1)
 
-    def launch(self, iters: int) -> None:
-        self._kernel.prepared_call(self._grid, self._block, iters, self._out)
+    def launch(self, iters: int, slot: int = 0) -> None:
+        """Queue one launch (it returns before the kernel runs); its ``x`` goes to word ``slot``."""
+        self._kernel.prepared_call(self._grid, self._block, iters, self._address + 4 * slot)
 
-    def result(self) -> int:
-        """Thread 0's ``x``; the synchronous copy is how the worker waits for the kernel."""
-        self._cuda.memcpy_dtoh(self._host, self._out)
-        return int(self._host[0])
+    def results(self, count: int) -> list[int]:
+        """
+        Thread 0's ``x`` of the last ``count`` launches, slots 0 to count - 1.
+
+        The synchronous copy on the launches' stream is how the worker waits
+        for them: it blocks this thread only, and returns once they are done.
+        """
+        host = self._host[:count]
+        self._cuda.memcpy_dtoh(host, self._out)
+        return [int(value) for value in host]
 
     def close(self) -> None:
         # Free while the context is still current, or PyCUDA complains at
@@ -403,13 +420,15 @@ class CUDAEngine:
             else:
                 waiter.errback(BackendError(error))
 
-    def _deliver(self, job: _Job, value: int) -> None:
-        if not job.deferred.called:
-            job.deferred.callback(value)
+    def _deliver(self, done: list[tuple[_Job, int]]) -> None:
+        for job, value in done:
+            if not job.deferred.called:
+                job.deferred.callback(value)
 
-    def _fail(self, job: _Job, failure: Failure) -> None:
-        if not job.deferred.called:
-            job.deferred.errback(failure)
+    def _fail(self, jobs: list[_Job], failure: Failure) -> None:
+        for job in jobs:
+            if not job.deferred.called:
+                job.deferred.errback(failure)
 
     def _workerExited(self) -> None:
         self._exited = True
@@ -437,22 +456,32 @@ class CUDAEngine:
         finally:
             call(self._workerExited)
 
+    def _take(self) -> tuple[list[_Job], bool]:
+        """Wait for work; return every job waiting (up to a batch), and whether to stop after them."""
+        taken = [self._jobs.get()]
+        while len(taken) < MAX_BATCH:
+            try:
+                taken.append(self._jobs.get_nowait())
+            except queue.Empty:
+                break
+        # Nothing is queued after the stop sentinel: spin() refuses work once stopping.
+        return [job for job in taken if job is not None and not job.cancelled], None in taken
+
     def _serve(self, device: _Device | None, error: str | None) -> None:
         call = self._reactor.callFromThread
         while True:
-            job = self._jobs.get()
-            if job is None:
+            jobs, stop = self._take()
+            if jobs and device is None:
+                call(self._fail, jobs, Failure(BackendError(error or "the CUDA engine is not running")))
+            elif jobs and device is not None:
+                try:
+                    for slot, job in enumerate(jobs):
+                        device.launch(job.iters, slot)
+                        self.launches += 1
+                    values = device.results(len(jobs))
+                except Exception as e:
+                    call(self._fail, jobs, Failure(BackendError(f"CUDA launch failed: {e}")))
+                else:
+                    call(self._deliver, list(zip(jobs, values, strict=True)))
+            if stop:
                 return
-            if job.cancelled:
-                continue
-            if device is None:
-                call(self._fail, job, Failure(BackendError(error or "the CUDA engine is not running")))
-                continue
-            try:
-                device.launch(job.iters)
-                self.launches += 1
-                value = device.result()
-            except Exception as e:
-                call(self._fail, job, Failure(BackendError(f"CUDA launch failed: {e}")))
-            else:
-                call(self._deliver, job, value)

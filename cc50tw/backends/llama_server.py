@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -413,7 +413,7 @@ class UpstreamStream:
         self._transport: Any = None  # the HTTP body's transport, while it is being read
         self._bodyEnd: Failure | None = None
         self._timer: IDelayedCall | None = None
-        self._timerExpires: Callable[[], None] | None = None
+        self._lastData = 0.0  # when the body last brought bytes, once streaming
         self._sawEvent = False
         self._chunks = 0
         self.done: Deferred[GenerationResult] = Deferred(self._cancelled)
@@ -539,12 +539,15 @@ class UpstreamStream:
             self._fail(f"{self._where} sent a malformed event stream: {e}", ErrorCode.BACKEND_ERROR)
             return
         if events:
-            self._sawEvent = True
             self._events.extend(events)
-        if self._sawEvent and not self._paused:
+            if not self._sawEvent:
+                self._sawEvent = True
+                if not self._paused:
+                    self._armTimer()  # the first-event clock gives way to the idle clock
+        if self._sawEvent:
             # Any byte (a keep-alive comment too) shows the stream is alive;
             # before the first event, only an event stops the first-event clock.
-            self._armTimer()
+            self._lastData = self._backend.reactor.seconds()
         self._drain()
 
     def _bodyEnded(self, reason: Failure) -> None:
@@ -660,18 +663,13 @@ class UpstreamStream:
     # Timers ------------------------------------------------------------------
 
     def _armTimer(self) -> None:
-        """(Re)start the clock that applies now: first-event until an event came, idle after."""
-        if self._sawEvent:
-            delay, expired = self._backend.idle_timeout, self._idleExpired
-        else:
-            delay, expired = self._backend.first_event_timeout, self._firstEventExpired
-        timer = self._timer
-        if timer is not None and timer.active() and self._timerExpires == expired:
-            timer.reset(delay)  # once per event: cheaper than a new DelayedCall each time
-            return
+        """Start the clock that applies now: first-event until an event came, idle after."""
         self._cancelTimer()
-        self._timer = self._backend.reactor.callLater(delay, expired)
-        self._timerExpires = expired
+        if self._sawEvent:
+            self._lastData = self._backend.reactor.seconds()
+            self._timer = self._backend.reactor.callLater(self._backend.idle_timeout, self._idleExpired)
+        else:
+            self._timer = self._backend.reactor.callLater(self._backend.first_event_timeout, self._firstEventExpired)
 
     def _cancelTimer(self) -> None:
         if self._timer is not None:
@@ -689,6 +687,12 @@ class UpstreamStream:
 
     def _idleExpired(self) -> None:
         self._timer = None
+        # Data only records when it came (one float per event, no timer
+        # churn); the clock checks, when it fires, whether it really expired.
+        quiet = self._backend.reactor.seconds() - self._lastData
+        if quiet < self._backend.idle_timeout:
+            self._timer = self._backend.reactor.callLater(self._backend.idle_timeout - quiet, self._idleExpired)
+            return
         self._fail(
             f"{self._where} sent nothing for {self._backend.idle_timeout:g}s mid-stream "
             f"(--llama-idle-timeout), after {self.progress.events} events",

@@ -24,6 +24,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from cc50tw.backends.cuda import (
+    MAX_BATCH,
     NO_DEVICE,
     CUDAEngine,
     CUDAProbe,
@@ -111,6 +112,31 @@ class CUDAEngineTests(unittest.TestCase):
         yield engine.start()
         value = yield engine.spin(20000)
         self.assertEqual(value, spin_lane(20000))
+
+    @inlineCallbacks
+    def test_manyAtOnce(self) -> Any:
+        """
+        Work queued together is launched together; each launch still gets
+        its own answer, past one batch's worth too.
+        """
+        count = MAX_BATCH + 44
+        before = self.engine.launches
+        values = yield gatherResults([self.engine.spin(iters) for iters in range(count)])
+        self.assertEqual(values, [spin_lane(iters) for iters in range(count)])
+        self.assertEqual(self.engine.launches - before, count)
+
+    @inlineCallbacks
+    def test_cancelledWorkIsNotLaunched(self) -> Any:
+        blocker = self.engine.spin(200000)  # keeps the worker busy while the rest queue
+        cancelled = [self.engine.spin(1) for _ in range(5)]
+        kept = self.engine.spin(2)
+        for work in cancelled:
+            work.cancel()
+        value = yield kept
+        self.assertEqual(value, spin_lane(2))
+        yield blocker
+        for work in cancelled:
+            yield self.assertFailure(work, CancelledError)
 
     @inlineCallbacks
     def test_oneLaunchPerToken(self) -> Any:

@@ -828,6 +828,20 @@ class PauseResumeTests(SynchronousTestCase):
         self.assertEqual(h.result(), GenerationResult(4, 1))
         self.assertEqual(h.upstream.transport().producerState, "producing")
 
+    def test_finalEventWithTextThatPausesStillReleasesTheConnection(self) -> None:
+        """The last write may pause us; the finished stream must not leave its connection paused."""
+        h = Harness()
+        sink = RecordingSink(pauseOnWrite=True)
+        h.generate(sink=sink)
+        final = event(content="end", stop=True, tokens_predicted=1, tokens_evaluated=2)
+        h.upstream.send(sseHead() + chunk(final))
+        self.assertEqual(sink.writes, ["end"])
+        self.assertEqual(h.result(), GenerationResult(2, 1))
+        self.assertEqual(h.upstream.transport().producerState, "producing")
+        h.upstream.send(LAST_CHUNK)
+        h.generate()
+        self.assertEqual(len(h.upstream.connections), 1)  # back in the pool and reused
+
     def test_pauseAndResumeAfterTheEndAreHarmless(self) -> None:
         h = Harness()
         _, sink = h.generate()
