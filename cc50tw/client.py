@@ -43,7 +43,7 @@ from cc50tw.codec import (
 )
 from cc50tw.endpoints import client_description
 from cc50tw.errors import ClientError
-from cc50tw.receiver import CC50Receiver
+from cc50tw.receiver import CC50Receiver, setTcpNoDelay
 
 
 class Completion(NamedTuple):
@@ -167,6 +167,9 @@ class CC50ClientProtocol(CC50Receiver):
         self._closed: Failure | None = None
         self._hello: Deferred[bytes] | None = None
         self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        setTcpNoDelay(self.transport)
 
     def hello(self, token: bytes) -> Deferred[bytes]:
         """Authenticate with the server's shared token; fires with the server's name."""

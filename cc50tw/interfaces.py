@@ -10,7 +10,7 @@ socket back to the model without the backend knowing about either.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred
@@ -48,6 +48,13 @@ class ITokenSink(Interface):
         May call the registered producer's ``pauseProducing`` before it
         returns; the backend should stop producing soon after, though a few
         writes already under way are accepted and buffered.
+        """
+
+    def writeSequence(texts: Sequence[str]) -> None:  # type: ignore[misc]
+        """
+        Deliver several texts at once, each becoming its own chunk frame, in
+        one write to the socket: how a backend that produces many tokens per
+        reactor turn keeps the per-token cost down.
         """
 
     def registerProducer(producer: IPushProducer, streaming: bool) -> None:  # type: ignore[misc]

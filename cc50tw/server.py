@@ -46,7 +46,7 @@ from cc50tw.codec import (
 from cc50tw.errors import RequestFailed
 from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest
 from cc50tw.metrics import ServerMetrics
-from cc50tw.receiver import CC50Receiver
+from cc50tw.receiver import CC50Receiver, setTcpNoDelay
 from cc50tw.stream import RequestStream
 
 SERVER_NAME = f"cc50tw/{__version__}".encode()
@@ -88,6 +88,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = self.factory.config.max_frame_bytes
+        setTcpNoDelay(self.transport)
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self.authenticated = self.factory.config.auth_token is None
         if not self.factory.connectionOpened(self):
@@ -259,6 +260,20 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         self.transport.writeSequence(  # type: ignore[union-attr]
             (HEADER.pack(MAGIC, VERSION, MessageType.RESP_CHUNK, req_id, 0, len(data)), data)
         )
+
+    def sendChunks(self, req_id: int, datas: list[bytes]) -> None:
+        """Several chunk frames for one request in a single write: one frame each, never merged."""
+        pack = HEADER.pack
+        pieces: list[bytes] = []
+        append = pieces.append
+        total = 0
+        for data in datas:
+            size = len(data)
+            total += size
+            append(pack(MAGIC, VERSION, 2, req_id, 0, size))
+            append(data)
+        self.bytesSent += HEADER_SIZE * len(datas) + total
+        self.transport.writeSequence(pieces)  # type: ignore[union-attr]
 
     def sendFrame(self, frame: bytes) -> None:
         self.bytesSent += len(frame)

@@ -13,6 +13,7 @@ ends in exactly one terminal frame, DONE or ERR, and nothing follows it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -178,6 +179,27 @@ class RequestStream:
             self._pending += data
         else:
             self._sendWithinCredit(data)
+        self._updateFlow()
+
+    def writeSequence(self, texts: Sequence[str]) -> None:
+        if self.finished:
+            return
+        datas = [text.encode("utf-8") for text in texts]
+        size = sum(map(len, datas))
+        if self._pending or size > self.credit:
+            for data in datas:  # the window ends inside the batch: the careful path
+                if self._pending:
+                    self._pending += data
+                else:
+                    self._sendWithinCredit(data)
+        elif datas:
+            self.credit -= size
+            self.bytes_sent += size
+            self.chunks_sent += len(datas)
+            self.last_chunk_at = now = self.connection.now()
+            if self.first_chunk_at is None:
+                self.first_chunk_at = now
+            self.connection.sendChunks(self.req_id, datas)
         self._updateFlow()
 
     # Flow control ----------------------------------------------------------

@@ -397,6 +397,9 @@ class CUDAEngine:
         self._exitWaiters.append(waiter)
         return waiter
 
+    def spinNow(self, iters: int) -> int | None:
+        return None  # every token is a kernel launch, observed asynchronously
+
     def spin(self, iters: int) -> Deferred[int]:
         if self._stopping:
             return fail(BackendError("the CUDA engine has stopped"))

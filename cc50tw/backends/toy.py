@@ -29,6 +29,11 @@ TOKEN_TEXT = " token"
 #: that other connections get a turn soon.
 BATCH_TOKENS = 64
 
+#: Tokens emitted per reactor turn when the work costs nothing: large enough
+#: that the turn's fixed cost (a poll, a send) is spread thin, small enough
+#: (about 15 KB) to keep turns short for other connections.
+SYNCHRONOUS_BATCH_TOKENS = 512
+
 
 class ToyEngine(Protocol):
     """The seam between the toy's token loop and where its work runs."""
@@ -38,6 +43,12 @@ class ToyEngine(Protocol):
 
     def spin(self, iters: int) -> Deferred[int]:
         """Run one token's work; fire with thread 0's final LCG value."""
+
+    def spinNow(self, iters: int) -> int | None:
+        """
+        The value at once, if this engine can compute it without blocking the
+        reactor (the CPU engine at zero iterations); else None, and ``spin``.
+        """
 
 
 @implementer(IPushProducer)
@@ -76,6 +87,9 @@ class ToyStream:
     def _run(self) -> None:
         """Launch work for as many tokens as finish synchronously, up to a batch."""
         self._scheduled = None
+        if self._canRun() and self._backend.engine.spinNow(self._backend.iters) is not None:
+            self._runSynchronously()
+            return
         self._running = True
         try:
             for _ in range(BATCH_TOKENS):
@@ -89,6 +103,26 @@ class ToyStream:
         finally:
             self._running = False
         if self._canRun():
+            self._scheduled = self._backend.reactor.callLater(0, self._run)
+
+    def _runSynchronously(self) -> None:
+        """
+        Zero-cost work: emit a batch of tokens in one ``writeSequence`` per
+        reactor turn, then yield the reactor to other connections.
+        """
+        engine, iters = self._backend.engine, self._backend.iters
+        count = min(self._remaining, SYNCHRONOUS_BATCH_TOKENS)
+        value = None
+        for _ in range(count):
+            value = engine.spinNow(iters)
+        self.last_value = value
+        self._remaining -= count
+        self._tokens += count
+        self._backend.tokens_emitted += count
+        self._sink.writeSequence([TOKEN_TEXT] * count)
+        if self._remaining == 0:
+            self._finish()
+        elif self._canRun():
             self._scheduled = self._backend.reactor.callLater(0, self._run)
 
     def _workDone(self, value: int) -> None:
