@@ -221,7 +221,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=4, help="alternations between the paths per level")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--threads", type=int, default=2, help="llama-server threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="llama-server threads (more than the idle cores makes llama.cpp's spinning threads collapse)",
+    )
     parser.add_argument("--json", help="also write the figures here")
     return parser.parse_args(argv)
 

@@ -67,7 +67,6 @@ async def _infer(reactor: Any, args: argparse.Namespace) -> int:
             sys.stdout.flush()
         stats = await response.done
     except ClientError as e:
-        response.done.addErrback(lambda _: None)  # reported here; don't let it log as unhandled
         sys.stdout.write("\n")
         sys.stderr.write(f"cc50: error {e.code.name} ({e.raw_code}): {e.message}\n")
         return 1

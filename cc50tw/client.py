@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
@@ -56,7 +56,8 @@ class Response:
 
     def __init__(self, client: CC50ClientProtocol, req_id: int, window: int) -> None:
         self.req_id = req_id
-        self.done: Deferred[DoneStats] = Deferred()
+        self._stats: DoneStats | None = None
+        self._doneWaiters: list[Deferred[DoneStats]] = []
         self.startedAt = time.perf_counter()
         self.firstChunkAt: float | None = None
         self.finishedAt: float | None = None
@@ -87,6 +88,24 @@ class Response:
                 text, size = self._queue.popleft()
                 callback(text)
                 self._consumed(size)
+
+    @property
+    def done(self) -> Deferred[DoneStats]:
+        """
+        Fires with the DONE statistics, or fails with ``ClientError``.
+
+        Each access gives a new Deferred, so one caller consuming the result
+        (or the error) never leaves another with nothing, and an error that
+        nobody asked for is not logged as unhandled.
+        """
+        if self._finished:
+            if self._failure is not None:
+                return fail(self._failure)
+            assert self._stats is not None
+            return succeed(self._stats)
+        waiter: Deferred[DoneStats] = Deferred()
+        self._doneWaiters.append(waiter)
+        return waiter
 
     def collect(self) -> Deferred[Completion]:
         parts: list[str] = []
@@ -144,11 +163,14 @@ class Response:
             if self._onChunk is not None:
                 self._onChunk(tail)
         self._failure = failure
+        self._stats = stats
         self._wake()
-        if failure is not None:
-            self.done.errback(failure)
-        elif stats is not None:
-            self.done.callback(stats)
+        waiters, self._doneWaiters = self._doneWaiters, []
+        for waiter in waiters:
+            if failure is not None:
+                waiter.errback(failure)
+            elif stats is not None:
+                waiter.callback(stats)
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None

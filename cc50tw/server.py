@@ -57,6 +57,7 @@ class ServerConfig:
     """Limits and defaults; every field is a ``twistd cc50`` option."""
 
     default_max_tokens: int = 256
+    max_tokens_limit: int = 1 << 20
     max_frame_bytes: int = 1 << 20
     max_inflight_per_connection: int = 256
     max_connections: int = 10000
@@ -209,6 +210,14 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
                 ErrorCode.TOO_MANY_REQUESTS,
                 f"{len(self.streams)} requests already in flight on this connection "
                 f"(--max-inflight-per-connection={config.max_inflight_per_connection})",
+            )
+            return
+        if decoded.max_tokens > config.max_tokens_limit:
+            self.sendError(
+                req_id,
+                ErrorCode.TOO_LARGE,
+                f"max_tokens {decoded.max_tokens} exceeds this server's limit of {config.max_tokens_limit} "
+                "(--max-tokens-limit)",
             )
             return
         request = InferenceRequest(req_id, decoded.prompt, decoded.max_tokens or config.default_max_tokens)
@@ -380,7 +389,7 @@ class CC50ServerFactory(Factory):
                 prompt_tokens=result.prompt_tokens if result else None,
                 bytes=stream.bytes_sent,
                 latency_ms=latency * 1e3,
-                ttft_ms=f"{(first - stream.started_at) * 1e3:.3f}" if first is not None else None,
+                ttft_ms=round((first - stream.started_at) * 1e3, 3) if first is not None else None,
                 detail=f" ({message})" if message else "",
             )
 

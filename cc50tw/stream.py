@@ -209,8 +209,8 @@ class RequestStream:
         if self.finished:
             return
         self.credit = min(self.credit + credit, 1 << 62)
-        if self._stallTimer is not None:
-            # Any grant is progress: the stall clock measures time without one.
+        if credit and self._stallTimer is not None:
+            # A real grant is progress: the stall clock measures time without one.
             self._stallTimer.cancel()
             self._stallTimer = None
         if self._pending:
@@ -245,25 +245,32 @@ class RequestStream:
         return bool(self._pending) or self.credit == 0
 
     def _updateFlow(self) -> None:
-        """Pause or resume the backend, and run the stall clock, to match our state."""
+        """
+        Pause or resume the backend, and run the stall clock, to match our state.
+
+        The stall clock runs whenever this request cannot progress because of
+        its client: no credit, or a socket the client does not read.  Either
+        way a client that stops for ``--stall-timeout`` loses the request, so
+        it cannot hold a backend slot forever.
+        """
         blocked = self.creditBlocked and not self.finished
+        stuck = (blocked or self.connection.transportPaused) and not self.finished
         producer = self._producer
         if producer is not None:
-            wantPaused = blocked or self.connection.transportPaused
-            if wantPaused and not self._producerPaused:
+            if stuck and not self._producerPaused:
                 self._producerPaused = True
                 if blocked:
                     self.connection.factory.creditPauses += 1
                 producer.pauseProducing()
-            elif not wantPaused and self._producerPaused:
+            elif not stuck and self._producerPaused:
                 self._producerPaused = False
                 producer.resumeProducing()
-        waitingForCredit = blocked and (producer is not None or self._result is not None)
-        if waitingForCredit and self._stallTimer is None:
+        waiting = stuck and (producer is not None or self._result is not None)
+        if waiting and self._stallTimer is None:
             self._stallTimer = self.connection.factory.reactor.callLater(
                 self.connection.factory.config.stall_timeout, self._stalled
             )
-        elif not waitingForCredit and self._stallTimer is not None:
+        elif not waiting and self._stallTimer is not None:
             self._stallTimer.cancel()
             self._stallTimer = None
 
@@ -272,8 +279,11 @@ class RequestStream:
 
     def _stalled(self) -> None:
         self._stallTimer = None
-        self.cancel(
-            ErrorCode.CREDIT_STALL,
-            f"no credit for {self.connection.factory.config.stall_timeout:g}s: the client must send "
-            "REQ_CREDIT to receive more of this answer",
-        )
+        timeout = self.connection.factory.config.stall_timeout
+        if self.creditBlocked:
+            message = (
+                f"no credit for {timeout:g}s: the client must send REQ_CREDIT to receive more of this answer"
+            )
+        else:
+            message = f"the client read nothing for {timeout:g}s while this answer waited to be sent"
+        self.cancel(ErrorCode.CREDIT_STALL, message)

@@ -16,6 +16,7 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -51,6 +52,7 @@ def _seconds(name: str) -> Callable[[str], float]:
 _SERVER_OPTIONS: list[list[Any]] = [
     ["backend", "b", "toy", "Backend that generates tokens (see the list below)."],
     ["max-tokens", None, 256, "Tokens generated when a request's max_tokens is 0.", _count("max-tokens")],
+    ["max-tokens-limit", None, 1 << 20, "Largest max_tokens a request may ask for; more gets TOO_LARGE.", _count("max-tokens-limit")],
     ["max-frame-bytes", None, 1 << 20, "Largest frame payload accepted; larger frames get TOO_LARGE.", _count("max-frame-bytes")],
     ["max-inflight-per-connection", None, 256, "Requests in flight on one connection.", _count("max-inflight-per-connection")],
     ["max-connections", None, 10000, "Connections open at once; more are refused with OVERLOADED.", _count("max-connections")],
@@ -124,6 +126,19 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--auth-token-file {self['auth-token-file']} is empty")
         if self["metrics"]:
             self["metrics"] = server_description(self["metrics"])
+        if self["max-tokens"] > self["max-tokens-limit"]:
+            raise usage.UsageError("--max-tokens cannot exceed --max-tokens-limit")
+        self.backend = self._buildBackend()
+
+    def _buildBackend(self) -> IBackend:
+        """Build it now, so a bad backend option fails twistd with a message, not a traceback."""
+        from twisted.internet import reactor
+
+        spec = self.backends[self["backend"]]
+        try:
+            return spec.build(self, reactor)
+        except Exception as e:
+            raise usage.UsageError(f"backend {spec.name!r} cannot start: {e}") from None
         from twisted.internet import reactor
 
         for description in self["listen"] + ([self["metrics"]] if self["metrics"] else []):
@@ -142,6 +157,7 @@ class Options(usage.Options):
             max_queue=self["max-queue"],
             idle_timeout=self["idle-timeout"],
             stall_timeout=self["stall-timeout"],
+            max_tokens_limit=self["max-tokens-limit"],
             auth_token=self.authToken,
             log_requests=not self["quiet-requests"],
         )
@@ -216,9 +232,13 @@ class CC50Service(MultiService):
         result = self.backend.startBackend()
         if isinstance(result, Deferred):
             result.addErrback(lambda f: self.log.failure("backend failed to start", f))
-        if self.operations is not None:
-            self.operations.privilegedStartService()
-        super().privilegedStartService()
+        try:
+            if self.operations is not None:
+                self.operations.privilegedStartService()
+            super().privilegedStartService()
+        except CannotListenError as e:
+            # One clear line and a non-zero exit, not a traceback.
+            raise SystemExit(f"cc50: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}") from None
 
     def startService(self) -> None:
         super().startService()
@@ -252,11 +272,7 @@ class CC50Service(MultiService):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    spec = options.backends[options["backend"]]
-    try:
-        backend = spec.build(options, reactor)
-    except Exception as e:
-        raise usage.UsageError(f"backend {spec.name!r} could not start: {e}") from None
+    backend = options.backend
     factory = CC50ServerFactory(backend, options.serverConfig(), reactor)
     return CC50Service(
         backend,

@@ -11,11 +11,32 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client.twisted import MetricsResource
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from cc50tw.server import CC50ServerFactory
+
+
+class _Metrics(Resource):
+    """
+    Prometheus exposition rendered in the reactor thread.
+
+    prometheus_client's own Twisted resource renders through WSGI in the
+    reactor's thread pool; our collector reads the server's live connection
+    set, which only the reactor thread may touch, and the pool is shared with
+    the toy backend's CPU work.  Rendering takes well under a millisecond.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self._registry)
 
 
 class _Health(Resource):
@@ -45,9 +66,16 @@ def readiness(factory: CC50ServerFactory, listening: Callable[[], bool]) -> tupl
 
 def operationsSite(factory: CC50ServerFactory, listening: Callable[[], bool]) -> Site:
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(factory.metrics.registry))
+    root.putChild(b"metrics", _Metrics(factory.metrics.registry))
     root.putChild(b"healthz", _Health(lambda: (True, "alive")))
     root.putChild(b"readyz", _Health(lambda: readiness(factory, listening)))
-    site = Site(root)
-    site.noisy = False
-    return site
+    return _QuietSite(root)
+
+
+class _QuietSite(Site):
+    """No access-log line per scrape or health probe: they come every few seconds."""
+
+    noisy = False
+
+    def log(self, request: Request) -> None:  # type: ignore[override]
+        pass

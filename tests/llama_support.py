@@ -83,7 +83,10 @@ class LlamaServer:
     log_path: Path
     parallel: int = 4
     context: int = 8192
-    threads: int = 2
+    #: One thread: llama.cpp's worker threads spin at every barrier, so with
+    #: more threads than idle cores (2 cores, shared with twistd and the test
+    #: itself) one decode step can take a second instead of milliseconds.
+    threads: int = 1
     port: int = 0
     extra_args: Sequence[str] = ()
     process: subprocess.Popen[bytes] | None = None

@@ -328,12 +328,6 @@ async def test_client_cancel(shared_cc50_server: ServerProcess) -> None:
         await client.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Response.collect() returns self.done.addCallback(...) (client.py), which changes response.done "
-    "itself: after collect(), awaiting response.done gives the Completion, not the DoneStats",
-)
 @pytest_twisted.ensureDeferred
 async def test_collect_leaves_done_with_the_stats(shared_cc50_server: ServerProcess) -> None:
     from twisted.internet import reactor
@@ -434,12 +428,6 @@ def test_credit_stall_timeout(shared_cc50_server: ServerProcess) -> None:
         assert_completed(conn.infer(6, "again", 2), 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="a REQ_CREDIT of 0 bytes restarts the stall clock (stream.py RequestStream.grant: 'Any grant is "
-    "progress'), so a client can hold a stalled request, and its backend slot, for ever",
-)
 def test_zero_credit_grants_do_not_defeat_the_stall_timeout(shared_cc50_server: ServerProcess) -> None:
     with shared_cc50_server.connect() as conn:
         conn.send_infer(41, "stall", 5, credit_bytes=6)
@@ -769,13 +757,6 @@ def test_toy_iters_work_does_not_block_other_connections(cc50_server: StartCC50)
     assert quick < 1.0, f"a 1-token request took {quick:.2f} s next to a 100-token one"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="a request paused only by transport backpressure (client granted itself a large window and stopped "
-    "reading) has no timeout: the stall clock runs only while it is blocked on credit, and the idle timeout "
-    "only with nothing in flight, so it keeps its --max-concurrency slot for ever",
-)
 def test_unread_streams_do_not_hold_backend_slots_forever(cc50_server: StartCC50) -> None:
     server = cc50_server("--toy-iters=0", "--max-concurrency=1", "--max-queue=1", "--stall-timeout=0.5")
     with server.connect(recv_buffer=8192) as hog:

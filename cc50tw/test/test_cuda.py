@@ -11,6 +11,7 @@ behaviour people rely on too.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -38,7 +39,7 @@ from cc50tw.backends.lcg import CPUEngine, spin_lane
 from cc50tw.backends.toy import TOKEN_TEXT, ToyBackend, build
 from cc50tw.errors import BackendError
 from cc50tw.interfaces import InferenceRequest, ITokenSink
-from cc50tw.tap import Options, makeService
+from cc50tw.tap import Options
 
 reactor: Any = globalReactor
 
@@ -58,6 +59,10 @@ class RecordingSink:
 
     def write(self, text: str) -> None:
         self.chunks.append(text)
+
+    def writeSequence(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            self.write(text)
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
         self.producer = producer
@@ -283,8 +288,8 @@ class SelectionTests(unittest.TestCase):
 
     def test_options(self) -> None:
         options = Options()
-        options.parseOptions(["--toy-device=CUDA", "--toy-grid=4", "--toy-block=128"])
-        self.assertEqual((options["toy-device"], options["toy-grid"], options["toy-block"]), ("cuda", 4, 128))
+        options.parseOptions(["--toy-device=CPU", "--toy-grid=4", "--toy-block=128"])
+        self.assertEqual((options["toy-device"], options["toy-grid"], options["toy-block"]), ("cpu", 4, 128))
         defaults = Options()
         defaults.parseOptions([])
         self.assertEqual((defaults["toy-device"], defaults["toy-grid"], defaults["toy-block"]), ("auto", 8, 256))
@@ -309,9 +314,10 @@ class ThisMachineTests(unittest.TestCase):
         self.assertTrue(PROBE.reason)
 
     def test_cudaFailsTheServiceWithTheReason(self) -> None:
-        """twistd turns this UsageError into a non-zero exit."""
+        """The backend is built while options are parsed: twistd turns this UsageError into a non-zero exit."""
         options = Options()
-        options.parseOptions(["--toy-device=cuda", "--listen=tcp:0:interface=127.0.0.1"])
-        error = self.assertRaises(usage.UsageError, makeService, options)
+        error = self.assertRaises(
+            usage.UsageError, options.parseOptions, ["--toy-device=cuda", "--listen=tcp:0:interface=127.0.0.1"]
+        )
         self.assertIn("--toy-device=cuda", str(error))
         self.assertIn(str(PROBE.reason), str(error))

@@ -13,6 +13,7 @@ gets.  Error responses are also checked through ``treq.testing.StubTreq``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from types import MethodType
 from typing import Any
 
@@ -66,6 +67,10 @@ class RecordingSink:
         self.writes.append(text)
         if self.pauseOnWrite and self.producer is not None:
             self.producer.pauseProducing()
+
+    def writeSequence(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            self.write(text)
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
         assert streaming

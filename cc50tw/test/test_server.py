@@ -68,11 +68,11 @@ class ToyServerTests(SynchronousTestCase):
         self.assertEqual(decode_done(terminal_frames(frames, 1)[0]).tokens, 1000)
 
     def test_interleavedRequestsEachGetTheirOwnAnswer(self) -> None:
-        self.connection.send(encode_infer(1, "a", max_tokens=200) + encode_infer(2, "b", max_tokens=3))
+        self.connection.send(encode_infer(1, "a", max_tokens=2000) + encode_infer(2, "b", max_tokens=3))
         for _ in range(20):
             self.clock.advance(0)
         frames = self.connection.received()
-        self.assertEqual(chunks_text(frames, 1), " token" * 200)
+        self.assertEqual(chunks_text(frames, 1), " token" * 2000)
         self.assertEqual(chunks_text(frames, 2), " token" * 3)
         self.assertEqual(len(terminal_frames(frames, 1)), 1)
         self.assertEqual(len(terminal_frames(frames, 2)), 1)
@@ -333,3 +333,15 @@ class LimitTests(SynchronousTestCase):
         self.assertIn(1, backend.streams)
         connection.send(encode_infer(2, "p" * 89))
         self.assertEqual(error_code(connection.received()[0]), ErrorCode.TOO_LARGE)
+
+
+class MaxTokensLimitTests(SynchronousTestCase):
+    def test_limitIsInclusive(self) -> None:
+        backend = ManualBackend()
+        factory, _ = make_factory(backend, max_tokens_limit=100)
+        connection = Connection(factory)
+        connection.send(encode_infer(1, "p", max_tokens=100) + encode_infer(2, "p", max_tokens=101))
+        self.assertEqual(backend.streams[1].request.max_tokens, 100)
+        [frame] = connection.received()
+        self.assertEqual((frame.req_id, error_code(frame)), (2, ErrorCode.TOO_LARGE))
+        self.assertIn(b"--max-tokens-limit", frame.payload)
