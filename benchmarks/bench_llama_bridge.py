@@ -3,9 +3,9 @@ llama-server bridge overhead: the same requests straight to llama-server over
 HTTP, and through ``twistd cc50 --backend=llama_server``, in one run.
 
 Both paths are driven from this one Twisted process, so the clients cost the
-same: the direct client streams the HTTP body with treq and parses it with
-``cc50tw.sse`` (what the bridge itself does), the bridged client is
-``cc50tw.client``.  llama-server runs greedy (``--temp 0``) with a generated
+same: the direct client streams the HTTP body with treq over the bridge's own
+agent and connection policy, and parses it with ``cc50tw.sse`` (what the
+bridge itself does); the bridged client is ``cc50tw.client``.  llama-server runs greedy (``--temp 0``) with a generated
 model, so both paths produce the same tokens; the twistd bridge is a separate
 process, as in production.  Per concurrency level the two paths alternate in
 rounds, so drift (thermal, other load) hits both alike.
@@ -32,9 +32,9 @@ from typing import Any, NamedTuple
 import treq
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import react
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
+from twisted.web.client import HTTPConnectionPool, ResponseNeverReceived
 
-from cc50tw.backends.llama_server import makeHTTPClient
+from cc50tw.backends.llama_server import makeHTTPClient, upstreamAgent
 from cc50tw.client import CC50ClientProtocol, connect
 from cc50tw.sse import SSEParser, TextAssembler
 from cc50tw.stats import summarize
@@ -59,15 +59,15 @@ class Sample(NamedTuple):
     text: str
 
 
-async def direct_request(http: Any, url: str, prompt: str, max_tokens: int) -> Sample:
+async def direct_request(http: Any, fresh: Any, url: str, prompt: str, max_tokens: int) -> Sample:
     started = time.perf_counter()
     body = json.dumps({"prompt": prompt, "n_predict": max_tokens, "stream": True, "cache_prompt": True}).encode()
     try:
         response = await http.post(url + "/completion", data=body, unbuffered=True)
     except ResponseNeverReceived:
         # A keep-alive connection the server closed as we reused it; the
-        # bridge retries these once too, so the direct path does the same.
-        response = await http.post(url + "/completion", data=body, unbuffered=True)
+        # bridge retries these once on a new connection, so this does too.
+        response = await fresh.post(url + "/completion", data=body, unbuffered=True)
     parser = SSEParser()
     assembler = TextAssembler()
     pieces: list[str] = []
@@ -144,7 +144,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 64
     pool.cachedConnectionTimeout = 4  # as the bridge's: below llama-server's 5 s keep-alive
-    http = makeHTTPClient(Agent(reactor, pool=pool))
+    http = makeHTTPClient(upstreamAgent(reactor, 5.0, pool))
+    fresh = makeHTTPClient(upstreamAgent(reactor, 5.0, HTTPConnectionPool(reactor, persistent=False)))
     client = await connect(reactor, bridge.endpoint)
     results: dict[str, Any] = {
         "preset": args.preset,
@@ -157,7 +158,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     try:
 
         async def direct(prompt: str, max_tokens: int) -> Sample:
-            return await direct_request(http, llama.url, prompt, max_tokens)
+            return await direct_request(http, fresh, llama.url, prompt, max_tokens)
 
         async def bridged(prompt: str, max_tokens: int) -> Sample:
             return await bridged_request(client, prompt, max_tokens)

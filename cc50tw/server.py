@@ -57,7 +57,7 @@ class ServerConfig:
     """Limits and defaults; every field is a ``twistd cc50`` option."""
 
     default_max_tokens: int = 256
-    max_tokens_limit: int = 1 << 20
+    max_tokens_limit: int = 1 << 24
     max_frame_bytes: int = 1 << 20
     max_inflight_per_connection: int = 256
     max_connections: int = 10000
@@ -380,7 +380,7 @@ class CC50ServerFactory(Factory):
         if self.config.log_requests:
             self.log.info(
                 "request {req_id} from {peer}: {outcome} backend={backend} tokens={tokens} "
-                "prompt_tokens={prompt_tokens} bytes={bytes} latency_ms={latency_ms:.3f} ttft_ms={ttft_ms}{detail}",
+                "prompt_tokens={prompt_tokens} bytes={bytes} latency_ms={latency_ms:.3f} ttft_ms={ttft_text}{detail}",
                 req_id=stream.req_id,
                 peer=stream.connection.peer,
                 outcome=outcome,
@@ -389,7 +389,8 @@ class CC50ServerFactory(Factory):
                 prompt_tokens=result.prompt_tokens if result else None,
                 bytes=stream.bytes_sent,
                 latency_ms=latency * 1e3,
-                ttft_ms=round((first - stream.started_at) * 1e3, 3) if first is not None else None,
+                ttft_ms=(first - stream.started_at) * 1e3 if first is not None else None,
+                ttft_text=f"{(first - stream.started_at) * 1e3:.3f}" if first is not None else "none",
                 detail=f" ({message})" if message else "",
             )
 

@@ -52,7 +52,7 @@ def _seconds(name: str) -> Callable[[str], float]:
 _SERVER_OPTIONS: list[list[Any]] = [
     ["backend", "b", "toy", "Backend that generates tokens (see the list below)."],
     ["max-tokens", None, 256, "Tokens generated when a request's max_tokens is 0.", _count("max-tokens")],
-    ["max-tokens-limit", None, 1 << 20, "Largest max_tokens a request may ask for; more gets TOO_LARGE.", _count("max-tokens-limit")],
+    ["max-tokens-limit", None, 1 << 24, "Largest max_tokens a request may ask for; more gets TOO_LARGE.", _count("max-tokens-limit")],
     ["max-frame-bytes", None, 1 << 20, "Largest frame payload accepted; larger frames get TOO_LARGE.", _count("max-frame-bytes")],
     ["max-inflight-per-connection", None, 256, "Requests in flight on one connection.", _count("max-inflight-per-connection")],
     ["max-connections", None, 10000, "Connections open at once; more are refused with OVERLOADED.", _count("max-connections")],
@@ -128,6 +128,7 @@ class Options(usage.Options):
             self["metrics"] = server_description(self["metrics"])
         if self["max-tokens"] > self["max-tokens-limit"]:
             raise usage.UsageError("--max-tokens cannot exceed --max-tokens-limit")
+        self._checkEndpoints()
         self.backend = self._buildBackend()
 
     def _buildBackend(self) -> IBackend:
@@ -139,13 +140,16 @@ class Options(usage.Options):
             return spec.build(self, reactor)
         except Exception as e:
             raise usage.UsageError(f"backend {spec.name!r} cannot start: {e}") from None
+
+    def _checkEndpoints(self) -> None:
         from twisted.internet import reactor
 
-        for description in self["listen"] + ([self["metrics"]] if self["metrics"] else []):
-            try:
-                serverFromString(reactor, description)
-            except Exception as e:
-                raise usage.UsageError(f"bad --listen {description!r}: {e}") from None
+        for option, descriptions in (("listen", self["listen"]), ("metrics", [self["metrics"]] if self["metrics"] else [])):
+            for description in descriptions:
+                try:
+                    serverFromString(reactor, description)
+                except Exception as e:
+                    raise usage.UsageError(f"bad --{option} {description!r}: {e}") from None
 
     def serverConfig(self) -> ServerConfig:
         return ServerConfig(

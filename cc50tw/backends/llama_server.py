@@ -35,16 +35,31 @@ import attrs
 import treq
 from treq.client import HTTPClient
 from twisted.internet import error as netError
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ResponseDone,
+    ResponseFailed,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from cc50tw.backends import BackendSpec
@@ -122,7 +137,7 @@ def _loadEvent(event: SSEEvent, upstream: str) -> dict[str, Any]:
         ) from None
     if not isinstance(value, dict):
         raise BackendError(f"{upstream} sent an event that is not a JSON object: {event.data[:200]!r}")
-    if "error" in value:
+    if value.get("error") is not None:
         raise BackendError(f"{upstream} failed mid-stream: {_errorMessage(value)}")
     return value
 
@@ -314,6 +329,41 @@ class _BytesProducer:
         pass
 
 
+@implementer(IAgentEndpointFactory)
+class UpstreamEndpoints:
+    """
+    Connects to IP-literal upstreams directly, and to host names as ``Agent`` would.
+
+    ``Agent``'s own endpoints resolve every host, an IP address too, with
+    ``getaddrinfo`` in a thread: a few hundred microseconds per connection.
+    That matters because llama-server closes its connection after every
+    streamed answer, so nearly every request opens a new one.
+    """
+
+    def __init__(self, reactor: Any, connectTimeout: float) -> None:
+        self.reactor = reactor
+        self.connectTimeout = connectTimeout
+        self.tls = BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii").strip("[]")
+        endpoint: IStreamClientEndpoint
+        if isIPAddress(host):
+            endpoint = TCP4ClientEndpoint(self.reactor, host, uri.port, timeout=self.connectTimeout)
+        elif isIPv6Address(host):
+            endpoint = TCP6ClientEndpoint(self.reactor, host, uri.port, timeout=self.connectTimeout)
+        else:
+            endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.connectTimeout)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self.tls.creatorForNetloc(uri.host, uri.port), endpoint)
+        return endpoint
+
+
+def upstreamAgent(reactor: Any, connectTimeout: float, pool: HTTPConnectionPool) -> IAgent:
+    """An ``Agent`` for upstream requests, over ``UpstreamEndpoints``."""
+    return Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor, connectTimeout), pool=pool)
+
+
 def _bodyProducer(data: Any) -> IBodyProducer:
     return _BytesProducer(data) if isinstance(data, bytes) else IBodyProducer(data)
 
@@ -374,6 +424,7 @@ class _Upstream(Protocol):
 
     reactor: IReactorTime
     http: HTTPClient
+    freshHTTP: HTTPClient
     url: str
     upstream_name: str
     connect_timeout: float
@@ -432,7 +483,8 @@ class UpstreamStream:
         self._attempts += 1
         body = json.dumps(self._dialect.requestBody(self._request)).encode("utf-8")
         self._armTimer()
-        pending: Deferred[IResponse] = self._backend.http.post(  # type: ignore[assignment]
+        http = self._backend.http if self._attempts == 1 else self._backend.freshHTTP
+        pending: Deferred[IResponse] = http.post(  # type: ignore[assignment]
             self._backend.url + self._dialect.path,
             data=body,
             headers=Headers({b"Content-Type": [b"application/json"], b"Accept": [b"text/event-stream"]}),
@@ -458,8 +510,12 @@ class UpstreamStream:
             )
         elif _neverAnswered(failure):
             if self._attempts == 1:
-                # Most likely a pooled keep-alive connection that the upstream
-                # closed just as we reused it; a fresh one will do.
+                # A pooled keep-alive connection the upstream closed as we
+                # reused it.  llama-server closes its connection after every
+                # streamed answer, while advertising keep-alive, so the pool
+                # hands out such a connection whenever a request starts in
+                # the instant after another ended.  Retry once on a brand new
+                # connection: another pooled one might be just as dead.
                 self.log.debug("retrying request {req_id}: {reason}", req_id=self._request.req_id, reason=failure)
                 self._send()
                 return
@@ -559,7 +615,7 @@ class UpstreamStream:
         self._drain()
 
     def _drain(self) -> None:
-        """Write queued events' text until paused, finished, or out of events."""
+        """Write queued events' text, one write per event, until paused, finished, or out of events."""
         if self._draining:
             return
         self._draining = True
@@ -575,7 +631,7 @@ class UpstreamStream:
                 text = self._text.text(text)
                 if text:
                     self._chunks += 1
-                    self._sink.write(text)
+                    self._sink.write(text)  # may pause us: the loop then stops before the next event
                 if self.progress.finished:
                     self._finish()
                     return
@@ -758,6 +814,7 @@ class LlamaServerBackend:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         http: HTTPClient | None = None,
         pool: HTTPConnectionPool | None = None,
+        freshHTTP: HTTPClient | None = None,
     ) -> None:
         self.reactor = reactor
         self.url = normalizeURL(url)
@@ -771,9 +828,18 @@ class LlamaServerBackend:
                 pool = HTTPConnectionPool(reactor, persistent=True)
                 pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
                 pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
-            http = makeHTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=pool))
+            http = makeHTTPClient(upstreamAgent(reactor, connect_timeout, pool))
+        if freshHTTP is None:
+            if pool is None:
+                freshHTTP = http  # a test's client: it decides what a connection is
+            else:
+                freshPool = HTTPConnectionPool(reactor, persistent=False)
+                freshHTTP = makeHTTPClient(upstreamAgent(reactor, connect_timeout, freshPool))
         self.pool = pool
         self.http = http
+        #: Always a new connection: for the one retry after a pooled
+        #: connection turned out to be closed (see ``UpstreamStream``).
+        self.freshHTTP = freshHTTP
         #: Streams that have not ended; tests and metrics read its size.
         self.active: set[UpstreamStream] = set()
 

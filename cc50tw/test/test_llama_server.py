@@ -21,12 +21,13 @@ from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -37,6 +38,7 @@ from cc50tw.backends.llama_server import (
     DEFAULT_FIRST_EVENT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     LlamaServerBackend,
+    UpstreamEndpoints,
     UpstreamStream,
     makeHTTPClient,
 )
@@ -478,6 +480,18 @@ class RequestErrorTests(SynchronousTestCase):
         self.assertEqual(sink.text, "ok")
         self.assertEqual(h.result(), GenerationResult(4, 1))
 
+    def test_retryUsesABrandNewConnection(self) -> None:
+        """Not the pool, which may hold more connections the upstream has closed."""
+        h = Harness()
+        fresh = FakeUpstream(h.reactor)
+        h.backend.freshHTTP = fresh.client()
+        _, sink = h.generate()
+        h.upstream.lose(netError.ConnectionDone())
+        self.assertEqual((len(h.upstream.connections), len(fresh.connections)), (1, 1))
+        fresh.send(completionResponse(["ok"]))
+        self.assertEqual(sink.text, "ok")
+        self.assertEqual(h.result(), GenerationResult(4, 1))
+
     def test_connectionLostDuringTheHeaders(self) -> None:
         h = Harness()
         h.generate()
@@ -916,6 +930,43 @@ class HealthCheckTests(SynchronousTestCase):
         results: list[object] = []
         backend.startBackend().addBoth(results.append)
         self.assertEqual(results, [None])
+
+
+class UpstreamEndpointsTests(SynchronousTestCase):
+    """IP literals are connected to directly; only host names are resolved."""
+
+    def endpoint(self, url: bytes) -> Any:
+        return UpstreamEndpoints(MemoryReactorClock(), 2.5).endpointForURI(URI.fromBytes(url))
+
+    def test_ipv4LiteralIsNotResolved(self) -> None:
+        endpoint = self.endpoint(b"http://127.0.0.1:8080/completion")
+        self.assertIsInstance(endpoint, TCP4ClientEndpoint)
+        self.assertEqual((endpoint._host, endpoint._port, endpoint._timeout), ("127.0.0.1", 8080, 2.5))
+
+    def test_ipv6Literal(self) -> None:
+        endpoint = self.endpoint(b"http://[::1]:8080/completion")
+        self.assertIsInstance(endpoint, TCP6ClientEndpoint)
+        self.assertEqual(endpoint._host, "::1")
+
+    def test_hostName(self) -> None:
+        self.assertIsInstance(self.endpoint(b"http://llama.internal:8080/"), HostnameEndpoint)
+
+    def test_httpsIsWrappedInTLS(self) -> None:
+        endpoint = self.endpoint(b"https://10.0.0.1:8443/")
+        self.assertNotIsInstance(endpoint, TCP4ClientEndpoint)
+        self.assertIsInstance(endpoint._wrappedEndpoint, TCP4ClientEndpoint)
+
+    def test_refusedConnectionThroughTheRealAgent(self) -> None:
+        """The backend's own agent maps a refused connection like any other."""
+        reactor = MemoryReactorClock()
+        backend = LlamaServerBackend(reactor, "http://127.0.0.1:9")
+        results: list[object] = []
+        backend.generate(InferenceRequest(1, "p", 1), RecordingSink()).addBoth(results.append)
+        host, port, factory, timeout, _ = reactor.tcpClients[0]
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 9, DEFAULT_CONNECT_TIMEOUT))
+        factory.clientConnectionFailed(None, Failure(netError.ConnectionRefusedError()))  # type: ignore[arg-type]
+        assert isinstance(results[0], Failure)
+        self.assertEqual(results[0].value.code, ErrorCode.UPSTREAM_UNAVAILABLE)
 
 
 class OptionsTests(SynchronousTestCase):
