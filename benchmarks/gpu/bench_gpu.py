@@ -100,6 +100,9 @@ class NullSink:
     def write(self, text: str) -> None:
         self.tokens += 1
 
+    def writeSequence(self, texts: Any) -> None:
+        self.tokens += len(texts)
+
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         pass
 
