@@ -2,16 +2,52 @@
 Tools for testing and measuring CC50 servers, in the spirit of
 ``twisted.internet.testing`` and ``treq.testing``: shipped with the package
 so that tests, benchmarks and users' own suites share one implementation.
+
+- ``SlowReader``: a client that stops reading (backpressure tests).
+- ``TerminalFrameChecker``: the exactly-once terminal frame promise, checked
+  frame by frame for every request on a connection.
+- ``run_soak`` / ``soak_server``: mixed traffic over many connections with
+  random cancels and disconnects, every request checked by a
+  ``TerminalFrameChecker``; ``ProcessSampler`` watches the server's RSS and
+  open file descriptors meanwhile.  Any CC50 server can be pointed at them.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+import random
 import resource
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.python.failure import Failure
 
-from cc50tw.codec import Frame, FrameDecoder, MessageType, decode_done, encode_infer
+from cc50tw.codec import (
+    DoneStats,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    MessageType,
+    Oversized,
+    ProtocolError,
+    decode_done,
+    decode_error,
+    encode_cancel,
+    encode_credit,
+    encode_infer,
+)
+from cc50tw.endpoints import client_description
+from cc50tw.receiver import CC50Receiver, setTcpNoDelay
+from cc50tw.stats import summarize
 
 
 class SlowReader(Protocol):
