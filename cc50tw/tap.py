@@ -167,6 +167,27 @@ class Options(usage.Options):
         )
 
 
+def raiseFileLimit(log: Logger) -> None:
+    """
+    Each connection is a file descriptor, and the usual soft limit (1024) is
+    far below what one cc50 process can hold; raise it to the hard limit.
+    """
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.info("could not raise the open-file limit from {soft}: {error}", soft=soft, error=e)
+            return
+        log.info("raised the open-file limit (RLIMIT_NOFILE) from {soft} to {hard}", soft=soft, hard=hard)
+    else:
+        log.info("open-file limit (RLIMIT_NOFILE) is {soft}", soft=soft)
+
+
 class CC50Service(MultiService):
     """
     Starts the backend before the listeners and stops it after them; on stop,
@@ -232,6 +253,7 @@ class CC50Service(MultiService):
         return checked.addCallbacks(record, failed)
 
     def privilegedStartService(self) -> None:
+        raiseFileLimit(self.log)
         self.log.info("cc50 backend: {backend}", backend=self.backend.describe())
         result = self.backend.startBackend()
         if isinstance(result, Deferred):
