@@ -9,6 +9,7 @@ so existing scripts keep working.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -17,8 +18,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError
 from twisted.internet.task import react
 
+from cc50tw.bench import PlotUnavailable
 from cc50tw.errors import ClientError
-from cc50tw.stats import cpp_summary_line, describe
+from cc50tw.stats import describe
 
 DEFAULT_SERVER = "tcp:127.0.0.1:9199"
 
@@ -49,7 +51,31 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--metrics-url", help="the server's /metrics URL: print its own TTFT for this run beside the client's"
     )
+    bench.add_argument(
+        "--processes",
+        type=_positive,
+        default=1,
+        help="spread connections and workers over N client processes, for loads one process cannot generate",
+    )
+    bench.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="PATH",
+        help="every figure as JSON: alone, on stdout instead of the text; with PATH, to that file as well",
+    )
+    bench.add_argument("--plot", metavar="PNG", help="draw latency and TTFT distributions here (needs matplotlib)")
+    bench.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal anyway)"
+    )
     return parser
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
 
 
 def _token(args: argparse.Namespace) -> bytes | None:
@@ -84,50 +110,112 @@ async def _infer(reactor: Any, args: argparse.Namespace) -> int:
 
 
 async def _bench(reactor: Any, args: argparse.Namespace) -> int:
-    from cc50tw.bench import run_bench
+    from cc50tw.bench import (
+        bench_report,
+        check_plotting,
+        make_progress,
+        plot_latency,
+        run_bench,
+        run_bench_processes,
+        shares,
+    )
     from cc50tw.scrape import parse_histogram, scrape
 
-    TTFT = "cc50_time_to_first_token_seconds"
-    before = parse_histogram(await scrape(args.metrics_url), TTFT) if args.metrics_url else None
-    result = await run_bench(
-        reactor,
+    if args.plot:
+        check_plotting()
+    bench_shares = shares(
         args.server,
         args.prompt,
         args.max_tokens,
         args.iters,
         args.concurrency,
         args.connections,
-        keep_text=args.print_count,
-        credit_bytes=args.credit_bytes,
-        token=_token(args),
+        args.processes,
+        args.print_count,
+        args.credit_bytes,
+        _token(args),
     )
-    for record in result.records:
-        if record.text is not None:
-            print(record.text)
-    latencies = [r.latency_ms for r in result.records]
-    tokens = sum(r.tokens for r in result.records)
-    per_request_rate = [r.tokens / (r.latency_ms / 1e3) for r in result.records if r.latency_ms > 0]
-    print(
-        f"requests={len(result.records)} errors={len(result.errors)} concurrency={args.concurrency} "
-        f"connections={args.connections} wall_s={result.wall_s:.3f}"
-    )
-    print(describe("latency", latencies))
-    print(describe("ttft", [r.ttft_ms for r in result.records]))
+    TTFT = "cc50_time_to_first_token_seconds"
+    before = parse_histogram(await scrape(args.metrics_url), TTFT) if args.metrics_url else None
+    progress = make_progress(args.iters, sys.stderr, enabled=not args.no_progress)
+    try:
+        if args.processes > 1:
+            result = await run_bench_processes(reactor, bench_shares, progress.update_to if progress.shown else None)
+        else:
+            result = await run_bench(
+                reactor,
+                args.server,
+                args.prompt,
+                args.max_tokens,
+                args.iters,
+                args.concurrency,
+                args.connections,
+                keep_text=args.print_count,
+                credit_bytes=args.credit_bytes,
+                token=_token(args),
+                progress=progress.advance if progress.shown else None,
+            )
+    finally:
+        progress.close()
+    settings = {
+        "server": args.server,
+        "prompt": args.prompt,
+        "max_tokens": args.max_tokens,
+        "iters": args.iters,
+        "concurrency": args.concurrency,
+        "connections": args.connections,
+        "processes": args.processes,
+        "credit_bytes": args.credit_bytes,
+    }
+    report = bench_report(result, settings)
     if before is not None:
         server = parse_histogram(await scrape(args.metrics_url), TTFT).since(before)
-        print(
-            f"server_ttft mean={server.mean * 1e3:.3f} p50~{server.quantile(0.5) * 1e3:.3f} "
-            f"p99~{server.quantile(0.99) * 1e3:.3f} (ms, from {args.metrics_url}, {server.observations:.0f} requests)"
-        )
-    mean_rate = sum(per_request_rate) / len(per_request_rate) if per_request_rate else 0.0
-    print(
-        f"tokens={tokens} tokens_per_s={tokens / result.wall_s if result.wall_s else 0.0:.1f} "
-        f"per_request_tokens_per_s={mean_rate:.1f}"
-    )
+        report["server_ttft_ms"] = {
+            "source": args.metrics_url,
+            "requests": server.observations,
+            "mean": server.mean * 1e3,
+            "p50_estimate": server.quantile(0.5) * 1e3,
+            "p99_estimate": server.quantile(0.99) * 1e3,
+        }
+    if args.plot:
+        plot_latency(args.plot, report)
+    if args.json == "-":
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(report, out, indent=2)
+                out.write("\n")
+        _print_report(report)
     for error in result.errors[:10]:
         print(f"error: {error}", file=sys.stderr)
-    print(cpp_summary_line(latencies))
     return 1 if result.errors else 0
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    """The text output; its last line is the C++ client's summary line, which scripts diff."""
+    settings = report["settings"]
+    for text in report["texts"]:
+        print(text)
+    processes = f" processes={report['processes']}" if report["processes"] > 1 else ""
+    print(
+        f"requests={report['requests']} errors={report['errors']} concurrency={settings['concurrency']} "
+        f"connections={settings['connections']}{processes} wall_s={report['wall_s']:.3f}"
+    )
+    print(describe("latency", report["samples"]["latency_ms"]))
+    print(describe("ttft", report["samples"]["ttft_ms"]))
+    server = report.get("server_ttft_ms")
+    if server is not None:
+        print(
+            f"server_ttft mean={server['mean']:.3f} p50~{server['p50_estimate']:.3f} "
+            f"p99~{server['p99_estimate']:.3f} (ms, from {server['source']}, {server['requests']:.0f} requests)"
+        )
+    print(
+        f"tokens={report['tokens']} tokens_per_s={report['tokens_per_s']:.1f} "
+        f"per_request_tokens_per_s={report['per_request_tokens_per_s']:.1f}"
+    )
+    print(report["cpp_summary"])
 
 
 def _tls_errors() -> tuple[type[Exception], ...]:
@@ -151,13 +239,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         from cc50tw.testmodel import main as makeTestModel
 
         raise SystemExit(makeTestModel(argv[1:]))
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench" and args.processes > min(args.connections, args.concurrency):
+        parser.error(
+            f"--processes={args.processes} needs at least as many --connections and --concurrency "
+            f"(got {args.connections} and {args.concurrency})"
+        )
     command = {"infer": _infer, "bench": _bench}[args.command]
 
     def run(reactor: Any) -> Deferred[None]:
         async def go() -> None:
             try:
                 code = await command(reactor, args)
+            except PlotUnavailable as e:
+                sys.stderr.write(f"cc50: {e}\n")
+                code = 2
             except (ConnectError, ClientError, OSError, RuntimeError) as e:
                 sys.stderr.write(f"cc50: {args.command} against {args.server} failed: {e}\n")
                 code = 2

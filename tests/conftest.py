@@ -30,6 +30,25 @@ from tests.helpers import CLEAN_EXIT_ON_SIGTERM, ServerProcess, cc50_server_comm
 
 DEFAULT_SERVER_ARGS = ("--toy-iters=0",)
 
+#: Rows of the hostile-input and soak summary (issue 8), appended by those
+#: tests and printed at the end of the session by ``pytest_terminal_summary``.
+HOSTILE_SUMMARY: list[dict[str, object]] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not HOSTILE_SUMMARY:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("hostile input, faults and soak (issue 8)")
+    write(f"{'suite':<16} {'category':<28} {'cases':>8} {'crashes':>8} {'lost':>6} {'peak RSS MiB':>13}")
+    for row in HOSTILE_SUMMARY:
+        rss = row.get("peak_rss")
+        rss_text = f"{int(rss) / (1 << 20):.1f}" if isinstance(rss, int) else "-"
+        write(
+            f"{row['suite']!s:<16} {row['category']!s:<28} {row['cases']!s:>8} {row.get('crashes', 0)!s:>8} "
+            f"{row.get('lost', 0)!s:>6} {rss_text:>13}"
+        )
+
 
 class StartCC50(Protocol):
     def __call__(

@@ -16,6 +16,7 @@ install step cannot pass as green.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -48,11 +49,16 @@ SLOT_FREED_WITHIN = 1.0
 
 
 def require_llama_server() -> Path:
-    if LLAMA_BINARY is not None:
+    """llama-server's path; skips (fails, under CI) without it or the model generator's ``gguf``."""
+    missing = LLAMA_FOUND if LLAMA_BINARY is None else None
+    if missing is None and importlib.util.find_spec("gguf") is None:
+        missing = "the gguf package is not installed (pip install gguf), so no test model can be made"
+    if missing is None:
+        assert LLAMA_BINARY is not None
         return LLAMA_BINARY
     if os.environ.get("CI") == "true":
-        pytest.fail(f"CI must run the llama-server tests, but: {LLAMA_FOUND}", pytrace=False)
-    pytest.skip(LLAMA_FOUND)
+        pytest.fail(f"CI must run the llama-server tests, but: {missing}", pytrace=False)
+    pytest.skip(missing)
 
 
 @pytest.fixture(scope="module")
