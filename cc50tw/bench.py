@@ -496,7 +496,7 @@ def plot_latency(path: str, report: dict[str, Any]) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import NullFormatter
+        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
     except ImportError as e:
         raise PlotUnavailable(f"--plot needs matplotlib, an optional extra: pip install matplotlib ({e})") from None
 
@@ -520,7 +520,9 @@ def plot_latency(path: str, report: dict[str, Any]) -> None:
         if ordered:
             axes[2].plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=label)
     axes[2].set_xscale("log")
-    axes[2].xaxis.set_minor_formatter(NullFormatter())  # minor labels on a log axis overlap
+    axes[2].xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 1, 2, 5, 10, 20, ... ms
+    axes[2].xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    axes[2].xaxis.set_minor_formatter(NullFormatter())
     axes[2].set_title("cumulative distribution")
     axes[2].set_xlabel("ms (log)")
     axes[2].set_ylabel("fraction of requests")

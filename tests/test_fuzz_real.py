@@ -42,7 +42,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cc50tw.codec import MessageType
 from cc50tw.testing import ProcessSampler
 from tests.conftest import HOSTILE_SUMMARY, StartCC50
 from tests.helpers import ConnectionClosed, RawConnection, ServerProcess, describe_frame, raw_infer
@@ -408,7 +407,9 @@ class Fuzzer:
             except AssertionError as e:
                 raise FuzzFailure(f"{e}\n{context()}") from None
             if extra:
-                raise FuzzFailure(f"frames after the last expected one: {[describe_frame(f) for f in extra]}\n{context()}")
+                raise FuzzFailure(
+                    f"frames after the last expected one: {[describe_frame(f) for f in extra]}\n{context()}"
+                )
             self.tally.closed_by_server += 1
             conn.close()
         elif self.rng.random() < 0.5:
@@ -478,7 +479,7 @@ def test_socket_fuzzing(cc50_server: StartCC50) -> None:
     for first in range(0, CASES, BATCH):
         for number in range(first, min(CASES, first + BATCH)):
             fuzzer.run_case(number)
-        fuzzer.finish_connection(lambda: f"end of the batch starting at case {first}")
+        fuzzer.finish_connection(lambda first=first: f"end of the batch starting at case {first}")
         assert_serves(server, f"after the batch starting at case {first}")
         sampler.sample()
     elapsed = time.monotonic() - started
