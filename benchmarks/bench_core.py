@@ -134,45 +134,44 @@ def stream_figures(frames: int, payload: int, elapsed: float) -> dict[str, float
 # Library client ------------------------------------------------------------------
 
 
-def library_measurements(endpoint: str, count: int, warmup: int, tokens: int, repeats: int) -> dict[str, Any]:
-    """Both measurements through ``cc50tw.client``, on a reactor in this process."""
-    from twisted.internet.defer import Deferred
-    from twisted.internet.task import react
+async def library_round_trips(client: Any, count: int, warmup: int) -> list[float]:
+    """Sequential 1-token requests through ``cc50tw.client``; latencies in µs (warm-up dropped)."""
+    latencies: list[float] = []
+    for number in range(warmup + count):
+        started = time.perf_counter_ns()
+        completion = await client.infer("hi", 1).collect()
+        elapsed = time.perf_counter_ns() - started
+        if completion.stats.tokens != 1:
+            raise AssertionError(f"request {number}: {completion.stats}")
+        if number >= warmup:
+            latencies.append(elapsed / 1e3)
+    return latencies
 
+
+async def library_stream(client: Any, tokens: int) -> dict[str, float]:
+    """One request of ``tokens`` tokens through ``cc50tw.client`` (default window, credit granted back)."""
+    response = client.infer("stream", tokens)
+    began = time.perf_counter()
+    streamed = await response.collect()
+    seconds = time.perf_counter() - began
+    if streamed.stats.tokens != tokens or response.chunkBytes != tokens * TOKEN_BYTES:
+        raise AssertionError(f"stream: {streamed.stats}, {response.chunkBytes} bytes")
+    return stream_figures(response.chunkFrames, response.chunkBytes, seconds)
+
+
+def library_measurements(endpoint: str, count: int, warmup: int, tokens: int, repeats: int) -> dict[str, Any]:
+    """Both measurements through ``cc50tw.client``, on a reactor in this process (so once per process)."""
+    from cc50tw.bench import run_on_reactor
     from cc50tw.client import connect
 
-    results: dict[str, Any] = {}
-
-    async def main(reactor: Any) -> None:
+    async def main(reactor: Any) -> dict[str, Any]:
         client = await connect(reactor, endpoint)
-        latencies: list[float] = []
-        for number in range(warmup + count):
-            started = time.perf_counter_ns()
-            completion = await client.infer("hi", 1).collect()
-            elapsed = time.perf_counter_ns() - started
-            if completion.stats.tokens != 1:
-                raise AssertionError(f"request {number}: {completion.stats}")
-            if number >= warmup:
-                latencies.append(elapsed / 1e3)
-        results["round_trip_us"] = latencies
-        runs = []
-        for _ in range(repeats):
-            response = client.infer("stream", tokens)
-            began = time.perf_counter()
-            streamed = await response.collect()
-            seconds = time.perf_counter() - began
-            if streamed.stats.tokens != tokens or response.chunkBytes != tokens * TOKEN_BYTES:
-                raise AssertionError(f"stream: {streamed.stats}, {response.chunkBytes} bytes")
-            runs.append(stream_figures(response.chunkFrames, response.chunkBytes, seconds))
-        results["stream_runs"] = runs
+        results: dict[str, Any] = {"round_trip_us": await library_round_trips(client, count, warmup)}
+        results["stream_runs"] = [await library_stream(client, tokens) for _ in range(repeats)]
         await client.close()
+        return results
 
-    try:
-        react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
-    except SystemExit as e:  # react always exits; 0 is success
-        if e.code:
-            raise
-    return results
+    return run_on_reactor(main)
 
 
 # Reporting -----------------------------------------------------------------------

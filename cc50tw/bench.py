@@ -56,6 +56,9 @@ class BenchResult(NamedTuple):
     started_at: float = 0.0
     ended_at: float = 0.0
     processes: int = 1
+    #: CPU seconds the client process(es) used over the run: with the server's,
+    #: it tells which side was the limit.
+    cpu_s: float = 0.0
 
 
 def raise_open_file_limit(needed: int = 0) -> tuple[int, int]:
@@ -142,12 +145,12 @@ async def run_bench(
                 )
             )
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     workers = [Deferred.fromCoroutine(worker(i)) for i in range(max(1, concurrency))]
     await DeferredList(workers, consumeErrors=True)
-    ended = time.perf_counter()
+    ended, cpu = time.perf_counter(), time.process_time() - cpu
     await gatherResults([client.close() for client in clients])
-    return BenchResult(records, errors, ended - started, started, ended)
+    return BenchResult(records, errors, ended - started, started, ended, cpu_s=cpu)
 
 
 def merge_results(results: Sequence[BenchResult]) -> BenchResult:
@@ -161,7 +164,15 @@ def merge_results(results: Sequence[BenchResult]) -> BenchResult:
     errors = [error for result in results for error in result.errors]
     started = min(result.started_at for result in results)
     ended = max(result.ended_at for result in results)
-    return BenchResult(records, errors, ended - started, started, ended, sum(r.processes for r in results))
+    return BenchResult(
+        records,
+        errors,
+        ended - started,
+        started,
+        ended,
+        sum(r.processes for r in results),
+        sum(r.cpu_s for r in results),
+    )
 
 
 # Several processes -------------------------------------------------------------------
@@ -222,18 +233,19 @@ def run_on_reactor(main: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
     this is for a process of its own: a child of ``run_bench_processes``, a
     benchmark scenario.
     """
-    from twisted.internet import reactor
+    from twisted.internet import reactor as globalReactor
     from twisted.python.failure import Failure
 
+    reactor: Any = globalReactor
     outcome: list[Any] = []
 
     def start() -> None:
         finished = Deferred.fromCoroutine(main(reactor))
         finished.addBoth(outcome.append)
-        finished.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+        finished.addBoth(lambda _: reactor.stop())
 
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
-    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(start)
+    reactor.run(installSignalHandlers=False)
     if not outcome:
         raise RuntimeError("the reactor stopped before the benchmark finished")
     if isinstance(outcome[0], Failure):
@@ -278,7 +290,7 @@ def _child(share: BenchShare, index: int, barrier: Any, counters: Any, pipe: Any
 
 
 @contextmanager
-def _main_module_hidden() -> Iterator[None]:
+def main_module_hidden() -> Iterator[None]:
     """
     While children start, hide ``__main__``'s file and spec from
     ``multiprocessing``: a ``spawn`` child otherwise re-runs the main script,
@@ -312,7 +324,7 @@ def run_processes_blocking(bench_shares: Sequence[BenchShare], counters: Any = N
         counters = context.Array("q", len(bench_shares), lock=False)
     barrier = context.Barrier(len(bench_shares))
     children = []
-    with _main_module_hidden():
+    with main_module_hidden():
         for index, share in enumerate(bench_shares):
             receive, send = context.Pipe(duplex=False)
             process = context.Process(target=_child, args=(share, index, barrier, counters, send), daemon=True)
@@ -409,6 +421,8 @@ def bench_report(result: BenchResult, settings: dict[str, Any]) -> dict[str, Any
         "tokens_per_s": tokens / result.wall_s if result.wall_s else 0.0,
         "per_request_tokens_per_s": sum(rates) / len(rates) if rates else 0.0,
         "requests_per_s": len(result.records) / result.wall_s if result.wall_s else 0.0,
+        "client_cpu_s": result.cpu_s,
+        "client_cpu_share": result.cpu_s / result.wall_s if result.wall_s else 0.0,
         "latency_ms": summary_dict(latencies),
         "ttft_ms": summary_dict(ttfts),
         "cpp_summary": cpp_summary_line(latencies),
@@ -465,7 +479,7 @@ def make_progress(total: int, stream: IO[str] | None = None, enabled: bool = Tru
     if not enabled or isatty is None or not isatty():
         return NoProgress()
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped,import-not-found]
     except ImportError:
         return NoProgress()
     return TqdmProgress(tqdm(total=total, file=stream, unit="req", leave=False, dynamic_ncols=True, mininterval=0.1))
@@ -492,11 +506,11 @@ def plot_latency(path: str, report: dict[str, Any]) -> None:
     p50 and p99 marked, and their cumulative distributions) to ``path``.
     """
     try:
-        import matplotlib
+        import matplotlib  # type: ignore[import-not-found]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found]
+        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter  # type: ignore[import-not-found]
     except ImportError as e:
         raise PlotUnavailable(f"--plot needs matplotlib, an optional extra: pip install matplotlib ({e})") from None
 
@@ -505,7 +519,9 @@ def plot_latency(path: str, report: dict[str, Any]) -> None:
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for axis, key, label in ((axes[0], "latency_ms", "request latency"), (axes[1], "ttft_ms", "time to first token")):
         values = samples[key]
-        axis.hist(values, bins=min(100, max(10, len(values) // 10)), color="tab:blue" if key == "latency_ms" else "tab:orange")
+        axis.hist(
+            values, bins=min(100, max(10, len(values) // 10)), color="tab:blue" if key == "latency_ms" else "tab:orange"
+        )
         summary = report[key]
         for name, style in (("p50", "--"), ("p99", ":")):
             if summary["samples"]:

@@ -3,7 +3,10 @@ The ``cc50`` command: ``infer`` streams one answer, ``bench`` measures.
 
 Flags follow the C++ CC50 client (``--server=HOST:PORT --prompt=...
 --max-tokens=N --iters=N --print=1``) and bench ends with its summary line,
-so existing scripts keep working.
+so existing scripts keep working.  Beyond them, bench takes ``--processes N``
+(load from several client processes, merged), ``--json [PATH]`` (every
+figure, for machines), ``--plot PNG`` (matplotlib, optional) and shows a
+progress bar (tqdm, optional) when standard error is a terminal.
 """
 
 from __future__ import annotations

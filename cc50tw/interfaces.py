@@ -10,7 +10,7 @@ socket back to the model without the backend knowing about either.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred
@@ -101,7 +101,9 @@ class IBackendFactory(Interface):
     A backend as a plugin: what ``twistd cc50 --backend=NAME`` looks up.
 
     Providers also provide ``twisted.plugin.IPlugin`` and live in a module of
-    the ``cc50tw.plugins`` package (see ``docs/backends.md``).
+    the ``cc50tw.plugins`` package (see ``docs/backends.md``).  A provider
+    may also have ``flags``, on/off options in ``usage.Options.optFlags``
+    form (``[long, short, doc]``); ``BackendSpec`` has it, empty by default.
     """
 
     name = Attribute("The --backend value, e.g. 'toy'.")
@@ -113,3 +115,20 @@ class IBackendFactory(Interface):
 
     def build(options: Mapping[str, Any], reactor: Any) -> IBackend:  # type: ignore[misc]
         """Make the backend from the parsed options; raise ValueError with a clear message if they are wrong."""
+
+
+class IBackendMetrics(Interface):
+    """
+    Optional, for a backend that exports Prometheus metrics of its own (the
+    upstream pool's per-upstream gauges and counters, for example).
+
+    When the server's factory is created it registers every collector
+    returned here in its private registry, so they appear on ``/metrics``
+    next to the server's own.  Collectors are read at scrape time, in the
+    reactor thread; name their metrics ``cc50_<something>_...`` and keep
+    clear of the server's names (a collector that collides is skipped with
+    a log line).
+    """
+
+    def collectors() -> Iterable[Any]:  # type: ignore[misc]
+        """``prometheus_client`` collectors (objects with ``collect()``) to register."""

@@ -15,11 +15,16 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from twisted.logger import Logger
+
+from cc50tw.interfaces import IBackendMetrics
 
 if TYPE_CHECKING:
     from cc50tw.server import CC50ServerFactory
 
 #: Latency buckets from 100 µs (a toy round trip) to a minute (a long answer).
+log = Logger()
+
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -81,3 +86,21 @@ class ServerMetrics:
         self.generated_tokens = Counter("cc50_generated_tokens", "Tokens generated.", registry=self.registry)
         self.prompt_tokens = Counter("cc50_prompt_tokens", "Prompt tokens processed.", registry=self.registry)
         self.registry.register(_FactoryCollector(factory))
+        registerBackendCollectors(self.registry, factory.backend)
+
+
+def registerBackendCollectors(registry: CollectorRegistry, backend: object) -> None:
+    """
+    Register the collectors of a backend that provides ``IBackendMetrics``.
+
+    One that clashes with a metric already registered is skipped with a log
+    line: a plugin's metrics must not take the server down.
+    """
+    provider = IBackendMetrics(backend, None)
+    if provider is None:
+        return
+    for collector in provider.collectors():
+        try:
+            registry.register(collector)
+        except ValueError as e:
+            log.error("not exporting backend metrics from {collector!r}: {error}", collector=collector, error=e)

@@ -9,6 +9,8 @@ buffered), and ``streamCorrupted`` when the byte stream cannot be CC50.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.protocol import Protocol
 
 from cc50tw.codec import Frame, FrameDecoder, Oversized, ProtocolError
@@ -33,6 +35,12 @@ class CC50Receiver(Protocol):
     #: Largest payload accepted into memory; a frame's header is 24 bytes more.
     MAX_LENGTH = 1 << 20
 
+    #: A subclass that receives RESP_CHUNK frames by the million (the client)
+    #: sets this to a callable taking ``(req_id, payload)``: chunk frames then
+    #: go straight to it instead of through ``frameReceived`` as ``Frame``
+    #: objects.  It returns true to stop reading this data (connection closing).
+    _chunkReceiver: Callable[[int, bytes], bool] | None = None
+
     _decoder: FrameDecoder | None = None
 
     def dataReceived(self, data: bytes) -> None:
@@ -40,7 +48,7 @@ class CC50Receiver(Protocol):
         if decoder is None:
             decoder = self._decoder = FrameDecoder(self.MAX_LENGTH)
         try:
-            for item in decoder.feed(data):
+            for item in decoder.feed(data, self._chunkReceiver):
                 if self.transport is None or self.transport.disconnecting:  # type: ignore[attr-defined]
                     return
                 if type(item) is Frame:

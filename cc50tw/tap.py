@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from cc50tw.backends import installed_backends
+from cc50tw.backends import Repeatable, installed_backends, repeatableOptions
 from cc50tw.endpoints import server_description
 from cc50tw.interfaces import IBackend, IBackendFactory
 from cc50tw.server import CC50ServerFactory, ServerConfig
@@ -76,12 +76,36 @@ def _backend_help(specs: dict[str, IBackendFactory]) -> str:
     return "\n".join(f"  {name:<14}{spec.description}" for name, spec in sorted(specs.items()))
 
 
+class _RepeatedParameter(usage.CoerceParameter):
+    """Dispatches a ``Repeatable`` option: the first use replaces the default, each later one appends."""
+
+    def __init__(self, options: usage.Options, coerce: Repeatable) -> None:
+        super().__init__(options, coerce)
+        self.given: set[str] = set()
+
+    def dispatch(self, parameterName: str, value: str) -> None:
+        if value is None:
+            raise usage.UsageError(f"Parameter '{parameterName}' requires an argument.")
+        try:
+            coerced = self.coerce(value)
+        except ValueError as e:
+            raise usage.UsageError(f"Parameter type enforcement failed: {e}") from None
+        if parameterName not in self.given:
+            self.given.add(parameterName)
+            self.options.opts[parameterName] = []
+        self.options.opts[parameterName].append(coerced)
+
+
 class Options(usage.Options):
     """Command-line options of ``twistd cc50``."""
 
-    backends = installed_backends({option[0] for option in _SERVER_OPTIONS} | {"listen", "l", "help", "version"})
+    backends = installed_backends(
+        {option[0] for option in _SERVER_OPTIONS} | {flag[0] for flag in _SERVER_FLAGS} | {"listen", "l", "help", "version"}
+    )
     optParameters = _SERVER_OPTIONS + [option for spec in backends.values() for option in spec.options]
-    optFlags = _SERVER_FLAGS
+    optFlags = _SERVER_FLAGS + [flag for spec in backends.values() for flag in getattr(spec, "flags", ())]
+    #: Backend options that may repeat, with their defaults: their values are lists.
+    repeatable = repeatableOptions(optParameters)
     longdesc = (
         "Serve LLM token streams over the CC50 binary protocol. "
         "--listen takes a Twisted endpoint description (tcp:9199, "
@@ -92,6 +116,9 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        for name in self.repeatable:
+            coerce = self._dispatch[name].coerce
+            self._dispatch[name] = _RepeatedParameter(self, coerce)
 
     def getUsage(self, width: int | None = None) -> str:
         return super().getUsage(width) + "\nBackends (--backend):\n" + _backend_help(self.backends) + "\n"
@@ -109,6 +136,9 @@ class Options(usage.Options):
             )
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        for name, default in self.repeatable.items():
+            if not isinstance(self[name], list):  # not given: the default alone
+                self[name] = [] if default is None else [default]
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError(f"--log-format must be text or json, not {self['log-format']!r}")
         if self["log-format"] == "json" and self.parent is not None and not self.parent.get("logger"):

@@ -5,7 +5,8 @@ so that tests, benchmarks and users' own suites share one implementation.
 
 - ``SlowReader``: a client that stops reading (backpressure tests).
 - ``TerminalFrameChecker``: the exactly-once terminal frame promise, checked
-  frame by frame for every request on a connection.
+  frame by frame for every request on a connection; ``CheckingClient`` is a
+  client connection built on it.
 - ``run_soak`` / ``soak_server``: mixed traffic over many connections with
   random cancels and disconnects, every request checked by a
   ``TerminalFrameChecker``; ``ProcessSampler`` watches the server's RSS and
@@ -308,6 +309,71 @@ class TerminalFrameChecker:
         return [r for r in self.requests.values() if not r.finished and not r.abandoned]
 
 
+class CheckingClient(CC50Receiver):
+    """
+    A client connection that holds the server to the exactly-once promise:
+    every frame goes through a ``TerminalFrameChecker``, and ``finished``
+    fires when a request has its terminal frame (or the connection is lost).
+    It never grants credit: each request's window is its ``credit_bytes``.
+    """
+
+    MAX_LENGTH = 16 << 20
+
+    def __init__(self, bytes_per_token: int | None = None) -> None:
+        self.checker = TerminalFrameChecker(bytes_per_token)
+        self.ids = itertools.count(1)
+        self.lost: Deferred[None] = Deferred()
+        self.closedBy: Failure | None = None
+        self._waiters: dict[int, list[Deferred[RequestRecord]]] = {}
+
+    def connectionMade(self) -> None:
+        setTcpNoDelay(self.transport)
+
+    def infer(
+        self, prompt: str, max_tokens: int, credit_bytes: int = 0, expected_tokens: int | None = None
+    ) -> RequestRecord:
+        req_id = next(self.ids)
+        record = self.checker.sent(req_id, expected_tokens)
+        self.transport.write(encode_infer(req_id, prompt, max_tokens, credit_bytes))  # type: ignore[union-attr]
+        return record
+
+    def cancel(self, req_id: int) -> None:
+        self.checker.cancelled(req_id)
+        self.transport.write(encode_cancel(req_id))  # type: ignore[union-attr]
+
+    def finished(self, record: RequestRecord) -> Deferred[RequestRecord]:
+        """Fires with ``record`` once it has its terminal frame, or once the connection is gone."""
+        if record.finished or self.closedBy is not None:
+            done: Deferred[RequestRecord] = Deferred()
+            done.callback(record)
+            return done
+        waiter: Deferred[RequestRecord] = Deferred()
+        self._waiters.setdefault(record.req_id, []).append(waiter)
+        return waiter
+
+    def frameReceived(self, frame: Frame) -> None:
+        record = self.checker.frame(frame)
+        if record is not None and record.finished:
+            for waiter in self._waiters.pop(record.req_id, []):
+                waiter.callback(record)
+
+    def lengthLimitExceeded(self, header: Oversized) -> None:
+        self.checker.problems.append(f"server sent a {header.length}-byte frame")
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def streamCorrupted(self, error: ProtocolError) -> None:
+        self.checker.problems.append(f"server stream corrupted: {error.message}")
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closedBy = reason
+        waiters, self._waiters = self._waiters, {}
+        for req_id, pending in waiters.items():
+            for waiter in pending:
+                waiter.callback(self.checker.requests[req_id])
+        self.lost.callback(None)
+
+
 # Soak --------------------------------------------------------------------------------
 
 
@@ -520,7 +586,7 @@ class SoakConnection(CC50Receiver):
                 return
         if record.finished:
             del self.active[frame.req_id]
-            self.driver.ended(record, state.ordinary)
+            self.driver.ended(record, state.ordinary, self.checker.label)
             if not self.active:
                 if self.driver.stopping:
                     self.close()
@@ -539,6 +605,10 @@ class SoakConnection(CC50Receiver):
 _WORDS = ["alpha", "beta", "gamma", "delta", "soak", "token", "stream", "credit", "cancel", "ünïcode", "日本"]
 
 
+#: Latencies a soak keeps (a uniform sample, so that hours of soak stay small).
+LATENCY_SAMPLES = 100_000
+
+
 class SoakDriver:
     """Keeps ``config.connections`` connections busy until the time is up, then closes them."""
 
@@ -554,6 +624,8 @@ class SoakDriver:
         self._numbers = itertools.count()
         self._reconnects: set[IDelayedCall] = set()
         self.connecting = 0
+        self._latencies_seen = 0
+        self._sampling = random.Random(config.seed)
 
     def opened(self, connection: SoakConnection) -> None:
         self.stats.connections_opened += 1
@@ -572,15 +644,26 @@ class SoakDriver:
         if not self.stopping:
             self.connect()
 
-    def ended(self, record: RequestRecord, ordinary: bool) -> None:
+    def ended(self, record: RequestRecord, ordinary: bool, label: str) -> None:
         outcome = record.outcome
         self.stats.outcomes[outcome] += 1
         if outcome == "done":
             if ordinary and record.ended_at is not None:
-                self.stats.latencies_ms.append((record.ended_at - record.sent_at) * 1e3)
+                self._latency((record.ended_at - record.sent_at) * 1e3)
         elif not (outcome == "CANCELLED" and record.cancel_sent):
             self.stats.unexpected_errors += 1
-            self.stats.problems.append(f"request {record.req_id}: {outcome}: {record.error_message}")
+            self.stats.problems.append(f"{label}: request {record.req_id}: {outcome}: {record.error_message}")
+
+    def _latency(self, ms: float) -> None:
+        """Keep a uniform sample of at most ``LATENCY_SAMPLES`` latencies, however long the soak."""
+        self._latencies_seen += 1
+        samples = self.stats.latencies_ms
+        if len(samples) < LATENCY_SAMPLES:
+            samples.append(ms)
+        else:
+            slot = self._sampling.randrange(self._latencies_seen)
+            if slot < LATENCY_SAMPLES:
+                samples[slot] = ms
 
     def connect(self) -> Deferred[SoakConnection]:
         connection = SoakConnection(self, next(self._numbers))

@@ -16,6 +16,10 @@ may set ``SHARED_SERVER_ARGS`` to choose its options.
 
 pytest-twisted is enabled by its entry point (no ``-p`` needed); tests that
 use the client library are ``@pytest_twisted.ensureDeferred`` coroutines.
+
+The hostile-input, fault and soak tests (issue 8) append rows to
+``HOSTILE_SUMMARY``; ``pytest_terminal_summary`` prints them as one table at
+the end of the run (cases per category, crashes, requests lost, peak RSS).
 """
 
 from __future__ import annotations
@@ -40,12 +44,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         return
     write = terminalreporter.write_line
     terminalreporter.section("hostile input, faults and soak (issue 8)")
-    write(f"{'suite':<16} {'category':<28} {'cases':>8} {'crashes':>8} {'lost':>6} {'peak RSS MiB':>13}")
+    write(f"{'suite':<16} {'category':<32} {'cases':>8} {'crashes':>8} {'lost':>6} {'peak RSS MiB':>13}")
     for row in HOSTILE_SUMMARY:
         rss = row.get("peak_rss")
         rss_text = f"{int(rss) / (1 << 20):.1f}" if isinstance(rss, int) else "-"
         write(
-            f"{row['suite']!s:<16} {row['category']!s:<28} {row['cases']!s:>8} {row.get('crashes', 0)!s:>8} "
+            f"{row['suite']!s:<16} {row['category']!s:<32} {row['cases']!s:>8} {row.get('crashes', 0)!s:>8} "
             f"{row.get('lost', 0)!s:>6} {rss_text:>13}"
         )
 

@@ -206,14 +206,20 @@ def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def stream_events(url: str, body: dict[str, Any], timeout: float = 120.0) -> Iterator[dict[str, Any] | str]:
+def stream_events(
+    url: str, body: dict[str, Any], timeout: float = 120.0, headers: dict[str, str] | None = None
+) -> Iterator[dict[str, Any] | str]:
     """
-    POST ``body`` and yield each SSE event's data, as JSON (or the raw string,
-    for ``[DONE]``), parsed here independently of ``cc50tw.sse``, so tests
-    that compare the bridge with this do not trust the code under test.
+    POST ``body`` (with ``headers`` besides the JSON content type) and yield
+    each SSE event's data, as JSON (or the raw string, for ``[DONE]``),
+    parsed here independently of ``cc50tw.sse``, so tests that compare the
+    bridge with this do not trust the code under test.
     """
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
+        method="POST",
     )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         assert response.headers.get_content_type() == "text/event-stream", response.headers

@@ -33,6 +33,7 @@ its log holds no traceback.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import socket
@@ -479,7 +480,7 @@ def test_socket_fuzzing(cc50_server: StartCC50) -> None:
     for first in range(0, CASES, BATCH):
         for number in range(first, min(CASES, first + BATCH)):
             fuzzer.run_case(number)
-        fuzzer.finish_connection(lambda first=first: f"end of the batch starting at case {first}")
+        fuzzer.finish_connection(functools.partial(str, f"end of the batch starting at case {first}"))
         assert_serves(server, f"after the batch starting at case {first}")
         sampler.sample()
     elapsed = time.monotonic() - started

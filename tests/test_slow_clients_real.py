@@ -21,6 +21,7 @@ complete (no timing assertion: the machine may be shared).
 from __future__ import annotations
 
 import os
+import select
 import socket
 import time
 from dataclasses import dataclass, field
@@ -68,10 +69,12 @@ def server_socket_open(pid: int, server_port: int, client_port: int) -> bool:
 
 def closed_by_peer(conn: RawConnection) -> bool:
     """Whether the server has closed this connection (without reading anything it sent)."""
-    try:
-        data = conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
+    # select first: a socket with a timeout waits for it in recv(), MSG_DONTWAIT or not.
+    readable, _, _ = select.select([conn.sock], [], [], 0)
+    if not readable:
         return False
+    try:
+        data = conn.sock.recv(1, socket.MSG_PEEK)
     except ConnectionResetError:
         return True
     return data == b""

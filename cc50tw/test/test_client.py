@@ -5,10 +5,13 @@ against recorded C++ server bytes.
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
@@ -18,7 +21,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from cc50tw.backends.lcg import CPUEngine
 from cc50tw.backends.toy import ToyBackend
 from cc50tw.client import CC50ClientProtocol, Completion
-from cc50tw.codec import DoneStats, ErrorCode, FrameDecoder, MessageType, decode_credit, encode_chunk, encode_done
+from cc50tw.codec import (
+    DoneStats,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    MessageType,
+    decode_credit,
+    encode_chunk,
+    encode_done,
+)
 from cc50tw.errors import ClientError
 from cc50tw.test.fakes import ManualBackend, make_factory
 
@@ -178,3 +190,56 @@ class ClientAgainstRecordedBytesTests(SynchronousTestCase):
         frames = list(FrameDecoder(1 << 20).feed(self.transport.value()))
         grants = [decode_credit(f) for f in frames if f.type == MessageType.REQ_CREDIT]  # type: ignore[arg-type]
         self.assertEqual(grants, [50, 50, 50, 50])
+
+
+class ReceivePathTests(SynchronousTestCase):
+    """
+    The client's fast path for chunk frames (issue 7): straight from the
+    decoder to the response, decoded without an incremental decoder while
+    chunks hold whole characters.  It must give what the plain path gave.
+    """
+
+    def setUp(self) -> None:
+        self.transport = StringTransport()
+        self.client = CC50ClientProtocol()
+        self.client.makeConnection(self.transport)
+
+    @given(st.lists(st.binary(max_size=12), max_size=30), st.integers(1, 80))
+    def test_textIsWhatAnIncrementalDecoderGives(self, payloads: list[bytes], piece: int) -> None:
+        """Any bytes (split characters, invalid UTF-8) cut anywhere: the same text, replacements included."""
+        self.setUp()
+        answer = self.client.infer("p").collect()
+        stream = b"".join(encode_chunk(1, p) for p in payloads) + encode_done(1, DoneStats(len(payloads), 1))
+        for start in range(0, len(stream), piece):
+            self.client.dataReceived(stream[start : start + piece])
+        reference = codecs.getincrementaldecoder("utf-8")("replace")
+        expected = "".join(reference.decode(p) for p in payloads) + reference.decode(b"", final=True)
+        self.assertEqual(self.successResultOf(answer).text, expected)
+
+    def test_queuedTextIsDecodedAlike(self) -> None:
+        response = self.client.infer("p")
+        euro = "€".encode()
+        self.client.dataReceived(encode_chunk(1, b"a" + euro[:2]) + encode_chunk(1, euro[2:] + b"\xff b"))
+        self.client.dataReceived(encode_done(1, DoneStats(2, 1)))
+        self.assertEqual(self.successResultOf(response.collect()).text, "a€\ufffd b")
+
+    def test_closingFromACallbackStopsDelivery(self) -> None:
+        """As before the fast path: once the application closes, later chunks of that read are not delivered."""
+        response = self.client.infer("p")
+        seen: list[str] = []
+
+        def onChunk(text: str) -> None:
+            seen.append(text)
+            self.client.close()
+
+        response.onChunk = onChunk
+        self.client.dataReceived(encode_chunk(1, b"one") + encode_chunk(1, b"two") + encode_chunk(1, b"three"))
+        self.assertEqual(seen, ["one"])
+
+    def test_chunkFramesFedByHandStillArrive(self) -> None:
+        response = self.client.infer("p")
+        answer = response.collect()
+        self.client.frameReceived(Frame(MessageType.RESP_CHUNK, 1, 0, b"hand"))
+        self.client.dataReceived(encode_done(1, DoneStats(1, 1)))
+        self.assertEqual(self.successResultOf(answer).text, "hand")
+        self.assertEqual((response.chunkFrames, response.chunkBytes), (1, 4))

@@ -831,3 +831,46 @@ class DecoderFuzzTests(SynchronousTestCase):
     def test_payload_decoders(self, type: MessageType, req_id: int, flags: int, payload: bytes) -> None:
         """Every payload decoder takes any payload: a result or ProtocolError for that req_id."""
         self.checkItem(Frame(type, req_id, flags, payload), max_payload=60)
+
+
+class ChunkFastPathTests(SynchronousTestCase):
+    """``FrameDecoder.feed(data, on_chunk)``: chunk frames to a callable, the rest yielded, in order."""
+
+    def test_chunksGoToTheCallableOthersAreYielded(self) -> None:
+        stream = encode_chunk(1, b"a") + encode_done(1, DoneStats(1, 1)) + encode_chunk(2, b"bc") + encode_cancel(3)
+        seen: list[Any] = []
+        decoder = FrameDecoder(1 << 20)
+        for item in decoder.feed(stream, lambda req_id, payload: seen.append((req_id, payload))):
+            seen.append(item)
+        self.assertEqual(
+            seen,
+            [(1, b"a"), decode_stream(encode_done(1, DoneStats(1, 1)))[0], (2, b"bc"), decode_stream(encode_cancel(3))[0]],
+        )
+        self.assertEqual(decoder.buffered, 0)
+
+    def test_trueStopsAndKeepsTheRestBuffered(self) -> None:
+        stream = b"".join(encode_chunk(1, bytes([65 + i])) for i in range(4))
+        decoder = FrameDecoder(1 << 20)
+        seen: list[bytes] = []
+
+        def take(req_id: int, payload: bytes) -> bool:
+            seen.append(payload)
+            return len(seen) == 2
+
+        self.assertEqual(list(decoder.feed(stream, take)), [])
+        self.assertEqual(seen, [b"A", b"B"])
+        self.assertEqual(decoder.buffered, 2 * (HEADER_SIZE + 1))
+        self.assertEqual([f.payload for f in decoder.feed(b"")], [b"C", b"D"])  # type: ignore[union-attr]
+
+    @given(st.lists(st.binary(max_size=40), max_size=20), st.integers(1, 64))
+    def test_sameFramesAsWithoutTheCallable(self, payloads: list[bytes], piece: int) -> None:
+        stream = b"".join(encode_chunk(n % 3, p) + encode_cancel(n) for n, p in enumerate(payloads))
+        plain: list[Any] = []
+        fast: list[Any] = []
+        plainDecoder, fastDecoder = FrameDecoder(1 << 20), FrameDecoder(1 << 20)
+        for start in range(0, len(stream), piece):
+            data = stream[start : start + piece]
+            plain.extend((f.type, f.req_id, f.payload) for f in plainDecoder.feed(data))  # type: ignore[union-attr]
+            for item in fastDecoder.feed(data, lambda req_id, payload: fast.append((2, req_id, payload))):
+                fast.append((item.type, item.req_id, item.payload))  # type: ignore[union-attr]
+        self.assertEqual(fast, plain)

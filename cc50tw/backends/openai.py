@@ -1,0 +1,169 @@
+"""
+The OpenAI-compatible backend: CC50 requests streamed from any server that
+speaks OpenAI's ``/v1/completions`` or ``/v1/chat/completions`` (vLLM, TGI,
+Ollama, llama-server, OpenAI itself).
+
+It is the machinery of ``cc50tw.backends.upstream`` (the same SSE parser,
+HTTP client, error mapping and pool of upstreams as the llama_server
+backend) with OpenAI's conventions: a ``model`` in every request, an
+``Authorization: Bearer`` key read from a file, and no llama.cpp
+extensions in the body.  ``--openai-chat`` sends the prompt as one user
+message to the chat API, so the server applies the model's chat template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.web.client import HTTPConnectionPool
+
+from cc50tw.backends import BackendSpec, Repeatable
+from cc50tw.backends.pool import DEFAULT_BACKOFF
+from cc50tw.backends.upstream import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_FIRST_EVENT_TIMEOUT,
+    DEFAULT_HEALTH_INTERVAL,
+    DEFAULT_IDLE_TIMEOUT,
+    Dialect,
+    HTTPStreamingBackend,
+    OpenAICompletionsDialect,
+    commonOptions,
+    commonSettings,
+    urlList,
+)
+
+#: Where vLLM, TGI and llama-server answer whether they can serve.  OpenAI
+#: itself and Ollama have no such path: use /v1/models (with the key) there.
+DEFAULT_HEALTH_PATH = "/health"
+
+
+class OpenAIBackend(HTTPStreamingBackend):
+    """Streams completions from one OpenAI-compatible server, or the least loaded of several."""
+
+    name = "openai"
+    upstream_name = "OpenAI-compatible server"
+    option_prefix = "openai"
+    endpoint_hint = "--openai-url (the server's base URL, without /v1) and --openai-chat"
+
+    def __init__(
+        self,
+        reactor: Any,
+        urls: str | Sequence[str],
+        model: str | None = None,
+        chat: bool = False,
+        api_key: str | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        first_event_timeout: float = DEFAULT_FIRST_EVENT_TIMEOUT,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        health_interval: float = DEFAULT_HEALTH_INTERVAL,
+        health_path: str | None = DEFAULT_HEALTH_PATH,
+        backoff: float = DEFAULT_BACKOFF,
+        http: HTTPClient | None = None,
+        pool: HTTPConnectionPool | None = None,
+        freshHTTP: HTTPClient | None = None,
+    ) -> None:
+        self.model = model
+        self.chat = chat
+        headers: dict[bytes, list[bytes]] = {}
+        if api_key is not None:
+            headers[b"Authorization"] = [b"Bearer " + api_key.encode("utf-8")]
+        super().__init__(
+            reactor,
+            urls,
+            connect_timeout=connect_timeout,
+            first_event_timeout=first_event_timeout,
+            idle_timeout=idle_timeout,
+            health_interval=health_interval,
+            health_path=health_path,
+            backoff=backoff,
+            headers=headers,
+            http=http,
+            pool=pool,
+            freshHTTP=freshHTTP,
+        )
+
+    def makeDialect(self, where: str) -> Dialect:
+        return OpenAICompletionsDialect(where, chat=self.chat, llamaExtensions=False, model=self.model)
+
+    def describe(self) -> str:
+        model = f"model {self.model!r}" if self.model else "no model named"
+        key = "with an API key" if b"Authorization" in self.extraHeaders else "no API key"
+        return f"{super().describe()}; {model}, {key}"
+
+
+def readAPIKey(path: str) -> str:
+    """The key in ``path`` (surrounding whitespace removed); ValueError saying what is wrong."""
+    try:
+        with open(path, "rb") as keyFile:
+            raw = keyFile.read()
+    except OSError as e:
+        raise ValueError(f"cannot read --api-key-file: {e}") from None
+    try:
+        key = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"--api-key-file {path} holds bytes that are not ASCII") from None
+    if not key:
+        raise ValueError(f"--api-key-file {path} is empty")
+    if any(c in key for c in "\r\n\0"):
+        raise ValueError(f"--api-key-file {path} holds more than one line")
+    return key
+
+
+def _healthPath(value: str) -> str | None:
+    if value in ("", "none", "off"):
+        return None
+    if not value.startswith("/"):
+        raise ValueError(f"must be a path starting with / (or 'none'), got {value!r}")
+    return value
+
+
+def build(options: Mapping[str, Any], reactor: Any) -> OpenAIBackend:
+    urls = urlList(options["openai-url"])
+    if not urls:
+        raise ValueError("--openai-url is required: the server's base URL, e.g. http://127.0.0.1:8000")
+    return OpenAIBackend(
+        reactor,
+        urls,
+        model=options["model"] or None,
+        chat=bool(options["openai-chat"]),
+        api_key=readAPIKey(options["api-key-file"]) if options["api-key-file"] else None,
+        health_path=options["openai-health-path"],
+        **commonSettings(options, "openai"),
+    )
+
+
+SPEC = BackendSpec(
+    name="openai",
+    description="streams from OpenAI-compatible servers (vLLM, TGI, Ollama, llama-server) over HTTP",
+    options=[
+        [
+            "openai-url",
+            None,
+            None,
+            "Base URL of an OpenAI-compatible server, without /v1 (required); repeat it for a pool.",
+            Repeatable(str),
+        ],
+        ["model", None, None, "Model name sent in every request (openai backend; most servers require it)."],
+        [
+            "api-key-file",
+            None,
+            None,
+            "File holding the API key sent as 'Authorization: Bearer KEY' (openai backend).",
+        ],
+        [
+            "openai-health-path",
+            None,
+            DEFAULT_HEALTH_PATH,
+            "Path polled for each server's health: /health (vLLM, TGI, llama-server), /v1/models "
+            "(OpenAI, Ollama), or none.",
+            _healthPath,
+        ],
+        *commonOptions("openai", "openai"),
+    ],
+    flags=[
+        ["openai-chat", None, "Use /v1/chat/completions, the prompt as one user message (default: /v1/completions)."],
+    ],
+    build=build,
+)

@@ -1,0 +1,279 @@
+"""
+A pool of upstream inference servers: which one gets the next request, and
+which ones are up.
+
+- **Routing.**  Each request goes to the upstream with the fewest requests
+  outstanding (sent and not yet ended) among those that are up; ties go
+  round-robin, so a quiet pool still alternates.  When none is up, every
+  upstream is a candidate ("panic mode", as Envoy calls it): refusing all
+  traffic would turn a false alarm, or a server that has just come back,
+  into an outage, while trying costs one fast failure.
+- **Passive health.**  A connection failure or a 5xx (reported by the
+  stream through ``failed``) takes the upstream out of routing for a
+  back-off period, doubled for each further failure in a row (a failure
+  after a back-off ended) up to ``MAX_BACKOFF_FACTOR`` times; an answer
+  that starts streaming (``succeeded``) ends the back-off at once.
+- **Active health.**  The backend polls each upstream's health URL and
+  reports through ``healthChecked``; an upstream whose last check failed is
+  out of routing until one passes.
+
+Upstream state changes are logged with the upstream's counts, and
+``UpstreamCollector`` exports the same figures to Prometheus.  Nothing here
+does I/O: the backend owns the HTTP side, which keeps this unit-testable
+with a fake clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import attrs
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+#: Seconds an upstream is kept out of routing after its first failure in a row.
+DEFAULT_BACKOFF = 2.0
+#: The back-off doubles with each further failure in a row, up to this factor.
+MAX_BACKOFF_FACTOR = 8
+#: How an attempt on an upstream ended: the label values of
+#: ``cc50_upstream_requests_total{outcome}``.
+#: ``failed``: a connection failure or 5xx (passive health counts these);
+#: ``error``: any other error (4xx, a malformed stream, a timeout).
+OUTCOMES = ("done", "failed", "error", "cancelled")
+
+
+@attrs.define(eq=False)
+class Upstream:
+    """One upstream server and what the pool knows about it."""
+
+    url: str
+    #: Requests sent to it that have not ended.
+    outstanding: int = 0
+    #: What its last health check said; ``None`` until it has been checked.
+    healthy: bool | None = None
+    healthMessage: str = ""
+    #: Out of routing until this time (the reactor's clock) after failures.
+    downUntil: float = 0.0
+    #: Failures in a row, which set the back-off.
+    failures: int = 0
+    lastError: str = ""
+    #: Attempts ended, by outcome (see ``OUTCOMES``).
+    outcomes: dict[str, int] = attrs.Factory(lambda: dict.fromkeys(OUTCOMES, 0))
+    #: Requests that failed here before streaming and were moved to another upstream.
+    retries: int = 0
+    #: Times passive health took it out of routing.
+    backoffs: int = 0
+    #: A health check is under way (the poller does not start another).
+    probing: bool = False
+
+    def counts(self) -> str:
+        """Its figures, for log lines."""
+        outcomes = " ".join(f"{name}={count}" for name, count in self.outcomes.items())
+        return f"outstanding={self.outstanding} {outcomes} retried_elsewhere={self.retries} backoffs={self.backoffs}"
+
+
+class UpstreamPool:
+    """The upstreams of one backend, and the routing and health rules above."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        clock: IReactorTime,
+        backoff: float = DEFAULT_BACKOFF,
+        label: str = "upstream",
+    ) -> None:
+        if not urls:
+            raise ValueError("an upstream pool needs at least one URL")
+        if len(set(urls)) != len(urls):
+            duplicates = sorted({url for url in urls if urls.count(url) > 1})
+            raise ValueError(f"upstream URL given more than once: {', '.join(duplicates)}")
+        self.members = [Upstream(url) for url in urls]
+        self.clock = clock
+        self.backoff = backoff
+        #: How log lines name an upstream: "llama-server at URL".
+        self.label = label
+        self._next = 0  # where the round-robin among ties starts
+
+    def __iter__(self) -> Iterator[Upstream]:
+        return iter(self.members)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    # Routing -----------------------------------------------------------------
+
+    def isUp(self, upstream: Upstream, now: float | None = None) -> bool:
+        """Whether ``upstream`` takes new requests: its last check passed (or none ran) and it is not backing off."""
+        if now is None:
+            now = self.clock.seconds()
+        return upstream.healthy is not False and now >= upstream.downUntil
+
+    def upCount(self) -> int:
+        now = self.clock.seconds()
+        return sum(1 for upstream in self.members if self.isUp(upstream, now))
+
+    def choose(self, exclude: Upstream | None = None) -> Upstream | None:
+        """
+        The upstream for the next attempt: the least loaded that is up, ties
+        round-robin; if none is up, the least loaded of all.  ``None`` only
+        when ``exclude`` was the one upstream.
+        """
+        now = self.clock.seconds()
+        candidates = [upstream for upstream in self.members if upstream is not exclude]
+        if not candidates:
+            return None
+        up = [upstream for upstream in candidates if self.isUp(upstream, now)]
+        if up:
+            candidates = up
+        count = len(self.members)
+        best: Upstream | None = None
+        bestIndex = 0
+        for offset in range(count):
+            index = (self._next + offset) % count
+            upstream = self.members[index]
+            if upstream in candidates and (best is None or upstream.outstanding < best.outstanding):
+                best, bestIndex = upstream, index
+        assert best is not None
+        self._next = (bestIndex + 1) % count
+        return best
+
+    def acquire(self, upstream: Upstream) -> None:
+        upstream.outstanding += 1
+
+    def release(self, upstream: Upstream, outcome: str) -> None:
+        upstream.outstanding -= 1
+        upstream.outcomes[outcome] += 1
+
+    # Passive health ------------------------------------------------------------
+
+    def failed(self, upstream: Upstream, reason: str) -> None:
+        """
+        A connection failure or 5xx: take ``upstream`` out of routing for its
+        back-off.  Failures while it is already backing off (the other
+        requests it had in flight when it died, or attempts made in panic
+        mode) neither extend nor double the back-off: only a failure after a
+        back-off ended counts as one more in a row.
+        """
+        now = self.clock.seconds()
+        upstream.lastError = reason
+        if now < upstream.downUntil:
+            return
+        wasUp = upstream.healthy is not False
+        upstream.failures += 1
+        upstream.backoffs += 1
+        delay = self.backoff * min(2 ** min(upstream.failures - 1, 16), MAX_BACKOFF_FACTOR)
+        upstream.downUntil = now + delay
+        if wasUp:
+            self.log.warn(
+                "{label} at {url} is down for {delay:g}s ({failures} failure(s) in a row): {reason}; "
+                "{up}/{total} upstreams up; {counts}",
+                label=self.label,
+                url=upstream.url,
+                delay=delay,
+                failures=upstream.failures,
+                reason=reason,
+                up=self.upCount(),
+                total=len(self.members),
+                counts=upstream.counts(),
+            )
+
+    def retried(self, upstream: Upstream) -> None:
+        """A request that failed on ``upstream`` before streaming is moving to another one."""
+        upstream.retries += 1
+
+    def succeeded(self, upstream: Upstream) -> None:
+        """``upstream`` started streaming an answer: whatever back-off it was in is over."""
+        if upstream.failures or upstream.downUntil:
+            backingOff = upstream.downUntil > self.clock.seconds()
+            upstream.failures = 0
+            upstream.downUntil = 0.0
+            if backingOff:
+                self.log.info(
+                    "{label} at {url} is answering again; {up}/{total} upstreams up; {counts}",
+                    label=self.label,
+                    url=upstream.url,
+                    up=self.upCount(),
+                    total=len(self.members),
+                    counts=upstream.counts(),
+                )
+
+    # Active health -------------------------------------------------------------
+
+    def healthChecked(self, upstream: Upstream, healthy: bool, message: str) -> None:
+        """Record a health check's verdict; log a change (the first verdict is the start-up log's)."""
+        previous = upstream.healthy
+        upstream.healthy = healthy
+        upstream.healthMessage = message
+        if previous is not None and previous != healthy:
+            self.log.info(
+                "{label} at {url} health check now {state}: {message}; {up}/{total} upstreams up; {counts}",
+                label=self.label,
+                url=upstream.url,
+                state="passes" if healthy else "fails",
+                message=message,
+                up=self.upCount(),
+                total=len(self.members),
+                counts=upstream.counts(),
+            )
+
+    def anyHealthy(self) -> bool:
+        """Whether the last health check of at least one upstream passed."""
+        return any(upstream.healthy for upstream in self.members)
+
+    def allChecked(self) -> bool:
+        return all(upstream.healthy is not None for upstream in self.members)
+
+    def logSummary(self) -> None:
+        for upstream in self.members:
+            self.log.info("{label} at {url}: {counts}", label=self.label, url=upstream.url, counts=upstream.counts())
+
+
+class UpstreamCollector(Collector):
+    """Per-upstream state and counts for Prometheus, read at scrape time."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterable[Metric]:
+        pool = self._pool
+        now = pool.clock.seconds()
+        up = GaugeMetricFamily(
+            "cc50_upstream_up",
+            "1 when the upstream takes new requests: its last health check passed and it is not backing off.",
+            labels=["url"],
+        )
+        healthy = GaugeMetricFamily(
+            "cc50_upstream_health_check_ok",
+            "1 when the upstream's last health check passed (before the first check: 1).",
+            labels=["url"],
+        )
+        outstanding = GaugeMetricFamily(
+            "cc50_upstream_outstanding", "Requests sent to the upstream that have not ended.", labels=["url"]
+        )
+        requests = CounterMetricFamily(
+            "cc50_upstream_requests",
+            "Attempts on the upstream, by outcome: done, failed (connection failure or 5xx), error, cancelled.",
+            labels=["url", "outcome"],
+        )
+        retries = CounterMetricFamily(
+            "cc50_upstream_retries",
+            "Requests that failed on the upstream before streaming and were retried on another one.",
+            labels=["url"],
+        )
+        backoffs = CounterMetricFamily(
+            "cc50_upstream_backoffs", "Times passive health took the upstream out of routing.", labels=["url"]
+        )
+        for upstream in pool.members:
+            labels = [upstream.url]
+            up.add_metric(labels, 1.0 if pool.isUp(upstream, now) else 0.0)
+            healthy.add_metric(labels, 0.0 if upstream.healthy is False else 1.0)
+            outstanding.add_metric(labels, upstream.outstanding)
+            for outcome, count in upstream.outcomes.items():
+                requests.add_metric([upstream.url, outcome], count)
+            retries.add_metric(labels, upstream.retries)
+            backoffs.add_metric(labels, upstream.backoffs)
+        yield from (up, healthy, outstanding, requests, retries, backoffs)

@@ -1,0 +1,218 @@
+"""
+``cc50 bench``'s pieces: merging several processes' results, splitting a run
+over processes, the JSON report, the progress bar (terminal only) and the
+optional plot; and the command itself against a server on loopback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import sys
+from typing import Any
+
+from twisted.internet import reactor as globalReactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from cc50tw import cli
+from cc50tw.backends.lcg import CPUEngine
+from cc50tw.backends.toy import ToyBackend
+from cc50tw.bench import (
+    BenchResult,
+    NoProgress,
+    PlotUnavailable,
+    RequestRecord,
+    bench_report,
+    check_plotting,
+    make_progress,
+    merge_results,
+    plot_latency,
+    shares,
+    split,
+)
+from cc50tw.server import CC50ServerFactory, ServerConfig
+from cc50tw.stats import cpp_summary_line, summarize
+
+reactor: Any = globalReactor
+
+
+def record(latency: float, ttft: float = 0.5, tokens: int = 3, text: str | None = None) -> RequestRecord:
+    return RequestRecord(latency, ttft, tokens, text)
+
+
+class TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class MergeTests(SynchronousTestCase):
+    def test_mergeKeepsEveryRequestAndSpansTheWallTime(self) -> None:
+        first = BenchResult([record(1.0), record(3.0)], ["e1"], 2.0, started_at=10.0, ended_at=12.0, cpu_s=1.5)
+        second = BenchResult(
+            [record(2.0), record(9.0), record(4.0)], [], 2.5, started_at=10.5, ended_at=13.0, cpu_s=2.0
+        )
+        merged = merge_results([first, second])
+        self.assertEqual(merged.cpu_s, 3.5)
+        self.assertEqual(sorted(r.latency_ms for r in merged.records), [1.0, 2.0, 3.0, 4.0, 9.0])
+        self.assertEqual(merged.errors, ["e1"])
+        self.assertEqual((merged.started_at, merged.ended_at, merged.wall_s), (10.0, 13.0, 3.0))
+        self.assertEqual(merged.processes, 2)
+
+    def test_mergedPercentilesAreThoseOfAllRequests(self) -> None:
+        """Raw lists merge exactly: the merged p50/p99 are the whole run's, not an average of the parts'."""
+        parts = [[float(v) for v in range(start, 1000, 3)] for start in range(3)]
+        results = [BenchResult([record(v) for v in part], [], 1.0, 0.0, 1.0) for part in parts]
+        merged = summarize([r.latency_ms for r in merge_results(results).records])
+        whole = summarize([float(v) for v in range(1000)])
+        self.assertEqual(merged, whole)
+        self.assertEqual(
+            cpp_summary_line([r.latency_ms for r in merge_results(results).records]), cpp_summary_line(range(1000))
+        )
+
+    def test_mergeNothing(self) -> None:
+        self.assertEqual(merge_results([]), BenchResult([], [], 0.0))
+
+
+class SplitTests(SynchronousTestCase):
+    def test_split(self) -> None:
+        self.assertEqual(split(10, 3), [4, 3, 3])
+        self.assertEqual(split(2, 4), [1, 1, 0, 0])
+        self.assertEqual(sum(split(1001, 7)), 1001)
+
+    def test_sharesSplitRequestsWorkersAndConnections(self) -> None:
+        parts = shares("tcp:h:1", "hi", 5, 1000, 100, 10, 3, keep_text=2)
+        self.assertEqual([p.iters for p in parts], [334, 333, 333])
+        self.assertEqual([p.concurrency for p in parts], [34, 33, 33])
+        self.assertEqual([p.connections for p in parts], [4, 3, 3])
+        self.assertEqual([p.keep_text for p in parts], [2, 0, 0])  # --print=N: the first process's answers
+
+    def test_moreProcessesThanConnectionsIsRefused(self) -> None:
+        self.assertRaises(ValueError, shares, "tcp:h:1", "hi", 5, 100, 10, 2, 3)
+        self.assertRaises(ValueError, shares, "tcp:h:1", "hi", 5, 100, 10, 2, 0)
+
+
+class ReportTests(SynchronousTestCase):
+    def test_reportIsJSONWithEveryFigure(self) -> None:
+        result = BenchResult([record(2.0, 1.0, 4, "abc"), record(4.0, 1.5, 4)], ["oops"], 0.5, 1.0, 1.5)
+        report = json.loads(json.dumps(bench_report(result, {"server": "tcp:h:1", "concurrency": 2})))
+        self.assertEqual(report["settings"], {"server": "tcp:h:1", "concurrency": 2})
+        self.assertEqual((report["requests"], report["errors"], report["error_messages"]), (2, 1, ["oops"]))
+        self.assertEqual((report["tokens"], report["tokens_per_s"]), (8, 16.0))
+        self.assertEqual(report["latency_ms"]["p50"], 2.0)
+        self.assertEqual(report["latency_ms"]["max"], 4.0)
+        self.assertEqual(report["ttft_ms"]["p99"], 1.5)
+        self.assertEqual(report["per_request_tokens_per_s"], (2000.0 + 1000.0) / 2)
+        self.assertEqual(report["cpp_summary"], cpp_summary_line([2.0, 4.0]))
+        self.assertEqual(report["texts"], ["abc"])
+        self.assertEqual(report["samples"]["latency_ms"], [2.0, 4.0])
+        self.assertEqual(report["client_cpu_share"], 0.0)
+
+
+class ProgressTests(SynchronousTestCase):
+    def test_offWhenNotATerminal(self) -> None:
+        stream = io.StringIO()
+        progress = make_progress(10, stream)
+        self.assertIsInstance(progress, NoProgress)
+        progress.advance()
+        progress.update_to(5)
+        progress.close()
+        self.assertEqual(stream.getvalue(), "")
+
+    def test_offWhenDisabled(self) -> None:
+        self.assertIsInstance(make_progress(10, TTY(), enabled=False), NoProgress)
+
+    def test_offWithoutTqdm(self) -> None:
+        self.patch(sys, "modules", {**sys.modules, "tqdm": None})  # type: ignore[dict-item]
+        self.assertIsInstance(make_progress(10, TTY()), NoProgress)
+
+    def test_onForATerminal(self) -> None:
+        if importlib.util.find_spec("tqdm") is None:
+            raise self.skipTest("tqdm is not installed")
+        stream = TTY()
+        progress = make_progress(10, stream)
+        self.assertTrue(progress.shown)
+        progress.advance()
+        progress.update_to(10)
+        progress.close()
+        self.assertIn("0/10", stream.getvalue())  # drawn (later redraws wait for tqdm's mininterval)
+
+
+class PlotTests(SynchronousTestCase):
+    def report(self) -> dict[str, Any]:
+        records = [record(1.0 + i / 10, 0.5 + i / 20) for i in range(50)]
+        return bench_report(BenchResult(records, [], 1.0, 0.0, 1.0), {"server": "tcp:h:1", "max_tokens": 3})
+
+    def test_clearErrorWithoutMatplotlib(self) -> None:
+        self.patch(importlib.util, "find_spec", lambda name, package=None: None)
+        error = self.assertRaises(PlotUnavailable, check_plotting)
+        self.assertIn("pip install matplotlib", str(error))
+        self.patch(sys, "modules", {**sys.modules, "matplotlib": None})  # type: ignore[dict-item]
+        error = self.assertRaises(PlotUnavailable, plot_latency, self.mktemp(), self.report())
+        self.assertIn("pip install matplotlib", str(error))
+
+    def test_drawsAPNG(self) -> None:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise self.skipTest("matplotlib is not installed (an optional extra)")
+        path = self.mktemp() + ".png"
+        plot_latency(path, self.report())
+        with open(path, "rb") as picture:
+            self.assertEqual(picture.read(8), b"\x89PNG\r\n\x1a\n")
+
+
+class CommandTests(TestCase):
+    """``cc50 bench`` itself, on the test's reactor, against a toy server on loopback."""
+
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]
+        backend = ToyBackend(reactor, CPUEngine(reactor, reactor.getThreadPool()), 0)
+        factory = CC50ServerFactory(backend, ServerConfig(log_requests=False), reactor)
+
+        def listening(port: Any) -> None:
+            self.port = port
+            self.addCleanup(self.closeServer, factory)
+
+        return TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory).addCallback(listening)
+
+    async def closeServer(self, factory: CC50ServerFactory) -> None:
+        await self.port.stopListening()
+        for connection in list(factory.connections):
+            connection.transport.abortConnection()
+
+    async def bench(self, *argv: str) -> tuple[int, str, str]:
+        args = cli._parser().parse_args(
+            ["bench", f"--server=127.0.0.1:{self.port.getHost().port}", "--max-tokens=3", *argv]
+        )
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = await cli._bench(reactor, args)
+        return code, out.getvalue(), err.getvalue()
+
+    async def test_textEndsWithTheCppSummaryLine(self) -> None:
+        code, out, err = await self.bench("--iters=20", "--concurrency=4", "--connections=2", "--print=1")
+        lines = out.splitlines()
+        self.assertEqual(code, 0)
+        self.assertEqual(lines[0], " token token token")
+        self.assertTrue(lines[1].startswith("requests=20 errors=0 concurrency=4 connections=2 wall_s="), lines[1])
+        self.assertRegex(
+            lines[-1], r"^iters=20 mean_ms=\d+\.\d{3} p50_ms=\d+\.\d{3} p95_ms=\d+\.\d{3} p99_ms=\d+\.\d{3}$"
+        )
+        self.assertEqual(err, "")  # no progress bar: standard error is not a terminal
+
+    async def test_jsonAloneIsOneDocumentOnStdout(self) -> None:
+        code, out, _ = await self.bench("--iters=10", "--json")
+        report = json.loads(out)
+        self.assertEqual(code, 0)
+        self.assertEqual((report["requests"], report["errors"], report["tokens"]), (10, 0, 30))
+        self.assertEqual(len(report["samples"]["ttft_ms"]), 10)
+        self.assertTrue(report["cpp_summary"].startswith("iters=10 mean_ms="))
+
+    async def test_jsonToAFileKeepsTheText(self) -> None:
+        path = self.mktemp()
+        code, out, _ = await self.bench("--iters=10", f"--json={path}")
+        with open(path) as written:
+            report = json.load(written)
+        self.assertEqual(report["requests"], 10)
+        self.assertEqual(out.splitlines()[-1], report["cpp_summary"])
