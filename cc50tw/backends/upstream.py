@@ -1113,10 +1113,8 @@ class HTTPStreamingBackend:
                 if response.code == 200:
                     return True, f"{where} is healthy ({data.decode('utf-8', 'replace').strip()[:200]})"
                 if response.code == 503:
-                    return False, (
-                        f"{where} is up but not ready (HTTP 503: {_bodyMessage(data)}); it gets no requests "
-                        "until it has loaded its model"
-                    )
+                    consequence = self._untilHealthy("it has loaded its model")
+                    return False, f"{where} is up but not ready (HTTP 503: {_bodyMessage(data)}); {consequence}"
                 return False, f"{where} answered {path} with HTTP {response.code}: {_bodyMessage(data)}"
 
             return body.addCallback(read)
@@ -1126,7 +1124,7 @@ class HTTPStreamingBackend:
                 reason = "no answer in time"
             else:
                 reason = failure.getErrorMessage()
-            return False, f"{where} is not reachable ({reason}); it gets no requests until it answers {path}"
+            return False, f"{where} is not reachable ({reason}); {self._untilHealthy('it comes up')}"
 
         def record(result: tuple[bool, str]) -> tuple[bool, str]:
             upstream.probing = False
@@ -1136,6 +1134,12 @@ class HTTPStreamingBackend:
         got.addCallbacks(answered, failed)
         got.addErrback(failed)
         return got.addCallback(record)
+
+    def _untilHealthy(self, when: str) -> str:
+        """What an unhealthy upstream means for requests, for the health check's log line."""
+        if len(self.pool) == 1:
+            return f"requests will get UPSTREAM_UNAVAILABLE until {when}"
+        return f"it gets no requests until {when}, unless no upstream is up"
 
     def stopBackend(self) -> Deferred[None]:
         self._stopped = True

@@ -10,8 +10,8 @@ from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
-from twisted.python.filepath import FilePath
 from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from cc50tw.backends import installed_backends

@@ -522,9 +522,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("more than once", str(caught.exception))
 
     def test_healthAndBackoffOptions(self) -> None:
-        backend = self.options(
-            "--backend=llama_server", "--llama-health-interval=0.5", "--llama-backoff=7"
-        ).backend
+        backend = self.options("--backend=llama_server", "--llama-health-interval=0.5", "--llama-backoff=7").backend
         self.assertEqual((backend.health_interval, backend.pool.backoff), (0.5, 7.0))
         self.assertEqual(self.options("--backend=llama_server", "--llama-health-interval=0").backend.health_interval, 0)
         with self.assertRaises(usage.UsageError):
@@ -552,7 +550,9 @@ class PrecedenceTests(SynchronousTestCase):
 
         intruder = BackendSpec("aaa", "a plugin with --model", [["model", None, None, "mine"]], build)
         self.patch(
-            cc50tw.backends, "getPlugins", lambda interface, package: [intruder, ours.openai, ours.llama_server, ours.toy]
+            cc50tw.backends,
+            "getPlugins",
+            lambda interface, package: [intruder, ours.openai, ours.llama_server, ours.toy],
         )
         with capturedLogs() as events:
             found = installed_backends()
