@@ -37,9 +37,10 @@ from cc50tw.bench import (
     shares,
 )
 from cc50tw.codec import MessageType, encode_infer
+from cc50tw.scrape import HistogramSnapshot, parse_histogram
 from cc50tw.stats import summarize
 from cc50tw.testing import open_fds, rss_bytes
-from tests.helpers import REPO_ROOT, ServerProcess, cc50_server_command, start_server
+from tests.helpers import REPO_ROOT, ServerProcess, cc50_server_command, free_port, start_server
 
 BENCHMARKS = Path(__file__).resolve().parent
 
@@ -252,21 +253,41 @@ def concurrency(options: dict[str, Any], directory: Path) -> dict[str, Any]:
     requests, tokens = options["requests"], options["tokens"]
     raise_open_file_limit(max(options["connections"]) + 256)
     runs: list[dict[str, Any]] = []
-    with served(directory, f"--max-concurrency={max(1024, requests)}") as server:
+    metrics_port = free_port()
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with served(
+        directory, f"--max-concurrency={max(1024, requests)}", f"--metrics=tcp:{metrics_port}:interface=127.0.0.1"
+    ) as server:
         for connections in options["connections"]:
             for processes in options["processes"]:
                 bench_shares = shares(server.endpoint, "hi", tokens, requests, requests, connections, processes)
+                ttft_before = server_ttft(metrics_url)
                 before = server_cpu(server)
                 # Always in processes of their own (spawned, started together once
                 # connected): the same load generator for one process as for many.
                 result = run_processes_blocking(bench_shares)
                 cpu = server_cpu(server) - before
+                ttft = server_ttft(metrics_url).since(ttft_before)
                 report = bench_report(result, {"connections": connections, "processes": processes})
                 report.pop("samples")
+                report["server_ttft_ms"] = {
+                    "requests": ttft.observations,
+                    "mean": ttft.mean * 1e3,
+                    "p50_estimate": ttft.quantile(0.5) * 1e3,
+                    "p99_estimate": ttft.quantile(0.99) * 1e3,
+                }
                 report["server_cpu_share"] = cpu / result.wall_s if result.wall_s else math.nan
                 report["all_completed"] = report["requests"] == requests and report["errors"] == 0
                 runs.append(report)
     return {"requests": requests, "tokens_per_request": tokens, "runs": runs}
+
+
+def server_ttft(url: str) -> HistogramSnapshot:
+    """The server's own TTFT histogram (request read to first chunk written), from its /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return parse_histogram(response.read().decode(), "cc50_time_to_first_token_seconds")
 
 
 def concurrency_table(result: dict[str, Any]) -> list[str]:
@@ -274,7 +295,8 @@ def concurrency_table(result: dict[str, Any]) -> list[str]:
         f"concurrency: {result['requests']:,} streaming requests of {result['tokens_per_request']:,} tokens, "
         f"all in flight at once",
         f"  {'connections':>11}{'procs':>6}{'done':>7}{'errors':>7}{'wall s':>8}{'tokens/s':>12}"
-        f"{'TTFT p50':>10}{'TTFT p99':>10}{'lat p99':>10}{'server CPU':>12}{'client CPU':>12}",
+        f"{'TTFT p50':>10}{'TTFT p99':>10}{'lat p99':>10}{'server CPU':>12}{'client CPU':>12}"
+        f"{'server TTFT p50/p99':>21}",
     ]
     for run in result["runs"]:
         settings = run["settings"]
@@ -283,7 +305,12 @@ def concurrency_table(result: dict[str, Any]) -> list[str]:
             f"{run['wall_s']:>8.2f}{run['tokens_per_s']:>12,.0f}{run['ttft_ms']['p50']:>8.1f}ms"
             f"{run['ttft_ms']['p99']:>8.1f}ms{run['latency_ms']['p99']:>8.1f}ms{run['server_cpu_share'] * 100:>11.0f}%"
             f"{run['client_cpu_share'] * 100:>11.0f}%"
+            f"{run['server_ttft_ms']['p50_estimate']:>9.1f}/{run['server_ttft_ms']['p99_estimate']:.1f}ms"
         )
+    lines.append(
+        "  TTFT and latency as the clients saw them, from sending the request; the server's TTFT (request read to"
+    )
+    lines.append("  first chunk written) is estimated from its /metrics histogram, before minus after each run")
     return lines
 
 

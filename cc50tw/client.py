@@ -250,12 +250,18 @@ class CC50ClientProtocol(CC50Receiver):
         return len(self._responses)
 
     def _chunkArrived(self, req_id: int, payload: bytes) -> bool:
-        """A RESP_CHUNK, straight from the decoder; true once the connection is closing."""
+        """
+        A RESP_CHUNK, straight from the decoder.  Once the connection is
+        closing nothing more is delivered (as ``dataReceived`` does for other
+        frames), and the true return value stops the decoder.
+        """
+        transport = self.transport
+        if transport is None or transport.disconnecting:  # type: ignore[attr-defined]
+            return True
         response = self._responses.get(req_id)
         if response is not None:
             response._chunkReceived(payload)
-        transport = self.transport
-        return transport is None or transport.disconnecting  # type: ignore[attr-defined]
+        return False
 
     def frameReceived(self, frame: Frame) -> None:
         kind = frame.type

@@ -254,8 +254,8 @@ DecodedItem = Frame | Oversized
 
 #: ``Frame(...)`` goes through a generated Python ``__new__``; building the
 #: tuple directly skips that call (measured: 0.24 -> 0.14 µs per frame).
-new_tuple = tuple.__new__
-RESP_CHUNK = int(MessageType.RESP_CHUNK)  # a plain int compares faster than the enum member
+_new_tuple = tuple.__new__
+_RESP_CHUNK = int(MessageType.RESP_CHUNK)  # a plain int compares faster than the enum member
 
 
 class FrameDecoder:
@@ -345,11 +345,11 @@ class FrameDecoder:
                 break
             payload = buffer[offset + HEADER_SIZE : frame_end]
             self._offset = offset = frame_end
-            if type == RESP_CHUNK and on_chunk is not None:
+            if type == _RESP_CHUNK and on_chunk is not None:
                 if on_chunk(req_id, payload):
                     return
                 continue
-            yield new_tuple(Frame, (type, req_id, flags, payload))
+            yield _new_tuple(Frame, (type, req_id, flags, payload))
         if offset:
             self._buffer = buffer[offset:]
             self._offset = 0

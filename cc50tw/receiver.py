@@ -38,7 +38,8 @@ class CC50Receiver(Protocol):
     #: A subclass that receives RESP_CHUNK frames by the million (the client)
     #: sets this to a callable taking ``(req_id, payload)``: chunk frames then
     #: go straight to it instead of through ``frameReceived`` as ``Frame``
-    #: objects.  It returns true to stop reading this data (connection closing).
+    #: objects.  It returns true to stop reading this data (the connection is
+    #: closing), having delivered nothing.
     _chunkReceiver: Callable[[int, bytes], bool] | None = None
 
     _decoder: FrameDecoder | None = None

@@ -961,6 +961,9 @@ class HTTPStreamingBackend:
         if isinstance(urls, str):
             urls = [urls]
         self.urls = [normalizeURL(url, f"--{self.option_prefix}-url") for url in urls]
+        duplicates = sorted({url for url in self.urls if self.urls.count(url) > 1})
+        if duplicates:
+            raise ValueError(f"--{self.option_prefix}-url names an upstream more than once: {', '.join(duplicates)}")
         self.pool = UpstreamPool(self.urls, reactor, backoff, label=self.upstream_name)
         self.connect_timeout = connect_timeout
         self.first_event_timeout = first_event_timeout
