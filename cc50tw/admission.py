@@ -28,6 +28,14 @@ class Admission:
     def queued(self) -> int:
         return len(self._semaphore.waiting)
 
+    def tryAcquire(self) -> bool:
+        """Take a free slot without a Deferred, if there is one and nobody is queued ahead."""
+        semaphore = self._semaphore
+        if semaphore.tokens > 0 and not semaphore.waiting:
+            semaphore.tokens -= 1
+            return True
+        return False
+
     def acquire(self) -> Deferred[object]:
         """
         A Deferred that fires when the request may run; cancel it to leave the queue.

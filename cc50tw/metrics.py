@@ -10,7 +10,7 @@ hot path free of locks and label look-ups, which matters at 200,000 frames/s.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -61,6 +61,8 @@ class _FactoryCollector(Collector):
 
 
 class ServerMetrics:
+    """The per-request series; ``requestsEnded`` caches each outcome's child (a label look-up takes a lock)."""
+
     def __init__(self, factory: CC50ServerFactory, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.requests = Counter(
@@ -83,10 +85,17 @@ class ServerMetrics:
             "cc50_request_duration_seconds", "From REQ_INFER to its terminal frame.", buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._outcomes: dict[str, Any] = {}
         self.generated_tokens = Counter("cc50_generated_tokens", "Tokens generated.", registry=self.registry)
         self.prompt_tokens = Counter("cc50_prompt_tokens", "Prompt tokens processed.", registry=self.registry)
         self.registry.register(_FactoryCollector(factory))
         registerBackendCollectors(self.registry, factory.backend)
+
+    def requestsEnded(self, outcome: str) -> Any:
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = self.requests.labels(outcome)
+        return child
 
 
 def registerBackendCollectors(registry: CollectorRegistry, backend: object) -> None:

@@ -386,7 +386,7 @@ class CC50ServerFactory(Factory):
         """Record one finished request: metrics, and one log line."""
         now = self.reactor.seconds()
         metrics = self.metrics
-        metrics.requests.labels(outcome).inc()
+        metrics.requestsEnded(outcome).inc()
         latency = now - stream.started_at
         metrics.duration.observe(latency)
         if backendError:

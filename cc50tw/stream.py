@@ -59,6 +59,9 @@ class RequestStream:
     def admit(self) -> None:
         """Queue for a backend slot; ``RequestFailed`` if the queue is full."""
         admission = self.connection.factory.admission
+        if admission.tryAcquire():  # the common case: a slot is free, start now
+            self._admitted_(None)
+            return
         waiting = admission.acquire()
         self._admission = waiting
         waiting.addCallbacks(self._admitted_, self._notAdmitted)

@@ -34,6 +34,11 @@ BATCH_TOKENS = 64
 #: (about 15 KB) to keep turns short for other connections.
 SYNCHRONOUS_BATCH_TOKENS = 512
 
+#: A stream's first batch: small, so that when many streams share a
+#: connection each one's first token goes out in the first round rather than
+#: after every other stream's full batch.  Batches then double up to the cap.
+FIRST_BATCH_TOKENS = 16
+
 
 class ToyEngine(Protocol):
     """The seam between the toy's token loop and where its work runs."""
@@ -64,6 +69,7 @@ class ToyStream:
         self._backend = backend
         self._sink = sink
         self._remaining = request.max_tokens
+        self._batch = FIRST_BATCH_TOKENS
         self._tokens = 0
         self._paused = False
         self._stopped = False
@@ -111,7 +117,8 @@ class ToyStream:
         reactor turn, then yield the reactor to other connections.
         """
         engine, iters = self._backend.engine, self._backend.iters
-        count = min(self._remaining, SYNCHRONOUS_BATCH_TOKENS)
+        count = min(self._remaining, self._batch)
+        self._batch = min(self._batch * 2, SYNCHRONOUS_BATCH_TOKENS)
         value = None
         for _ in range(count):
             value = engine.spinNow(iters)
