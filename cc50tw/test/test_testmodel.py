@@ -159,6 +159,8 @@ class ShapeTests(SynchronousTestCase):
                 ModelShape(**bad)
 
     def test_presets(self) -> None:
+        if not HAVE_GGUF:
+            raise SkipTest("the gguf package is not installed (parameter counts include its vocabulary)")
         self.assertEqual((PRESETS["small"].n_embd, PRESETS["small"].n_layer), (64, 2))
         self.assertGreater(PRESETS["large"].parameters, 100 * PRESETS["small"].parameters)
 
