@@ -18,7 +18,7 @@ Every reply is checked exactly, against ``ServerModel``: what the protocol
 (docs/protocol.md) says the server must answer, written here from the
 specification with plain ``struct`` and independently of ``cc50tw.codec``'s
 decoder.  It is exact because, at ``--toy-iters=0`` and
-``--max-tokens-limit=64``, every accepted request finishes within the reactor
+``--max-tokens-limit=16`` (the toy's first batch), every accepted request finishes within the reactor
 turn that read it, so replies come in request order.  A connection is reused
 for the next case while the model says its framing is intact, and closed
 otherwise (after checking that the server closes it itself where it must).
@@ -43,6 +43,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cc50tw.backends.toy import FIRST_BATCH_TOKENS
 from cc50tw.testing import ProcessSampler
 from tests.conftest import HOSTILE_SUMMARY, StartCC50
 from tests.helpers import ConnectionClosed, RawConnection, ServerProcess, describe_frame, raw_infer
@@ -53,7 +54,9 @@ BATCH = 500
 
 MAX_FRAME_BYTES = 4096
 DEFAULT_MAX_TOKENS = 8
-MAX_TOKENS_LIMIT = 64
+#: The toy's first batch: a request no longer than this is answered whole in
+#: the reactor turn that read it, which is what keeps replies in request order.
+MAX_TOKENS_LIMIT = FIRST_BATCH_TOKENS
 SERVER_ARGS = (
     "--toy-iters=0",
     "--toy-device=cpu",
