@@ -73,7 +73,11 @@ def console_script(name: str, module: str | None = None) -> list[str]:
 
 
 def twistd_command(*args: str) -> list[str]:
-    return console_script("twistd", "twisted") + list(args)
+    """``twistd``; without the script (a ``pip install --target`` tree), its entry point by hand."""
+    candidate = Path(sys.executable).parent / "twistd"
+    if candidate.exists():
+        return [str(candidate), *args]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *args]
 
 
 def cc50_command(*args: str) -> list[str]:
