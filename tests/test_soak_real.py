@@ -17,7 +17,7 @@ The server's open descriptors and RSS are measured after a warm-up with the
 same traffic (once every connection has closed) and again after the soak:
 descriptors must be back exactly, RSS within ``SOAK_RSS_TOLERANCE`` (16 MiB).
 
-One minute by default (``CC50_SOAK_MINUTES`` for longer, or
+Two minutes by default, as the issue asks (``CC50_SOAK_MINUTES`` for longer, or
 ``benchmarks/soak.py --minutes N``).
 """
 
@@ -35,7 +35,7 @@ from tests.conftest import HOSTILE_SUMMARY, StartCC50
 
 reactor: Any = _reactor
 
-SOAK_SECONDS = float(os.environ.get("CC50_SOAK_MINUTES", "1")) * 60
+SOAK_SECONDS = float(os.environ.get("CC50_SOAK_MINUTES", "2")) * 60
 WARMUP_SECONDS = 8.0
 CONNECTIONS = 500
 
