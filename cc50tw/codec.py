@@ -276,16 +276,23 @@ class FrameDecoder:
         self._offset = 0
         self._discard = 0
         self._broken: ProtocolError | None = None
+        # While a frame whose length is known is incomplete, its bytes are
+        # kept as a list and joined once, when the frame is whole: a large
+        # frame trickling in small reads would otherwise be copied per read.
+        self._pieces: list[bytes] = []
+        self._piecesSize = 0
+        self._need = 0
 
     @property
     def buffered(self) -> int:
         """Bytes held while waiting for the rest of a frame."""
-        return len(self._buffer) - self._offset
+        return self._piecesSize if self._need else len(self._buffer) - self._offset
 
     def _fail(self, error: ProtocolError) -> ProtocolError:
         self._broken = error
         self._buffer = b""
         self._offset = 0
+        self._pieces, self._piecesSize, self._need = [], 0, 0
         return error
 
     def feed(self, data: bytes, on_chunk: Callable[[int, bytes], object] | None = None) -> Iterator[DecodedItem]:
@@ -307,7 +314,14 @@ class FrameDecoder:
             skipped = min(self._discard, len(data))
             self._discard -= skipped
             data = data[skipped:]
-        if self._offset < len(self._buffer):
+        if self._need:
+            self._pieces.append(data)
+            self._piecesSize += len(data)
+            if self._piecesSize < self._need:
+                return
+            buffer = b"".join(self._pieces)
+            self._pieces, self._piecesSize, self._need = [], 0, 0
+        elif self._offset < len(self._buffer):
             buffer = self._buffer[self._offset :] + data
         else:
             buffer = data
@@ -342,7 +356,10 @@ class FrameDecoder:
                 yield Oversized(type, req_id, length)
                 continue
             if frame_end > end:
-                break
+                rest = buffer[offset:] if offset else buffer
+                self._pieces, self._piecesSize, self._need = [rest], len(rest), frame_end - offset
+                self._buffer, self._offset = b"", 0
+                return
             payload = buffer[offset + HEADER_SIZE : frame_end]
             self._offset = offset = frame_end
             if type == _RESP_CHUNK and on_chunk is not None:
