@@ -121,8 +121,10 @@ class RequestStream:
             generated_tokens=min(generated, MAX_U32),
             ttft_us=int((first - self.started_at) * 1e6),
         )
-        self._terminate()
+        # The terminal frame goes out before the stream ends: ending it may let
+        # a draining server close the connection at once.
         self.connection.sendDone(self.req_id, stats)
+        self._terminate()
         self.connection.factory.requestEnded(self, "done", self._result)
 
     def cancel(self, code: ErrorCode, message: str) -> None:
@@ -137,8 +139,8 @@ class RequestStream:
             self.connection.factory.requestEnded(self, "disconnected")
 
     def _end(self, code: ErrorCode, message: str, fromBackend: bool = False) -> None:
-        self._terminate()
         self.connection.sendError(self.req_id, code, message)
+        self._terminate()
         self.connection.factory.requestEnded(self, code.name.lower(), backendError=fromBackend, message=message)
 
     def _terminate(self) -> None:

@@ -10,6 +10,7 @@ import json
 
 from prometheus_client import generate_latest
 from twisted.internet.defer import Deferred
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
@@ -210,4 +211,37 @@ class DrainTests(SynchronousTestCase):
         stopped = self.shutdown(30.0)
         self.assertTrue(self.connection.transport.disconnecting)
         self.connection.protocol.connectionLost(None)  # type: ignore[arg-type]
+        self.successResultOf(stopped)
+
+
+class OrderedTransport(StringTransport):
+    """Records writes and the close in one sequence, so their order can be checked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def write(self, data: bytes) -> None:
+        self.events.append("close-then-write" if self.disconnecting else "write")
+        super().write(data)
+
+    def loseConnection(self) -> None:
+        self.events.append("close")
+        super().loseConnection()
+
+
+class DrainOrderTests(SynchronousTestCase):
+    def test_lastTerminalFrameIsWrittenBeforeTheDrainCloses(self) -> None:
+        backend = ManualBackend()
+        factory, _ = make_factory(backend)
+        transport = OrderedTransport()
+        protocol = factory.buildProtocol(None)
+        assert protocol is not None
+        protocol.makeConnection(transport)
+        protocol.dataReceived(encode_infer(1, "last one"))
+        stopped = Deferred.fromCoroutine(factory.shutdown(30.0))
+        backend.streams[1].finish()
+        self.assertEqual(transport.events[-2:], ["write", "close"])
+        self.assertNotIn("close-then-write", transport.events)
+        protocol.connectionLost(None)  # type: ignore[arg-type]
         self.successResultOf(stopped)
