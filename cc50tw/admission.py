@@ -19,6 +19,8 @@ class Admission:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self._semaphore = DeferredSemaphore(max_concurrency)
+        self._releasing = False
+        self._pendingReleases = 0
 
     @property
     def running(self) -> int:
@@ -51,4 +53,21 @@ class Admission:
         return self._semaphore.acquire()  # type: ignore[return-value]
 
     def release(self) -> None:
-        self._semaphore.release()
+        """
+        Free a slot, admitting the next queued request.
+
+        That request may finish inside its own admission (a backend that
+        completes synchronously) and release again; those nested releases are
+        queued and run by the outermost call's loop, so a long queue cannot
+        recurse deeper and deeper until the stack overflows.
+        """
+        self._pendingReleases += 1
+        if self._releasing:
+            return
+        self._releasing = True
+        try:
+            while self._pendingReleases:
+                self._pendingReleases -= 1
+                self._semaphore.release()
+        finally:
+            self._releasing = False

@@ -78,6 +78,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
 
     def __init__(self) -> None:
         self.streams: dict[int, RequestStream] = {}
+        self.lost = False
         self.transportPaused = False
         self.rejected = False
         self.authenticated = False
@@ -102,14 +103,17 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         self.setTimeout(self.factory.config.idle_timeout)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # Mark the connection gone first: ending the streams below must not
+        # restart the idle timer (Protocol.connected is never reset).
+        self.lost = True
+        for stream in list(self.streams.values()):
+            stream.abandon()
+        self.streams.clear()
         self.setTimeout(None)
         if self._abortTimer is not None:
             if self._abortTimer.active():
                 self._abortTimer.cancel()
             self._abortTimer = None
-        for stream in list(self.streams.values()):
-            stream.abandon()
-        self.streams.clear()
         if not self.rejected:
             self.factory.connectionClosed(self)
         self.factory.bytesSent += self.bytesSent
@@ -126,12 +130,12 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         # loseConnection waits for the send buffer to drain: forever, for a
         # client that reads nothing.  Such a client gets --stall-timeout more
         # to read, as a request would, and is then cut off.
-        if self.connected and self._abortTimer is None:
+        if not self.lost and self._abortTimer is None:
             self._abortTimer = self.callLater(self.factory.config.stall_timeout, self._abortUnreadConnection)
 
     def _abortUnreadConnection(self) -> None:
         self._abortTimer = None
-        if self.connected:
+        if not self.lost:
             self.log.info(
                 "aborting connection from {peer}: it read nothing for {timeout:g}s after being closed as idle",
                 peer=self.peer,
@@ -320,7 +324,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         if self.streams.get(stream.req_id) is stream:
             del self.streams[stream.req_id]
             if not self.streams:
-                if self.connected:
+                if not self.lost:
                     self.setTimeout(self.factory.config.idle_timeout)
                 self.factory.checkQuiet()
 
@@ -367,6 +371,7 @@ class CC50ServerFactory(Factory):
         self.bytesReceived = 0
         self.backendHealthy = True
         self.draining = False
+        self.closing = False
         self.metrics = ServerMetrics(self)
         self._quietWaiter: Deferred[None] | None = None
         self._quietCondition: Callable[[], bool] = lambda: True
@@ -468,6 +473,9 @@ class CC50ServerFactory(Factory):
         if self.inFlight:
             self.log.info("draining {count} in-flight requests (up to {timeout:g}s)", count=self.inFlight, timeout=drainTimeout)
         await self._waitUntil(lambda: self.inFlight == 0, drainTimeout)
+        # From here, a queued request that a cancellation below admits must
+        # not start backend work only to be cancelled a moment later.
+        self.closing = True
         for connection in list(self.connections):
             for stream in list(connection.streams.values()):
                 stream.cancel(

@@ -72,6 +72,9 @@ class RequestStream:
         if self.finished:  # cancelled while the slot was on its way
             self._releaseSlot()
             return
+        if self.connection.factory.closing:
+            self._end(ErrorCode.SHUTTING_DOWN, "server shutting down: the request was still queued at the drain timeout")
+            return
         backend = self.connection.factory.backend
         try:
             generation = backend.generate(self.request, self)
