@@ -185,7 +185,10 @@ def split(total: int, parts: int) -> list[int]:
 
 
 class BenchShare(NamedTuple):
-    """One process's part of a run (picklable: it crosses into the child)."""
+    """
+    One process's part of a run (picklable: it crosses into the child).
+    Its fields are ``run_bench``'s arguments in order: ``run_bench(reactor, *share)``.
+    """
 
     server: str
     prompt: str
@@ -265,20 +268,7 @@ def _child(share: BenchShare, index: int, barrier: Any, counters: Any, pipe: Any
 
     try:
         result = run_on_reactor(
-            lambda reactor: run_bench(
-                reactor,
-                share.server,
-                share.prompt,
-                share.max_tokens,
-                share.iters,
-                share.concurrency,
-                share.connections,
-                share.keep_text,
-                share.credit_bytes,
-                share.token,
-                progress=tick,
-                on_connected=connected,
-            )
+            lambda reactor: run_bench(reactor, *share, progress=tick, on_connected=connected)
         )
     except BaseException:
         barrier.abort()  # the others stop waiting for this one

@@ -145,19 +145,8 @@ async def _bench(reactor: Any, args: argparse.Namespace) -> int:
         if args.processes > 1:
             result = await run_bench_processes(reactor, bench_shares, progress.update_to if progress.shown else None)
         else:
-            result = await run_bench(
-                reactor,
-                args.server,
-                args.prompt,
-                args.max_tokens,
-                args.iters,
-                args.concurrency,
-                args.connections,
-                keep_text=args.print_count,
-                credit_bytes=args.credit_bytes,
-                token=_token(args),
-                progress=progress.advance if progress.shown else None,
-            )
+            [share] = bench_shares
+            result = await run_bench(reactor, *share, progress=progress.advance if progress.shown else None)
     finally:
         progress.close()
     settings = {
