@@ -16,8 +16,6 @@ install step cannot pass as green.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 import subprocess
 import time
@@ -37,54 +35,27 @@ from cc50tw.codec import ErrorCode
 from cc50tw.errors import ClientError
 from tests.conftest import StartCC50
 from tests.helpers import ServerProcess, cc50_command, free_port
-from tests.llama_support import DirectResult, LlamaServer, direct_completion, find_llama_server, generated_model
+from tests.llama_fixtures import require_llama_server, running_llama
+from tests.llama_support import DirectResult, LlamaServer, direct_completion, generated_model
 
 reactor: Any = _reactor
 
-LLAMA_BINARY, LLAMA_FOUND = find_llama_server()
 
 #: Seconds within which llama-server must free a slot once the CC50 client
 #: has gone away (the issue's bound).
 SLOT_FREED_WITHIN = 1.0
 
 
-def require_llama_server() -> Path:
-    """llama-server's path; skips (fails, under CI) without it or the model generator's ``gguf``."""
-    missing = LLAMA_FOUND if LLAMA_BINARY is None else None
-    if missing is None and importlib.util.find_spec("gguf") is None:
-        missing = "the gguf package is not installed (pip install gguf), so no test model can be made"
-    if missing is None:
-        assert LLAMA_BINARY is not None
-        return LLAMA_BINARY
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI must run the llama-server tests, but: {missing}", pytrace=False)
-    pytest.skip(missing)
-
-
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     """llama-server with the small model (~1,500 tokens/s), 4 parallel slots."""
-    binary = require_llama_server()
-    server = LlamaServer(binary, generated_model("small"), tmp_path_factory.mktemp("llama") / "llama-server.log")
-    server.start()
-    yield server
-    server.stop()
+    yield from running_llama(tmp_path_factory, "llama")
 
 
 @pytest.fixture(scope="module")
 def slow_llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     """llama-server with the large model (tens of tokens/s): streams outlast the test's actions."""
-    binary = require_llama_server()
-    server = LlamaServer(
-        binary,
-        generated_model("large"),
-        tmp_path_factory.mktemp("slow-llama") / "llama-server.log",
-        parallel=1,
-        context=2048,
-    )
-    server.start(timeout=120)
-    yield server
-    server.stop()
+    yield from running_llama(tmp_path_factory, "slow-llama", "large", start_timeout=120, parallel=1, context=2048)
 
 
 def bridge(cc50_server: StartCC50, llama_url: str, *args: str) -> ServerProcess:

@@ -30,8 +30,8 @@ from cc50tw.codec import ErrorCode
 from cc50tw.errors import ClientError
 from tests.conftest import StartCC50
 from tests.helpers import ServerProcess, cc50_command
-from tests.llama_support import LlamaServer, generated_model, stream_events
-from tests.test_llama_server_real import require_llama_server
+from tests.llama_fixtures import running_llama
+from tests.llama_support import LlamaServer, stream_events
 
 reactor: Any = _reactor
 
@@ -42,16 +42,7 @@ MODEL = "cc50-test-model"
 @pytest.fixture(scope="module")
 def keyed_llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     """llama-server with the small model that wants ``Authorization: Bearer API_KEY``."""
-    binary = require_llama_server()
-    server = LlamaServer(
-        binary,
-        generated_model("small"),
-        tmp_path_factory.mktemp("keyed-llama") / "llama-server.log",
-        extra_args=("--api-key", API_KEY),
-    )
-    server.start()
-    yield server
-    server.stop()
+    yield from running_llama(tmp_path_factory, "keyed-llama", extra_args=("--api-key", API_KEY))
 
 
 def key_file(tmp_path: Path, key: str = API_KEY) -> Path:

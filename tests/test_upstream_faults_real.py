@@ -28,7 +28,6 @@ These tests skip, saying why, only when llama-server is not installed and
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -54,11 +53,11 @@ from cc50tw.codec import ErrorCode
 from cc50tw.testing import CheckingClient, RequestRecord
 from tests.conftest import HOSTILE_SUMMARY, StartCC50
 from tests.helpers import LOOPBACK, ServerProcess
-from tests.llama_support import LlamaServer, find_llama_server, generated_model
+from tests.llama_fixtures import require_llama_server, running_llama
+from tests.llama_support import LlamaServer, generated_model
 
 reactor: Any = _reactor
 
-LLAMA_BINARY, LLAMA_FOUND = find_llama_server()
 #: Long enough to still be streaming when the fault strikes (the small model
 #: makes about 1,500 tokens/s on 2 cores; the context is 8,192).
 LONG = 6000
@@ -66,14 +65,6 @@ LONG = 6000
 IDLE_TIMEOUT = 1.0
 #: After a terminal frame, how long to watch for a frame that must not come.
 LATE_FRAME_WATCH = 0.5
-
-
-def require_llama_server() -> Path:
-    if LLAMA_BINARY is not None:
-        return LLAMA_BINARY
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI must run the llama-server fault tests, but: {LLAMA_FOUND}", pytrace=False)
-    pytest.skip(LLAMA_FOUND)
 
 
 async def sleep(seconds: float) -> None:
@@ -198,11 +189,7 @@ class FaultProxy(Resource):
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     """A llama-server for the proxy tests (which never kill or stop it)."""
-    binary = require_llama_server()
-    server = LlamaServer(binary, generated_model("small"), tmp_path_factory.mktemp("llama") / "llama-server.log")
-    server.start()
-    yield server
-    server.stop()
+    yield from running_llama(tmp_path_factory, "llama")
 
 
 @pytest.fixture

@@ -37,8 +37,8 @@ from cc50tw.codec import ErrorCode
 from cc50tw.errors import ClientError
 from tests.conftest import StartCC50
 from tests.helpers import LOOPBACK, ServerProcess, free_port
+from tests.llama_fixtures import require_llama_server
 from tests.llama_support import LlamaServer, generated_model, http_get
-from tests.test_llama_server_real import require_llama_server
 
 reactor: Any = _reactor
 
