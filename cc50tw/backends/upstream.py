@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 import attrs
 import treq
+from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet import error as netError
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -381,9 +382,31 @@ def _bodyProducer(data: Any) -> IBodyProducer:
     return _BytesProducer(data) if isinstance(data, bytes) else IBodyProducer(data)
 
 
-def makeHTTPClient(agent: IAgent) -> HTTPClient:
+class UpstreamHTTPClient(HTTPClient):
+    """
+    treq's ``HTTPClient``, with one lean method for the streaming POST.
+
+    ``request`` wraps every call in treq's cookie, redirect and gzip agents
+    and re-parses the URL with ``hyperlink`` (IDNA included): about 100 µs
+    of CPU per request here, 40% of starting one, on the path to the first
+    token and serialized across requests that arrive together.  None of it
+    applies to a POST that streams events from a fixed upstream URL, so
+    ``postStream`` hands the prepared request straight to the agent.
+    Health checks and everything else keep using treq's ``request``.
+    """
+
+    def __init__(self, agent: IAgent) -> None:
+        super().__init__(agent, data_to_body_producer=_bodyProducer)
+        self.agent = agent
+
+    def postStream(self, uri: bytes, headers: Headers, body: bytes) -> Deferred[IResponse]:
+        """POST ``body`` to ``uri`` (absolute, already encoded); fires with the response once its headers arrive."""
+        return self.agent.request(b"POST", uri, headers, _BytesProducer(body))  # type: ignore[no-any-return]
+
+
+def makeHTTPClient(agent: IAgent) -> UpstreamHTTPClient:
     """A treq client over ``agent`` that sends ``bytes`` bodies without a reactor turn."""
-    return HTTPClient(agent, data_to_body_producer=_bodyProducer)
+    return UpstreamHTTPClient(agent)
 
 
 class _SSEBody(TwistedProtocol):
@@ -551,12 +574,12 @@ class UpstreamStream:
         self._armTimer()
         backend = self._backend
         http = backend.http if self._tries == 1 else backend.freshHTTP
-        pending: Deferred[IResponse] = http.post(  # type: ignore[assignment]
-            self._upstream.url + self._dialect.path,
-            data=body,
-            headers=Headers(backend.streamHeaders),
-            unbuffered=True,
-        )
+        url = self._upstream.url + self._dialect.path
+        pending: Deferred[IResponse]
+        if isinstance(http, UpstreamHTTPClient):
+            pending = http.postStream(url.encode("ascii"), Headers(backend.streamHeaders), body)
+        else:  # any other treq-like client (a test's StubTreq)
+            pending = http.post(url, data=body, headers=Headers(backend.streamHeaders), unbuffered=True)  # type: ignore[assignment]
         self._pending = pending
         pending.addCallbacks(self._gotResponse, self._requestFailed, callbackArgs=(attempt,), errbackArgs=(attempt,))
 
@@ -1161,10 +1184,19 @@ class HTTPStreamingBackend:
 
 
 def normalizeURL(url: str, option: str = "--llama-url") -> str:
-    """``url`` without a trailing slash, after checking it is an http(s) URL with a host."""
+    """
+    ``url`` without a trailing slash, after checking it is an http(s) URL
+    with a host, and in its ASCII form (IDNA host, percent-encoded path), so
+    each request can send it as bytes without parsing it again.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{option} must be an http:// or https:// URL with a host, got {url!r}")
+    if not url.isascii():
+        try:
+            url = EncodedURL.from_text(url).to_uri().to_text()
+        except (ValueError, UnicodeError) as e:
+            raise ValueError(f"{option} is not a valid URL ({e}): {url!r}") from None
     return url.rstrip("/")
 
 
@@ -1255,6 +1287,7 @@ __all__ = [
     "OpenAICompletionsDialect",
     "Progress",
     "UpstreamEndpoints",
+    "UpstreamHTTPClient",
     "UpstreamStream",
     "dialectFor",
     "makeHTTPClient",

@@ -41,6 +41,7 @@ from cc50tw.backends.llama_server import (
     UpstreamEndpoints,
     UpstreamStream,
     makeHTTPClient,
+    normalizeURL,
 )
 from cc50tw.codec import ErrorCode
 from cc50tw.errors import BackendError
@@ -244,6 +245,29 @@ class CompletionStreamingTests(SynchronousTestCase):
         method, path, body = h.upstream.request()
         self.assertEqual((method, path), ("POST", "/completion"))
         self.assertEqual(body, {"prompt": "Tell me", "n_predict": 32, "stream": True, "cache_prompt": True})
+
+    def test_requestHeadersAreOnlyOurs(self) -> None:
+        """The streaming POST skips treq's wrappers: no gzip negotiation, which would buffer events."""
+        h = Harness()
+        h.generate("Tell me", 32)
+        head = h.upstream.transport().value().partition(b"\r\n\r\n")[0].decode().lower().split("\r\n")
+        self.assertEqual(head[0], "post /completion http/1.1")
+        names = sorted(line.split(":", 1)[0] for line in head[1:])
+        self.assertEqual(names, ["accept", "content-length", "content-type", "host"])
+        self.assertIn("accept: text/event-stream", head)
+        self.assertIn("host: llama.test:8080", head)
+
+    def test_redirectIsAnErrorNotFollowed(self) -> None:
+        h = Harness()
+        h.generate()
+        h.upstream.send(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://elsewhere.test/\r\nContent-Length: 0\r\n\r\n")
+        error = h.error()
+        self.assertEqual(error.code, ErrorCode.BACKEND_ERROR)
+        self.assertIn("HTTP 307", error.message)
+        self.assertEqual(len(h.upstream.connections), 1)
+
+    def test_nonASCIIURLIsSentInItsASCIIForm(self) -> None:
+        self.assertEqual(normalizeURL("http://bücher.test:8080/llama/"), "http://xn--bcher-kva.test:8080/llama")
 
     def test_streamsEveryPieceAsItArrives(self) -> None:
         h = Harness()
