@@ -8,7 +8,9 @@ agent and connection policy, and parses it with ``cc50tw.sse`` (what the
 bridge itself does); the bridged client is ``cc50tw.client``.  llama-server runs greedy (``--temp 0``) with a generated
 model, so both paths produce the same tokens; the twistd bridge is a separate
 process, as in production.  Per concurrency level the two paths alternate in
-rounds, so drift (thermal, other load) hits both alike.
+rounds (by default, every batch of CONCURRENCY requests), so drift (thermal,
+other load) hits both alike; the median of the per-round ratios is the
+figure to trust on a noisy machine.
 
 Prints, per concurrency: tokens/s (all generated tokens over wall time), TTFT
 p50/p99 and total latency p50/p99 for each path, and bridge/direct ratios.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -138,7 +141,9 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     )
     llama.start()
     bridge = start_server(
-        lambda listen: cc50_server_command(listen, "--backend=llama_server", f"--llama-url={llama.url}"),
+        lambda listen: cc50_server_command(
+            listen, "--backend=llama_server", f"--llama-url={llama.url}", *args.bridge_arg
+        ),
         workdir / "cc50.log",
     )
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -153,6 +158,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         "max_tokens": args.max_tokens,
         "iterations": args.iterations,
         "llama_server": how,
+        "bridge_args": args.bridge_arg,
         "levels": {},
     }
     try:
@@ -175,16 +181,24 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             collected: dict[str, tuple[list[Sample], float]] = {"direct": ([], 0.0), "bridge": ([], 0.0)}
             # Rounds of whole multiples of the concurrency, so no round ends
             # with fewer requests in flight than it should have.
-            per_round = max(concurrency, args.iterations // max(1, args.rounds) // concurrency * concurrency)
+            rounds = args.rounds or args.iterations // concurrency
+            per_round = max(concurrency, args.iterations // max(1, rounds) // concurrency * concurrency)
+            roundRatios: list[float] = []
             for _ in range(max(1, args.iterations // per_round)):
+                rates: dict[str, float] = {}
                 for name, make in (("direct", direct), ("bridge", bridged)):
                     samples, wall = await run_level(make, per_round, concurrency, args.max_tokens)
                     previous, previous_wall = collected[name]
                     collected[name] = (previous + samples, previous_wall + wall)
+                    rates[name] = sum(s.tokens for s in samples) / wall
+                roundRatios.append(rates["bridge"] / rates["direct"])
             level: dict[str, dict[str, float]] = {name: figures(*collected[name]) for name in collected}
             d, b = level["direct"], level["bridge"]
             level["ratio"] = {
                 "tokens_per_s": b["tokens_per_s"] / d["tokens_per_s"],
+                # Each round's bridge rate over the direct rate just before
+                # it: drift between rounds cancels out of the median.
+                "tokens_per_s_round_median": statistics.median(roundRatios),
                 "ttft_p50_delta_ms": b["ttft_p50_ms"] - d["ttft_p50_ms"],
                 "latency_p50_ratio": b["latency_p50_ms"] / d["latency_p50_ms"],
             }
@@ -210,7 +224,8 @@ def print_level(concurrency: int, level: dict[str, dict[str, float]]) -> None:
         )
     r = level["ratio"]
     print(
-        f"  bridge/direct: tokens/s x{r['tokens_per_s']:.4f} ({(r['tokens_per_s'] - 1) * 100:+.2f}%), "
+        f"  bridge/direct: tokens/s x{r['tokens_per_s']:.4f} ({(r['tokens_per_s'] - 1) * 100:+.2f}%; "
+        f"median of rounds {(r['tokens_per_s_round_median'] - 1) * 100:+.2f}%), "
         f"TTFT p50 {r['ttft_p50_delta_ms']:+.2f} ms, latency p50 x{r['latency_p50_ratio']:.4f}"
     )
 
@@ -218,8 +233,13 @@ def print_level(concurrency: int, level: dict[str, dict[str, float]]) -> None:
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=["small", "large"], help="generated model size")
-    parser.add_argument("--iterations", type=int, default=20, help="requests per path and concurrency level")
-    parser.add_argument("--rounds", type=int, default=4, help="alternations between the paths per level")
+    parser.add_argument("--iterations", type=int, default=80, help="requests per path and concurrency level")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="alternations between the paths per level (default: every CONCURRENCY requests)",
+    )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument(
@@ -227,6 +247,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=1,
         help="llama-server threads (more than the idle cores makes llama.cpp's spinning threads collapse)",
+    )
+    parser.add_argument(
+        "--bridge-arg",
+        action="append",
+        default=[],
+        help="extra twistd cc50 option for the bridge, e.g. --bridge-arg=--llama-preconnect (repeatable)",
     )
     parser.add_argument("--json", help="also write the figures here")
     return parser.parse_args(argv)

@@ -56,20 +56,31 @@ for s in $STEPS; do
         ;;
     ab)
         # A/B on one machine: the committed tree (.baseline/, carried) against this one.
-        for round in 1 2; do
+        for round in 1 2 3; do
             for variant in "$REPO/.baseline" "$REPO"; do
                 name=$( [ "$variant" = "$REPO" ] && echo new || echo base )
                 step "A/B round $round: $name"
                 (cd "$variant" && PYTHONPATH=$SITE:$variant $PY benchmarks/bench_llama_bridge.py --preset small \
-                    --iterations 60 --rounds 6 --json "$OUT/ab-$name-$round.json")
-                (cd "$variant" && PYTHONPATH=$SITE:$variant $PY benchmarks/trace_llama_bridge.py --rounds 10 \
-                    --concurrency 4 --paths direct bridge)
+                    --json "$OUT/ab-$name-$round.json" | grep -E "^concurrency|bridge/direct")
+            done
+        done
+        ;;
+    preconnect)
+        for round in 1 2 3; do
+            for flag in "" "--llama-preconnect"; do
+                step "round $round: bridge ${flag:-with defaults}"
+                $PY benchmarks/bench_llama_bridge.py --preset small ${flag:+--bridge-arg=$flag} \
+                    --json "$OUT/pre-${flag:-default}-$round.json" | grep -E "^concurrency|bridge/direct"
             done
         done
         ;;
     bench)
         step "bench_llama_bridge small"
         $PY benchmarks/bench_llama_bridge.py --preset small --json "$OUT/bench-small.json"
+        ;;
+    large)
+        step "bench_llama_bridge large"
+        $PY benchmarks/bench_llama_bridge.py --preset large --iterations 24 --json "$OUT/bench-large.json"
         ;;
     profile)
         step "py-spy of the twistd bridge during a trace"

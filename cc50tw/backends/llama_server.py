@@ -29,6 +29,7 @@ from cc50tw.backends.upstream import (
     HTTPStreamingBackend,
     UpstreamEndpoints,
     UpstreamStream,
+    commonFlags,
     commonOptions,
     commonSettings,
     dialectFor,
@@ -63,6 +64,7 @@ class LlamaServerBackend(HTTPStreamingBackend):
         freshHTTP: HTTPClient | None = None,
         health_interval: float = DEFAULT_HEALTH_INTERVAL,
         backoff: float = DEFAULT_BACKOFF,
+        preconnect: bool = False,
     ) -> None:
         dialectFor(endpoint, "")  # raises ValueError for an unknown endpoint
         self.endpoint = endpoint
@@ -77,6 +79,7 @@ class LlamaServerBackend(HTTPStreamingBackend):
             http=http,
             pool=pool,
             freshHTTP=freshHTTP,
+            preconnect=preconnect,
         )
 
     def makeDialect(self, where: str) -> Dialect:
@@ -118,6 +121,7 @@ SPEC = BackendSpec(
         ],
         *commonOptions("llama", "llama_server"),
     ],
+    flags=commonFlags("llama", "llama_server"),
     build=build,
 )
 

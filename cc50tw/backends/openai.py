@@ -29,6 +29,7 @@ from cc50tw.backends.upstream import (
     Dialect,
     HTTPStreamingBackend,
     OpenAICompletionsDialect,
+    commonFlags,
     commonOptions,
     commonSettings,
     urlList,
@@ -63,6 +64,7 @@ class OpenAIBackend(HTTPStreamingBackend):
         http: HTTPClient | None = None,
         pool: HTTPConnectionPool | None = None,
         freshHTTP: HTTPClient | None = None,
+        preconnect: bool = False,
     ) -> None:
         self.model = model
         self.chat = chat
@@ -82,6 +84,7 @@ class OpenAIBackend(HTTPStreamingBackend):
             http=http,
             pool=pool,
             freshHTTP=freshHTTP,
+            preconnect=preconnect,
         )
 
     def makeDialect(self, where: str) -> Dialect:
@@ -164,6 +167,7 @@ SPEC = BackendSpec(
     ],
     flags=[
         ["openai-chat", None, "Use /v1/chat/completions, the prompt as one user message (default: /v1/completions)."],
+        *commonFlags("openai", "openai"),
     ],
     build=build,
 )
