@@ -177,7 +177,7 @@ class PreconnectBackendTests(SynchronousTestCase):
             for extra, expected in (([], False), ([flag], True)):
                 options = Options()
                 options.parseOptions([*argv, *extra])
-                pool = options.backend.connectionPool
+                pool = getattr(options.backend, "connectionPool", None)
                 self.assertEqual(isinstance(pool, WarmConnectionPool), expected, (argv, extra))
 
     def test_secondRequestWritesOnTheSpareAtOnce(self) -> None:
