@@ -142,7 +142,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     llama.start()
     bridge = start_server(
         lambda listen: cc50_server_command(
-            listen, "--backend=llama_server", f"--llama-url={llama.url}", *args.bridge_arg
+            listen, "--backend=llama_server", f"--llama-url={llama.url}", *args.twistd_arg
         ),
         workdir / "cc50.log",
     )
@@ -158,7 +158,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         "max_tokens": args.max_tokens,
         "iterations": args.iterations,
         "llama_server": how,
-        "bridge_args": args.bridge_arg,
+        "twistd_args": args.twistd_arg,
         "levels": {},
     }
     try:
@@ -249,10 +249,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="llama-server threads (more than the idle cores makes llama.cpp's spinning threads collapse)",
     )
     parser.add_argument(
-        "--bridge-arg",
+        "--twistd-arg",
         action="append",
         default=[],
-        help="extra twistd cc50 option for the bridge, e.g. --bridge-arg=--llama-preconnect (repeatable)",
+        help="extra twistd cc50 option for the bridge, e.g. --twistd-arg=--llama-preconnect (repeatable)",
     )
     parser.add_argument("--json", help="also write the figures here")
     return parser.parse_args(argv)

@@ -69,7 +69,7 @@ for s in $STEPS; do
         for round in 1 2 3; do
             for flag in "" "--llama-preconnect"; do
                 step "round $round: bridge ${flag:-with defaults}"
-                $PY benchmarks/bench_llama_bridge.py --preset small ${flag:+--bridge-arg=$flag} \
+                $PY benchmarks/bench_llama_bridge.py --preset small ${flag:+--twistd-arg=$flag} \
                     --json "$OUT/pre-${flag:-default}-$round.json" | grep -E "^concurrency|bridge/direct"
             done
         done
