@@ -109,6 +109,8 @@ MAX_ERROR_BODY = 64 * 1024
 class Progress:
     """What one stream has learned from its events so far."""
 
+    #: The request's max_tokens: the answer is complete once that many were generated.
+    limit: int = 0
     finished: bool = False
     sawFinishReason: bool = False
     events: int = 0
@@ -188,6 +190,13 @@ class CompletionDialect:
             progress.finished = True
             stopType = value.get("stop_type")
             progress.stop_type = stopType if isinstance(stopType, str) else None
+        elif predicted is not None and 0 < progress.limit <= predicted:
+            # The last token the request allows: llama-server's final event
+            # (stop: true, stop_type "limit") follows with no text, only
+            # settings and timings, a few hundred microseconds later; the
+            # client's RESP_DONE need not wait for it.
+            progress.finished = True
+            progress.stop_type = "limit"
         return text
 
     def endedCleanly(self, progress: Progress) -> bool:
@@ -555,7 +564,7 @@ class UpstreamStream:
         self._tries = 0
         self._parser = SSEParser()
         self._text = TextAssembler()
-        self.progress = Progress()
+        self.progress = Progress(limit=self._request.max_tokens)
         self._events.clear()
         self._bodyEnd = None
         self._sawEvent = False

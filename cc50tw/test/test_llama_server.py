@@ -300,10 +300,34 @@ class CompletionStreamingTests(SynchronousTestCase):
 
     def test_severalEventsInOneRead(self) -> None:
         h = Harness()
-        _, sink = h.generate()
+        _, sink = h.generate(max_tokens=20)
         h.upstream.send(completionResponse([str(i) for i in range(20)]))
         self.assertEqual(sink.writes, [str(i) for i in range(20)])
         self.assertEqual(h.result(), GenerationResult(4, 20))
+
+    def test_doneAtTheLastAllowedToken(self) -> None:
+        """The answer is complete at max_tokens: the result does not wait for the final event."""
+        h = Harness()
+        _, sink = h.generate(max_tokens=3)
+        events = completionEvents(["a", "b", "c"], prompt=5)
+        h.upstream.send(sseHead() + b"".join(chunk(e) for e in events[:3]))
+        self.assertEqual(h.result(), GenerationResult(5, 3))
+        self.assertEqual(sink.writes, ["a", "b", "c"])
+        self.assertEqual((sink.registrations, sink.unregistrations), (1, 1))
+        h.upstream.send(chunk(events[3]) + LAST_CHUNK)  # the final event, read and ignored
+        self.assertEqual(sink.writes, ["a", "b", "c"])
+        self.assertEqual(len(h.results), 1)
+        self.assertFalse(h.upstream.transport().disconnecting)  # drained, back to the pool
+
+    def test_anEarlierEndStillWaitsForTheFinalEvent(self) -> None:
+        """Fewer tokens than allowed (end of sequence, a stop word): the final event says it is over."""
+        h = Harness()
+        _, sink = h.generate(max_tokens=16)
+        events = completionEvents(["a", "b", "c"], prompt=5)
+        h.upstream.send(sseHead() + b"".join(chunk(e) for e in events[:3]))
+        self.assertEqual(h.results, [])
+        h.upstream.send(chunk(events[3]))
+        self.assertEqual(h.result(), GenerationResult(5, 3))
 
     def test_surrogatePairSplitAcrossEvents(self) -> None:
         """A character escaped as a surrogate pair split over two events is written whole."""
