@@ -244,8 +244,13 @@ def build(options: Mapping[str, Any], reactor: Any) -> ToyBackend:
     # Imported here so that listing backends does not import the CUDA code.
     from cc50tw.backends.cuda import DEFAULT_BLOCK, DEFAULT_GRID, select_engine
 
+    device = options.get("toy-device", "auto")
+    if device == "auto" and options["toy-iters"] == 0:
+        # No work to offload: the CUDA engine would launch a kernel per token,
+        # a thread hop each way, and a transport benchmark would measure that.
+        device = "cpu"
     engine = select_engine(
-        options.get("toy-device", "auto"),
+        device,
         reactor,
         options.get("toy-grid", DEFAULT_GRID),
         options.get("toy-block", DEFAULT_BLOCK),
@@ -262,7 +267,8 @@ SPEC = BackendSpec(
             "toy-device",
             None,
             "auto",
-            "Where the work runs: auto (CUDA when PyCUDA and a GPU are there, else CPU), cuda, or cpu.",
+            "Where the work runs: auto (CUDA when PyCUDA and a GPU are there and --toy-iters is not 0, "
+            "else CPU), cuda, or cpu.",
             _device,
         ],
         ["toy-grid", None, 8, "CUDA blocks per kernel launch.", _count_up_to(2**31 - 1)],

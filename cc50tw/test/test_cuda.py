@@ -283,6 +283,22 @@ class SelectionTests(unittest.TestCase):
         self.assertIn("--toy-device=cuda", str(error))
         self.assertIn("libcuda.so.1 missing (no NVIDIA driver)", str(error))
 
+    def test_autoWithNoWorkIsTheCPU(self) -> None:
+        """--toy-iters=0 has nothing to offload: auto does not launch a kernel per token for it."""
+        from cc50tw.backends import cuda, toy
+
+        chosen: list[str] = []
+
+        def choose(device: str, reactor: Any, grid: int, block: int) -> CPUEngine:
+            chosen.append(device)
+            return CPUEngine(reactor, reactor.getThreadPool())
+
+        self.patch(cuda, "select_engine", choose)
+        toy.build(toyOptions(**{"toy-iters": 0}), reactor)
+        toy.build(toyOptions(**{"toy-iters": 5}), reactor)
+        toy.build(toyOptions(**{"toy-iters": 0, "toy-device": "cuda"}), reactor)
+        self.assertEqual(chosen, ["cpu", "auto", "cuda"])
+
     def test_cpuDoesNotProbe(self) -> None:
         self.assertIsInstance(select_engine("cpu", reactor, probe=probeNotExpected), CPUEngine)
 
@@ -307,7 +323,7 @@ class ThisMachineTests(unittest.TestCase):
 
     def test_autoPicksCPUAndSaysWhy(self) -> None:
         with capturedLogs() as events:
-            backend = build(toyOptions(), reactor)
+            backend = build(toyOptions(**{"toy-iters": 20000}), reactor)
         self.assertIsInstance(backend.engine, CPUEngine)
         said = [e for e in events if e.get("log_namespace") == "cc50tw.backends.cuda"]
         self.assertEqual([e["reason"] for e in said], [PROBE.reason])
