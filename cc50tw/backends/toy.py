@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -38,6 +39,8 @@ SYNCHRONOUS_BATCH_TOKENS = 512
 #: connection each one's first token goes out in the first round rather than
 #: after every other stream's full batch.  Batches then double up to the cap.
 FIRST_BATCH_TOKENS = 16
+
+log = Logger()
 
 
 class ToyEngine(Protocol):
@@ -249,6 +252,7 @@ def build(options: Mapping[str, Any], reactor: Any) -> ToyBackend:
         # No work to offload: the CUDA engine would launch a kernel per token,
         # a thread hop each way, and a transport benchmark would measure that.
         device = "cpu"
+        log.info("toy backend: --toy-iters=0 leaves no work for a GPU, so --toy-device=auto uses the CPU")
     engine = select_engine(
         device,
         reactor,

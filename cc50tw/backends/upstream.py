@@ -43,7 +43,7 @@ from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet import error as netError
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IConsumer,
@@ -109,8 +109,10 @@ MAX_ERROR_BODY = 64 * 1024
 class Progress:
     """What one stream has learned from its events so far."""
 
-    #: The request's max_tokens: the answer is complete once that many were generated.
+    #: The request's max_tokens: the answer is complete once that many were streamed.
     limit: int = 0
+    #: Tokens the events carried so far (llama.cpp's per-event ``tokens`` lists).
+    streamedTokens: int = 0
     finished: bool = False
     sawFinishReason: bool = False
     events: int = 0
@@ -190,13 +192,21 @@ class CompletionDialect:
             progress.finished = True
             stopType = value.get("stop_type")
             progress.stop_type = stopType if isinstance(stopType, str) else None
-        elif predicted is not None and 0 < progress.limit <= predicted:
-            # The last token the request allows: llama-server's final event
-            # (stop: true, stop_type "limit") follows with no text, only
-            # settings and timings, a few hundred microseconds later; the
-            # client's RESP_DONE need not wait for it.
-            progress.finished = True
-            progress.stop_type = "limit"
+        else:
+            tokens = value.get("tokens")
+            if isinstance(tokens, list):
+                progress.streamedTokens += len(tokens)
+                if 0 < progress.limit <= progress.streamedTokens:
+                    # The last token the request allows has been streamed:
+                    # llama-server's final event (stop: true, stop_type
+                    # "limit") follows with no text, only settings and
+                    # timings, a few hundred microseconds later; RESP_DONE
+                    # need not wait for it.  Counted from the events' own
+                    # token lists, not ``tokens_predicted``, which some
+                    # builds advance by a whole speculative batch before
+                    # that batch's events have been sent.
+                    progress.finished = True
+                    progress.stop_type = "limit"
         return text
 
     def endedCleanly(self, progress: Progress) -> bool:
@@ -484,6 +494,8 @@ class StreamingBackend(Protocol):
     connect_timeout: float
     first_event_timeout: float
     idle_timeout: float
+    #: Streams whose answer has ended but whose HTTP body is still being read.
+    draining: set[UpstreamStream]
 
     def dialectFor(self, upstream: Upstream) -> Dialect: ...
 
@@ -527,6 +539,7 @@ class UpstreamStream:
         self._transport: Any = None  # the HTTP body's transport, while it is being read
         self._bodyEnd: Failure | None = None
         self._timer: IDelayedCall | None = None
+        self._drainTimer: IDelayedCall | None = None  # the rest of the body, after the answer ended
         self._lastData = 0.0  # when the body last brought bytes, once streaming
         self._sawEvent = False
         self._chunks = 0  # sink writes: once there is one, the request is not retried
@@ -586,10 +599,11 @@ class UpstreamStream:
         http = backend.http if self._tries == 1 else backend.freshHTTP
         url = self._upstream.url + self._dialect.path
         pending: Deferred[IResponse]
+        headers = Headers(backend.streamHeaders)
         if isinstance(http, UpstreamHTTPClient):
-            pending = http.postStream(url.encode("ascii"), Headers(backend.streamHeaders), body)
+            pending = maybeDeferred(http.postStream, url.encode("ascii"), headers, body)
         else:  # any other treq-like client (a test's StubTreq)
-            pending = http.post(url, data=body, headers=Headers(backend.streamHeaders), unbuffered=True)  # type: ignore[assignment]
+            pending = maybeDeferred(http.post, url, data=body, headers=headers, unbuffered=True)  # type: ignore[arg-type]
         self._pending = pending
         pending.addCallbacks(self._gotResponse, self._requestFailed, callbackArgs=(attempt,), errbackArgs=(attempt,))
 
@@ -736,6 +750,7 @@ class UpstreamStream:
             return
         self._transport = None
         if self._ended:
+            self._drained()
             return
         self._bodyEnd = reason
         self._cancelTimer()
@@ -793,9 +808,13 @@ class UpstreamStream:
             self._sink.write(tail)
         self._end()
         if self._transport is not None:
-            # Let the rest of the body (normally just the chunked terminator)
-            # drain so the connection goes back to the pool for the next request.
+            # Let the rest of the body (the final event, the chunked
+            # terminator) drain so the connection can go back to the pool;
+            # for as long as the idle timeout at most, and no longer than
+            # the backend runs.
             self._transport.resumeProducing()
+            self._backend.draining.add(self)
+            self._drainTimer = self._backend.reactor.callLater(self._backend.idle_timeout, self.stopDraining)
         self._release("done")
         progress = self.progress
         generated = progress.generated_tokens
@@ -803,6 +822,18 @@ class UpstreamStream:
             # An upstream that reports no counts: chunks are the best estimate.
             generated = self._chunks
         self.done.callback(GenerationResult(progress.prompt_tokens or 0, generated))
+
+    def stopDraining(self) -> None:
+        """Close the connection whose rest of the body is still being read after the answer ended."""
+        self._abortTransport()
+        self._drained()
+
+    def _drained(self) -> None:
+        if self._drainTimer is not None:
+            if self._drainTimer.active():
+                self._drainTimer.cancel()
+            self._drainTimer = None
+        self._backend.draining.discard(self)
 
     def _fail(self, message: str, code: ErrorCode, fault: bool = False) -> None:
         """
@@ -1013,11 +1044,17 @@ class HTTPStreamingBackend:
             b"Accept": [b"text/event-stream"],
             **self.extraHeaders,
         }
+        healthPool: HTTPConnectionPool | None = None
         if http is None:
             if pool is None:
                 pool = WarmConnectionPool(reactor) if preconnect else HTTPConnectionPool(reactor, persistent=True)
                 pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
                 pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
+                if preconnect:
+                    # Health checks get connections of their own: a probe
+                    # every few seconds must not keep a spare open when idle.
+                    healthPool = HTTPConnectionPool(reactor, persistent=True)
+                    healthPool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
             http = makeHTTPClient(upstreamAgent(reactor, connect_timeout, pool))
         if freshHTTP is None:
             if pool is None:
@@ -1028,11 +1065,15 @@ class HTTPStreamingBackend:
         #: The HTTP connections, shared by all upstreams (the Agent keys them by host).
         self.connectionPool = pool
         self.http = http
+        self.healthPool = healthPool
+        #: For health checks: ``http``, unless spares are kept (``preconnect``).
+        self.healthHTTP = http if healthPool is None else makeHTTPClient(upstreamAgent(reactor, connect_timeout, healthPool))
         #: Always a new connection: for the one retry after a pooled
         #: connection turned out to be closed (see ``UpstreamStream``).
         self.freshHTTP = freshHTTP
         #: Streams that have not ended; tests and metrics read its size.
         self.active: set[UpstreamStream] = set()
+        self.draining: set[UpstreamStream] = set()
         self._dialects: dict[str, Dialect] = {}
         self.dialect = self.dialectFor(self.pool.members[0])
         self._poller: LoopingCall | None = None
@@ -1138,7 +1179,7 @@ class HTTPStreamingBackend:
         where = f"{self.upstream_name} at {upstream.url}"
         path = self.health_path
         upstream.probing = True
-        got: Deferred[Any] = self.http.get(
+        got: Deferred[Any] = self.healthHTTP.get(
             upstream.url + path,
             headers=Headers(self.extraHeaders),
             timeout=self.connect_timeout + 5,
@@ -1186,11 +1227,11 @@ class HTTPStreamingBackend:
             self._poller.stop()
         for stream in list(self.active):
             stream.stopProducing()
+        for stream in list(self.draining):
+            stream.stopDraining()
         self.pool.logSummary()
-        if self.connectionPool is None:
-            return succeed(None)
-        closing: Deferred[None] = self.connectionPool.closeCachedConnections()
-        return closing
+        closing = [pool.closeCachedConnections() for pool in (self.connectionPool, self.healthPool) if pool is not None]
+        return gatherResults(closing).addCallback(lambda _: None)
 
 
 # Options shared by the backends built on this ----------------------------------
@@ -1210,6 +1251,10 @@ def normalizeURL(url: str, option: str = "--llama-url") -> str:
             url = EncodedURL.from_text(url).to_uri().to_text()
         except (ValueError, UnicodeError) as e:
             raise ValueError(f"{option} is not a valid URL ({e}): {url!r}") from None
+    if any(not 0x21 <= ord(c) <= 0x7E for c in url):
+        # What Twisted's Agent accepts in a request URI: otherwise every
+        # request would fail at once, long after start-up said nothing.
+        raise ValueError(f"{option} must not contain spaces or control characters (percent-encode them): {url!r}")
     return url.rstrip("/")
 
 

@@ -23,6 +23,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,9 +41,11 @@ class WarmConnectionPool(HTTPConnectionPool):
     A spare is an ``HTTP11ClientProtocol`` connected and never used: the
     pool's own cache holds it (``_putConnection``), so the cache's timeout
     closes it when no request comes, and ``getConnection`` hands it out like
-    any kept-alive connection (the oldest first, so a spare made during a
-    request goes before that request's own connection, which llama-server
-    is about to close).  A spare that fails to connect is dropped quietly:
+    any kept-alive connection.  One is made only when the cache holds no live
+    idle connection for the key when it is due: an upstream that keeps its
+    connections alive (vLLM, OpenAI) gives each request back to the cache and
+    never needs a spare, while llama-server has closed its streamed-on
+    connection by then.  A spare that fails to connect is dropped quietly:
     the request that needs a connection next makes its own and reports any
     failure.
     """
@@ -53,7 +56,6 @@ class WarmConnectionPool(HTTPConnectionPool):
         super().__init__(reactor, persistent=True)
         self._warming: dict[Hashable, Deferred[Any]] = {}
         self._scheduled: dict[Hashable, IDelayedCall] = {}
-        self._spares: dict[Hashable, Any] = {}
         self._closed = False
         #: Spares connected so far (for tests and figures).
         self.sparesMade = 0
@@ -66,15 +68,17 @@ class WarmConnectionPool(HTTPConnectionPool):
             self._scheduled[key] = self._reactor.callLater(WARM_DELAY, self._warm, key, endpoint)
         return connection
 
-    def _spareWaiting(self, key: Hashable) -> bool:
-        spare = self._spares.get(key)
-        return spare is not None and spare.state == "QUIESCENT" and spare in self._connections.get(key, ())
+    def _idleWaiting(self, key: Hashable) -> bool:
+        """Whether a cached connection for ``key`` could take the next request now."""
+        return any(
+            connection.state == "QUIESCENT" and not getattr(connection.transport, "disconnecting", False)
+            for connection in self._connections.get(key, ())
+        )
 
     def _warm(self, key: Hashable, endpoint: IStreamClientEndpoint) -> None:
         self._scheduled.pop(key, None)
-        if self._closed or key in self._warming or self._spareWaiting(key):
+        if self._closed or key in self._warming or self._idleWaiting(key):
             return
-        self._spares.pop(key, None)
         connecting: Deferred[Any] = self._newConnection(key, endpoint)
         self._warming[key] = connecting
 
@@ -84,12 +88,11 @@ class WarmConnectionPool(HTTPConnectionPool):
                 protocol.abort()
                 return
             self.sparesMade += 1
-            self._spares[key] = protocol
             self._putConnection(key, protocol)
 
         def failed(failure: Failure) -> None:
             self._warming.pop(key, None)
-            if not failure.check(CancelledError):
+            if not failure.check(CancelledError, ConnectingCancelledError):
                 self.log.debug("spare connection failed: {reason}", reason=failure.getErrorMessage())
 
         connecting.addCallbacks(connected, failed)
@@ -103,7 +106,6 @@ class WarmConnectionPool(HTTPConnectionPool):
         for connecting in list(self._warming.values()):
             connecting.cancel()
         self._warming.clear()
-        self._spares.clear()
         closing: Deferred[None] = super().closeCachedConnections()
         return closing
 

@@ -294,7 +294,9 @@ class SelectionTests(unittest.TestCase):
             return CPUEngine(reactor, reactor.getThreadPool())
 
         self.patch(cuda, "select_engine", choose)
-        toy.build(toyOptions(**{"toy-iters": 0}), reactor)
+        with capturedLogs() as events:
+            toy.build(toyOptions(**{"toy-iters": 0}), reactor)
+        self.assertIn("--toy-device=auto uses the CPU", " ".join(e.get("log_format", "") for e in events))
         toy.build(toyOptions(**{"toy-iters": 5}), reactor)
         toy.build(toyOptions(**{"toy-iters": 0, "toy-device": "cuda"}), reactor)
         self.assertEqual(chosen, ["cpu", "auto", "cuda"])

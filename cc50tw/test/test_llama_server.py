@@ -28,6 +28,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -269,6 +270,33 @@ class CompletionStreamingTests(SynchronousTestCase):
     def test_nonASCIIURLIsSentInItsASCIIForm(self) -> None:
         self.assertEqual(normalizeURL("http://bücher.test:8080/llama/"), "http://xn--bcher-kva.test:8080/llama")
 
+    def test_aURLTheAgentWouldRefuseIsRefusedAtStart(self) -> None:
+        for url in ("http://llama.test:8080/a b", "http://llama.test:8080/\x7f"):
+            error = self.assertRaises(ValueError, LlamaServerBackend, MemoryReactorClock(), url)
+            self.assertIn("--llama-url must not contain spaces or control characters", str(error))
+
+    def test_anAgentThatRaisesFailsTheRequestCleanly(self) -> None:
+        """A request the agent refuses outright ends with BACKEND_ERROR, and leaves nothing behind."""
+
+        @implementer(IAgent)
+        class Refusing:
+            def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+                raise ValueError("Invalid URI")
+
+        reactor = MemoryReactorClock()
+        backend = LlamaServerBackend(reactor, URL, http=makeHTTPClient(Refusing()))
+        sink = RecordingSink()
+        results: list[object] = []
+        backend.generate(InferenceRequest(1, "hi", 4), sink).addBoth(results.append)
+        self.assertEqual(len(results), 1)
+        assert isinstance(results[0], Failure)
+        error = results[0].value
+        assert isinstance(error, BackendError)
+        self.assertEqual(error.code, ErrorCode.BACKEND_ERROR)
+        self.assertIn("Invalid URI", error.message)
+        self.assertEqual((backend.active, reactor.getDelayedCalls()), (set(), []))
+        self.assertEqual(backend.pool.members[0].outstanding, 0)
+
     def test_streamsEveryPieceAsItArrives(self) -> None:
         h = Harness()
         _, sink = h.generate()
@@ -314,10 +342,60 @@ class CompletionStreamingTests(SynchronousTestCase):
         self.assertEqual(h.result(), GenerationResult(5, 3))
         self.assertEqual(sink.writes, ["a", "b", "c"])
         self.assertEqual((sink.registrations, sink.unregistrations), (1, 1))
+        self.assertEqual(len(h.backend.draining), 1)
         h.upstream.send(chunk(events[3]) + LAST_CHUNK)  # the final event, read and ignored
         self.assertEqual(sink.writes, ["a", "b", "c"])
         self.assertEqual(len(h.results), 1)
         self.assertFalse(h.upstream.transport().disconnecting)  # drained, back to the pool
+        self.assertEqual(h.backend.draining, set())
+        h.reactor.advance(h.backend.idle_timeout)
+        self.assertFalse(h.upstream.transport().disconnecting)  # no drain timer left to fire
+
+    def test_anUpstreamThatStallsAfterTheAnswerIsCutOff(self) -> None:
+        """The rest of the body is read for the idle timeout at most, then the connection is closed."""
+        h = Harness()
+        h.generate(max_tokens=2)
+        h.upstream.send(sseHead() + b"".join(chunk(e) for e in completionEvents(["a", "b"])[:2]))
+        self.assertEqual(h.result(), GenerationResult(4, 2))
+        h.reactor.advance(h.backend.idle_timeout - 1)
+        self.assertFalse(h.upstream.transport().disconnecting)
+        h.reactor.advance(1)
+        self.assertTrue(h.upstream.transport().disconnecting)
+        self.assertEqual((h.backend.draining, h.reactor.getDelayedCalls()), (set(), []))
+
+    def test_stoppingTheBackendClosesADrainingConnection(self) -> None:
+        h = Harness()
+        h.generate(max_tokens=1)
+        h.upstream.send(sseHead() + chunk(completionEvents(["a"])[0]))
+        self.assertEqual(h.result(), GenerationResult(4, 1))
+        h.backend.stopBackend()
+        self.assertTrue(h.upstream.transport().disconnecting)
+        self.assertEqual((h.backend.draining, h.reactor.getDelayedCalls()), (set(), []))
+
+    def test_aSpeculativeBatchIsNotCutShort(self) -> None:
+        """
+        Builds that count a whole accepted draft batch in ``tokens_predicted``
+        before sending its events: every event of the batch already says 4 of
+        4.  All of them are still streamed; the limit counts tokens carried.
+        """
+        h = Harness()
+        _, sink = h.generate(max_tokens=4)
+        h.upstream.send(sseHead())
+        for content, predicted in (("a", 1), ("b", 4), ("c", 4), ("d", 4)):
+            h.upstream.send(chunk(event(content=content, tokens=[9], stop=False, tokens_predicted=predicted)))
+        self.assertEqual(sink.writes, ["a", "b", "c", "d"])
+        self.assertEqual(h.result().generated_tokens, 4)
+
+    def test_eventsWithoutTokenListsWaitForTheFinalEvent(self) -> None:
+        h = Harness()
+        _, sink = h.generate(max_tokens=2)
+        h.upstream.send(sseHead())
+        for content, predicted in (("a", 1), ("b", 2)):
+            h.upstream.send(chunk(event(content=content, stop=False, tokens_predicted=predicted)))
+        self.assertEqual(h.results, [])
+        h.upstream.send(chunk(event(content="", stop=True, stop_type="limit", tokens_predicted=2)))
+        self.assertEqual(sink.writes, ["a", "b"])
+        self.assertEqual(h.result().generated_tokens, 2)
 
     def test_anEarlierEndStillWaitsForTheFinalEvent(self) -> None:
         """Fewer tokens than allowed (end of sequence, a stop word): the final event says it is over."""

@@ -110,6 +110,20 @@ class WarmConnectionPoolTests(SynchronousTestCase):
         self.assertEqual(self.endpoint.pending, 0)
         self.assertEqual(self.pool.sparesMade, 1)
 
+    def test_anUpstreamThatKeepsConnectionsAliveGetsNoPileOfSpares(self) -> None:
+        """vLLM-like: every used connection comes back alive, so spares stop once one is cached."""
+        for _ in range(20):
+            taken = self.get()
+            while self.endpoint.pending:
+                self.endpoint.connectNext()
+            self.reactor.advance(WARM_DELAY)
+            while self.endpoint.pending:
+                self.endpoint.connectNext()
+            connection = self.successResultOf(taken)
+            self.pool._putConnection(KEY, getattr(connection, "_clientProtocol", connection))  # response done
+        self.assertLessEqual(len(self.endpoint.attempts), 2)
+        self.assertLessEqual(len(self.pool._connections[KEY]), 2)
+
     def test_aSpareTheUpstreamClosedIsSkippedAndReplaced(self) -> None:
         self.get()
         self.reactor.advance(WARM_DELAY)
@@ -166,6 +180,17 @@ class PreconnectBackendTests(SynchronousTestCase):
         self.assertNotIsInstance(LlamaServerBackend(reactor).connectionPool, WarmConnectionPool)
         self.assertIn("spare connection", LlamaServerBackend(reactor, preconnect=True).describe())
         self.assertNotIn("spare connection", LlamaServerBackend(reactor).describe())
+
+    def test_healthChecksHaveAPlainPoolOfTheirOwn(self) -> None:
+        """A probe every few seconds must not keep a spare open on an idle bridge."""
+        reactor = MemoryReactorClock()
+        warm = LlamaServerBackend(reactor, preconnect=True)
+        self.assertIsNot(warm.healthHTTP, warm.http)
+        self.assertIsNotNone(warm.healthPool)
+        self.assertNotIsInstance(warm.healthPool, WarmConnectionPool)
+        plain = LlamaServerBackend(reactor)
+        self.assertIs(plain.healthHTTP, plain.http)
+        self.assertIsNone(plain.healthPool)
 
     def test_bothHTTPBackendsTakeTheFlag(self) -> None:
         from cc50tw.tap import Options
