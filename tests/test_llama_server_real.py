@@ -198,15 +198,17 @@ async def test_preconnect_keeps_a_spare_and_streams_the_same(llama: LlamaServer,
     idle for the next (llama-server closes the one it streamed on); answers
     are unchanged, and more requests than slots still all complete.
     """
-    started = time.monotonic()
-    server = bridge(cc50_server, llama.url, "--llama-preconnect", "--llama-health-interval=0")
-    plain = bridge(cc50_server, llama.url, "--llama-health-interval=0")
+    # Health checks once at start-up only, from the backend and the service.
+    quiet = ("--llama-health-interval=0", "--health-interval=3600")
+    server = bridge(cc50_server, llama.url, "--llama-preconnect", *quiet)
+    plain = bridge(cc50_server, llama.url, *quiet)
+    started = time.monotonic()  # both have made their start-up health checks by now
     prompts = [f"Spare connection test {i}" for i in range(4)]
     references = [reference_completion(llama, prompt, 24).text for prompt in prompts]
     client = await connect(reactor, server.endpoint)
     plainClient = await connect(reactor, plain.endpoint)
-    # The start-up health check's kept-alive connection lingers for the pool's
-    # 4 s; let it go, so what is left below is the spare alone.
+    # The start-up health checks' kept-alive connections linger for the
+    # pool's 4 s; let them go, so what is left below is the spare alone.
     await sleep(max(0.0, started + 4.5 - time.monotonic()))
     try:
         for prompt, reference in zip(prompts * 2, references * 2):
