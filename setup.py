@@ -20,6 +20,7 @@ setup(
     install_requires=[
         "twisted>=24.7",
         "treq>=24.9",
+        "hyperlink>=21",
         "zope.interface>=6",
         "attrs>=23",
         "prometheus-client>=0.20",
