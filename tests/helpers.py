@@ -100,7 +100,8 @@ def free_port(host: str = LOOPBACK) -> int:
     Another process can take it before ours binds it, so starters should
     retry on "Address already in use" (``start_server`` does).
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 

@@ -89,12 +89,15 @@ class LlamaServer:
     threads: int = 1
     port: int = 0
     extra_args: Sequence[str] = ()
+    #: Where it listens: IPv4 loopback, or "::1".
+    host: str = LOOPBACK
     process: subprocess.Popen[bytes] | None = None
     starts: int = field(default=0)
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def argv(self) -> list[str]:
         return [
@@ -102,7 +105,7 @@ class LlamaServer:
             "--model",
             str(self.model),
             "--host",
-            LOOPBACK,
+            self.host,
             "--port",
             str(self.port),
             "--parallel",
@@ -128,7 +131,7 @@ class LlamaServer:
     def start(self, timeout: float = 60.0) -> LlamaServer:
         """Start (or restart, on the same port) and wait until ``/health`` says ok."""
         if self.port == 0:
-            self.port = free_port()
+            self.port = free_port(self.host)
         self.starts += 1
         self.process = start_logged_process(self.argv(), self.log_path)
         self.wait_healthy(timeout)

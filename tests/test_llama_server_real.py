@@ -17,6 +17,7 @@ install step cannot pass as green.
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -225,6 +226,32 @@ async def test_preconnect_keeps_a_spare_and_streams_the_same(llama: LlamaServer,
         await client.close()
         await plainClient.close()
     assert [c.stats.generated_tokens for c in completions] == [64] * 8
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv6_literal_upstream(cc50_server: StartCC50, tmp_path: Path) -> None:
+    """``--llama-url=http://[::1]:PORT``: health checks and streams (treq alone cannot GET such a URL)."""
+    binary = require_llama_server()
+    try:
+        socket.socket(socket.AF_INET6).close()
+        free_port("::1")
+    except OSError as e:
+        pytest.skip(f"IPv6 loopback (::1) is not available on this machine: {e}")
+    llama = LlamaServer(binary, generated_model(), tmp_path / "llama-server.log", parallel=1, host="::1")
+    llama.start()
+    try:
+        assert llama.url.startswith("http://[::1]:")
+        server = bridge(cc50_server, llama.url)
+        direct = reference_completion(llama, "Over IPv6", 16)
+        client = await connect(reactor, server.endpoint)
+        try:
+            completion = await client.infer("Over IPv6", max_tokens=16).collect()
+        finally:
+            await client.close()
+        assert completion.text == direct.text
+        assert f"llama-server at {llama.url} is healthy" in server.log()
+    finally:
+        llama.stop()
 
 
 # Cancellation --------------------------------------------------------------------

@@ -423,6 +423,14 @@ class UpstreamHTTPClient(HTTPClient):
         """POST ``body`` to ``uri`` (absolute, already encoded); fires with the response once its headers arrive."""
         return self.agent.request(b"POST", uri, headers, _BytesProducer(body))  # type: ignore[no-any-return]
 
+    def getDirect(self, uri: bytes, headers: Headers) -> Deferred[IResponse]:
+        """
+        GET ``uri`` (absolute, already encoded) without treq's URL handling,
+        which also cannot take an IPv6-literal host (``http://[::1]:8080``):
+        hyperlink's IDNA encoding refuses the colons.
+        """
+        return self.agent.request(b"GET", uri, headers)  # type: ignore[no-any-return]
+
 
 def makeHTTPClient(agent: IAgent) -> UpstreamHTTPClient:
     """A treq client over ``agent`` that sends ``bytes`` bodies without a reactor turn."""
@@ -977,6 +985,16 @@ def _neverAnswered(failure: Failure) -> bool:
     return failure.check(ResponseNeverReceived, RequestTransmissionFailed) is not None
 
 
+def _wasCancelled(failure: Failure) -> bool:
+    """Cancelled, directly or (a request already sent) as the reason the response never came."""
+    if failure.check(CancelledError):
+        return True
+    if failure.check(ResponseFailed):  # ResponseNeverReceived too
+        reasons = getattr(failure.value, "reasons", ())
+        return any(isinstance(reason, Failure) and reason.check(CancelledError) for reason in reasons)
+    return False
+
+
 def _discard(response: IResponse) -> None:
     """Close a response whose body we do not want (it is not returned to the pool)."""
     collector = _ErrorBodyCollector(0)
@@ -1179,12 +1197,26 @@ class HTTPStreamingBackend:
         where = f"{self.upstream_name} at {upstream.url}"
         path = self.health_path
         upstream.probing = True
-        got: Deferred[Any] = self.healthHTTP.get(
-            upstream.url + path,
-            headers=Headers(self.extraHeaders),
-            timeout=self.connect_timeout + 5,
-            reactor=self.reactor,
-        )
+        http = self.healthHTTP
+        got: Deferred[Any]
+        if isinstance(http, UpstreamHTTPClient):
+            got = maybeDeferred(http.getDirect, (upstream.url + path).encode("ascii"), Headers(self.extraHeaders))
+            timer = self.reactor.callLater(self.connect_timeout + 5, got.cancel)
+
+            def stopTimer(result: object) -> object:
+                if timer.active():
+                    timer.cancel()
+                return result
+
+            got.addBoth(stopTimer)
+        else:  # any other treq-like client (a test's StubTreq)
+            got = maybeDeferred(
+                http.get,
+                upstream.url + path,
+                headers=Headers(self.extraHeaders),
+                timeout=self.connect_timeout + 5,
+                reactor=self.reactor,
+            )
 
         def answered(response: Any) -> Deferred[tuple[bool, str]]:
             body: Deferred[bytes] = treq.content(response)
@@ -1200,7 +1232,7 @@ class HTTPStreamingBackend:
             return body.addCallback(read)
 
         def failed(failure: Failure) -> tuple[bool, str]:
-            if failure.check(CancelledError):
+            if _wasCancelled(failure):
                 reason = "no answer in time"
             else:
                 reason = failure.getErrorMessage()

@@ -1058,6 +1058,43 @@ class HealthCheckTests(SynchronousTestCase):
         self.assertEqual(results, [None])
 
 
+class DirectHealthCheckTests(SynchronousTestCase):
+    """Health checks through the agent, as the backend makes them (not through treq's URL handling)."""
+
+    def probe(self, url: str) -> tuple[FakeUpstream, MemoryReactorClock, list[tuple[bool, str]]]:
+        reactor = MemoryReactorClock()
+        upstream = FakeUpstream(reactor)
+        backend = LlamaServerBackend(reactor, url, http=upstream.client())
+        probes: list[tuple[bool, str]] = []
+        backend.probeHealth().addCallback(probes.append)
+        return upstream, reactor, probes
+
+    def test_ipv6LiteralUpstream(self) -> None:
+        """treq cannot even make this request (hyperlink's IDNA refuses '::1'); the agent can."""
+        upstream, _, probes = self.probe("http://[::1]:8080")
+        head = upstream.transport().value().decode()
+        self.assertTrue(head.startswith("GET /health HTTP/1.1\r\n"), head)
+        self.assertIn("Host: [::1]:8080", head)
+        upstream.send(b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{"status":"ok"}')
+        self.assertEqual(len(probes), 1)
+        self.assertTrue(probes[0][0], probes[0][1])
+
+    def test_noAnswerInTime(self) -> None:
+        upstream, reactor, probes = self.probe(URL)
+        reactor.advance(DEFAULT_CONNECT_TIMEOUT + 5)
+        self.assertEqual(len(probes), 1)
+        self.assertFalse(probes[0][0])
+        self.assertIn("no answer in time", probes[0][1])
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_anAnswerStopsTheClock(self) -> None:
+        upstream, reactor, probes = self.probe(URL)
+        upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(probes[0][0])
+        # Left: only the pool's timer for the kept-alive connection (240 s by default).
+        self.assertEqual([call.getTime() for call in reactor.getDelayedCalls()], [240.0])
+
+
 class UpstreamEndpointsTests(SynchronousTestCase):
     """IP literals are connected to directly; only host names are resolved."""
 
