@@ -38,7 +38,6 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import attrs
-import treq
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet import error as netError
@@ -819,10 +818,11 @@ class UpstreamStream:
             # Let the rest of the body (the final event, the chunked
             # terminator) drain so the connection can go back to the pool;
             # for as long as the idle timeout at most, and no longer than
-            # the backend runs.
-            self._transport.resumeProducing()
+            # the backend runs.  (Registered first: resuming may deliver the
+            # end of the body at once.)
             self._backend.draining.add(self)
             self._drainTimer = self._backend.reactor.callLater(self._backend.idle_timeout, self.stopDraining)
+            self._transport.resumeProducing()
         self._release("done")
         progress = self.progress
         generated = progress.generated_tokens
@@ -986,12 +986,12 @@ def _neverAnswered(failure: Failure) -> bool:
 
 
 def _wasCancelled(failure: Failure) -> bool:
-    """Cancelled, directly or (a request already sent) as the reason the response never came."""
-    if failure.check(CancelledError):
+    """Cancelled: while connecting, directly, or (a request under way) as the reason the response never came."""
+    if failure.check(CancelledError, netError.ConnectingCancelledError):
         return True
-    if failure.check(ResponseFailed):  # ResponseNeverReceived too
-        reasons = getattr(failure.value, "reasons", ())
-        return any(isinstance(reason, Failure) and reason.check(CancelledError) for reason in reasons)
+    reasons = getattr(failure.value, "reasons", None)  # ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed
+    if isinstance(reasons, list):
+        return any(isinstance(reason, Failure) and _wasCancelled(reason) for reason in reasons)
     return False
 
 
@@ -1095,6 +1095,8 @@ class HTTPStreamingBackend:
         self._dialects: dict[str, Dialect] = {}
         self.dialect = self.dialectFor(self.pool.members[0])
         self._poller: LoopingCall | None = None
+        #: Health checks under way (``stopBackend`` cancels them).
+        self._probes: set[Deferred[Any]] = set()
         self._stopped = False
 
     @property
@@ -1196,30 +1198,25 @@ class HTTPStreamingBackend:
         assert self.health_path is not None
         where = f"{self.upstream_name} at {upstream.url}"
         path = self.health_path
+        if self._stopped:
+            return succeed((False, f"{where} was not checked: the backend is stopping"))
         upstream.probing = True
         http = self.healthHTTP
-        got: Deferred[Any]
+        # One clock for the whole check, headers and body: it cancels
+        # whichever step is under way (``step``), and a cancelled body read
+        # hangs up, so a stalled upstream cannot leave a probe pending.
+        step: list[Deferred[Any]] = []
         if isinstance(http, UpstreamHTTPClient):
-            got = maybeDeferred(http.getDirect, (upstream.url + path).encode("ascii"), Headers(self.extraHeaders))
-            timer = self.reactor.callLater(self.connect_timeout + 5, got.cancel)
-
-            def stopTimer(result: object) -> object:
-                if timer.active():
-                    timer.cancel()
-                return result
-
-            got.addBoth(stopTimer)
+            step.append(maybeDeferred(http.getDirect, (upstream.url + path).encode("ascii"), Headers(self.extraHeaders)))
         else:  # any other treq-like client (a test's StubTreq)
-            got = maybeDeferred(
-                http.get,
-                upstream.url + path,
-                headers=Headers(self.extraHeaders),
-                timeout=self.connect_timeout + 5,
-                reactor=self.reactor,
-            )
+            step.append(maybeDeferred(http.get, upstream.url + path, headers=Headers(self.extraHeaders)))
+        got = step[0]
+        timer = self.reactor.callLater(self.connect_timeout + 5, lambda: step[-1].cancel())
 
         def answered(response: Any) -> Deferred[tuple[bool, str]]:
-            body: Deferred[bytes] = treq.content(response)
+            collector = _ErrorBodyCollector(MAX_ERROR_BODY)
+            response.deliverBody(collector)
+            step.append(collector.finished)
 
             def read(data: bytes) -> tuple[bool, str]:
                 if response.code == 200:
@@ -1229,23 +1226,29 @@ class HTTPStreamingBackend:
                     return False, f"{where} is up but not ready (HTTP 503: {_bodyMessage(data)}); {consequence}"
                 return False, f"{where} answered {path} with HTTP {response.code}: {_bodyMessage(data)}"
 
-            return body.addCallback(read)
+            return collector.finished.addCallback(read)
 
         def failed(failure: Failure) -> tuple[bool, str]:
             if _wasCancelled(failure):
-                reason = "no answer in time"
+                reason = "stopped: the backend is stopping" if self._stopped else "no answer in time"
             else:
                 reason = failure.getErrorMessage()
             return False, f"{where} is not reachable ({reason}); {self._untilHealthy('it comes up')}"
 
         def record(result: tuple[bool, str]) -> tuple[bool, str]:
+            if timer.active():
+                timer.cancel()
+            self._probes.discard(got)
             upstream.probing = False
-            self.pool.healthChecked(upstream, *result)
+            if not self._stopped:
+                self.pool.healthChecked(upstream, *result)
             return result
 
+        self._probes.add(got)
         got.addCallbacks(answered, failed)
         got.addErrback(failed)
-        return got.addCallback(record)
+        result: Deferred[tuple[bool, str]] = got.addCallback(record)
+        return result
 
     def _untilHealthy(self, when: str) -> str:
         """What an unhealthy upstream means for requests, for the health check's log line."""
@@ -1261,6 +1264,8 @@ class HTTPStreamingBackend:
             stream.stopProducing()
         for stream in list(self.draining):
             stream.stopDraining()
+        for probe in list(self._probes):
+            probe.cancel()
         self.pool.logSummary()
         closing = [pool.closeCachedConnections() for pool in (self.connectionPool, self.healthPool) if pool is not None]
         return gatherResults(closing).addCallback(lambda _: None)

@@ -1095,6 +1095,52 @@ class DirectHealthCheckTests(SynchronousTestCase):
         self.assertEqual([call.getTime() for call in reactor.getDelayedCalls()], [240.0])
 
 
+class ProbeLifetimeTests(SynchronousTestCase):
+    """A health check always ends: a stalled body, a stopping backend."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.upstream = FakeUpstream(self.reactor)
+        self.backend = LlamaServerBackend(self.reactor, URL, http=self.upstream.client())
+        self.probes: list[tuple[bool, str]] = []
+        self.backend.probeHealth().addCallback(self.probes.append)
+
+    def test_aBodyThatStallsIsCutOffByTheSameClock(self) -> None:
+        self.upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"status\"")
+        self.assertEqual(self.probes, [])
+        self.reactor.advance(DEFAULT_CONNECT_TIMEOUT + 5)
+        self.assertEqual(len(self.probes), 1)
+        self.assertFalse(self.probes[0][0])
+        self.assertIn("no answer in time", self.probes[0][1])
+        self.assertTrue(self.upstream.transport().disconnecting)  # hung up
+        self.assertFalse(self.backend.pool.members[0].probing)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_stoppingTheBackendEndsAProbeUnderWay(self) -> None:
+        self.backend.stopBackend()
+        self.assertEqual(len(self.probes), 1)
+        self.assertIn("the backend is stopping", self.probes[0][1])
+        self.assertFalse(self.backend.pool.members[0].probing)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        after: list[tuple[bool, str]] = []
+        self.backend.probeHealth().addCallback(after.append)
+        self.assertEqual(len(after), 1)  # answered at once, nothing sent
+        self.assertEqual(len(self.upstream.connections), 1)
+
+    def test_whatCountsAsCancelled(self) -> None:
+        from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
+
+        from cc50tw.backends.upstream import _wasCancelled
+
+        cancelled = Failure(CancelledError())
+        self.assertTrue(_wasCancelled(cancelled))
+        self.assertTrue(_wasCancelled(Failure(netError.ConnectingCancelledError(None))))
+        self.assertTrue(_wasCancelled(Failure(ResponseNeverReceived([cancelled]))))
+        self.assertTrue(_wasCancelled(Failure(RequestTransmissionFailed([cancelled]))))
+        self.assertFalse(_wasCancelled(Failure(ResponseNeverReceived([Failure(netError.ConnectionDone())]))))
+        self.assertFalse(_wasCancelled(Failure(netError.ConnectionRefusedError())))
+
+
 class UpstreamEndpointsTests(SynchronousTestCase):
     """IP literals are connected to directly; only host names are resolved."""
 
