@@ -11,7 +11,14 @@
 #   generated small model (`cc50 make-test-model --preset small`), copied from
 #   the pip cache and $CC50_MODEL_DIR.
 # Then:  run(command="bash benchmarks/bridge_on_device.sh", carry=[".whl", ".bridge"])
-# Everything lands in $OUT.  STEPS (default "trace bench profile") picks steps.
+# Everything lands in $OUT.  STEPS (default "trace bench profile") picks steps:
+#   trace       trace_llama_bridge.py, back to back, 20 ms apart, and 4 at once
+#   bench       bench_llama_bridge.py --preset small
+#   large       bench_llama_bridge.py --preset large (about 6 minutes there; needs gguf in .whl)
+#   preconnect  the bridge with and without --llama-preconnect, alternating, three rounds
+#   ab          this tree against another, alternating, three rounds: put the other in .baseline/
+#               (git-ignored; e.g. `git archive HEAD~1 | tar -x -C .baseline`) and carry it too
+#   profile     py-spy of the twistd bridge during a trace
 set -uo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -44,15 +51,6 @@ for s in $STEPS; do
         $PY benchmarks/trace_llama_bridge.py --rounds 20 --gap 20 --json "$OUT/trace-gap20.json"
         step "trace, 4 at once"
         $PY benchmarks/trace_llama_bridge.py --rounds 10 --concurrency 4 --json "$OUT/trace-c4.json"
-        ;;
-    wake)
-        step "round trips to another process after idle gaps"
-        $PY .diag/diag_wakeup.py
-        ;;
-    timeline)
-        step "in-process timeline of requests"
-        $PY .diag/diag_timeline.py 16
-        $PY .diag/diag_timeline.py 16 log
         ;;
     ab)
         # A/B on one machine: the committed tree (.baseline/, carried) against this one.
