@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from treq.client import HTTPClient
 from twisted.web.client import HTTPConnectionPool
 
 from cc50tw.backends import BackendSpec, Repeatable
@@ -28,6 +27,7 @@ from cc50tw.backends.upstream import (
     Dialect,
     HTTPStreamingBackend,
     UpstreamEndpoints,
+    UpstreamHTTPClient,
     UpstreamStream,
     commonFlags,
     commonOptions,
@@ -59,9 +59,9 @@ class LlamaServerBackend(HTTPStreamingBackend):
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         first_event_timeout: float = DEFAULT_FIRST_EVENT_TIMEOUT,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-        http: HTTPClient | None = None,
+        http: UpstreamHTTPClient | None = None,
         pool: HTTPConnectionPool | None = None,
-        freshHTTP: HTTPClient | None = None,
+        freshHTTP: UpstreamHTTPClient | None = None,
         health_interval: float = DEFAULT_HEALTH_INTERVAL,
         backoff: float = DEFAULT_BACKOFF,
         preconnect: bool = False,
@@ -133,6 +133,7 @@ __all__ = [
     "SPEC",
     "LlamaServerBackend",
     "UpstreamEndpoints",
+    "UpstreamHTTPClient",
     "UpstreamStream",
     "makeHTTPClient",
     "normalizeURL",

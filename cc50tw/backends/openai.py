@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from treq.client import HTTPClient
 from twisted.web.client import HTTPConnectionPool
 
 from cc50tw.backends import BackendSpec, Repeatable
@@ -29,6 +28,7 @@ from cc50tw.backends.upstream import (
     Dialect,
     HTTPStreamingBackend,
     OpenAICompletionsDialect,
+    UpstreamHTTPClient,
     commonFlags,
     commonOptions,
     commonSettings,
@@ -61,9 +61,9 @@ class OpenAIBackend(HTTPStreamingBackend):
         health_interval: float = DEFAULT_HEALTH_INTERVAL,
         health_path: str | None = DEFAULT_HEALTH_PATH,
         backoff: float = DEFAULT_BACKOFF,
-        http: HTTPClient | None = None,
+        http: UpstreamHTTPClient | None = None,
         pool: HTTPConnectionPool | None = None,
-        freshHTTP: HTTPClient | None = None,
+        freshHTTP: UpstreamHTTPClient | None = None,
         preconnect: bool = False,
     ) -> None:
         self.model = model

@@ -97,8 +97,8 @@ MAX_PERSISTENT_PER_HOST = 64
 #: Below cpp-httplib's 5 s keep-alive, so we drop an idle connection before
 #: llama-server does, rather than racing its close with a new request.
 CACHED_CONNECTION_TIMEOUT = 4
-#: How much of an error response we read for its message.
-MAX_ERROR_BODY = 64 * 1024
+#: How much of an error response (for its message) or a health answer we read.
+MAX_BODY_READ = 64 * 1024
 
 
 # Dialects ------------------------------------------------------------------
@@ -403,15 +403,17 @@ def _bodyProducer(data: Any) -> IBodyProducer:
 
 class UpstreamHTTPClient(HTTPClient):
     """
-    treq's ``HTTPClient``, with one lean method for the streaming POST.
+    treq's ``HTTPClient``, with lean methods for the requests the backends make.
 
     ``request`` wraps every call in treq's cookie, redirect and gzip agents
     and re-parses the URL with ``hyperlink`` (IDNA included): about 100 µs
     of CPU per request here, 40% of starting one, on the path to the first
     token and serialized across requests that arrive together.  None of it
-    applies to a POST that streams events from a fixed upstream URL, so
-    ``postStream`` hands the prepared request straight to the agent.
-    Health checks and everything else keep using treq's ``request``.
+    applies to a POST that streams events from a fixed upstream URL, and
+    hyperlink cannot even take an IPv6-literal host (``http://[::1]:8080``),
+    so the stream (``postStream``) and the health check (``getDirect``)
+    hand their prepared requests straight to the agent.  The rest of treq's
+    client stays available to anyone holding this one.
     """
 
     def __init__(self, agent: IAgent) -> None:
@@ -423,11 +425,7 @@ class UpstreamHTTPClient(HTTPClient):
         return self.agent.request(b"POST", uri, headers, _BytesProducer(body))  # type: ignore[no-any-return]
 
     def getDirect(self, uri: bytes, headers: Headers) -> Deferred[IResponse]:
-        """
-        GET ``uri`` (absolute, already encoded) without treq's URL handling,
-        which also cannot take an IPv6-literal host (``http://[::1]:8080``):
-        hyperlink's IDNA encoding refuses the colons.
-        """
+        """GET ``uri`` (absolute, already encoded); fires with the response once its headers arrive."""
         return self.agent.request(b"GET", uri, headers)  # type: ignore[no-any-return]
 
 
@@ -453,8 +451,11 @@ class _SSEBody(TwistedProtocol):
         self.stream._bodyEnded(reason, self.attempt)
 
 
-class _ErrorBodyCollector(TwistedProtocol):
-    """Reads at most ``limit`` bytes of an error response, then hangs up."""
+class _BodyCollector(TwistedProtocol):
+    """
+    Reads at most ``limit`` bytes of a response (an error's message, a health
+    check's answer), then hangs up; cancelling ``finished`` hangs up too.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -487,8 +488,8 @@ class StreamingBackend(Protocol):
     """What an ``UpstreamStream`` needs from its backend."""
 
     reactor: IReactorTime
-    http: HTTPClient
-    freshHTTP: HTTPClient
+    http: UpstreamHTTPClient
+    freshHTTP: UpstreamHTTPClient
     pool: UpstreamPool
     #: How messages name an upstream: "llama-server" (at URL).
     upstream_name: str
@@ -604,13 +605,8 @@ class UpstreamStream:
         self._armTimer()
         backend = self._backend
         http = backend.http if self._tries == 1 else backend.freshHTTP
-        url = self._upstream.url + self._dialect.path
-        pending: Deferred[IResponse]
-        headers = Headers(backend.streamHeaders)
-        if isinstance(http, UpstreamHTTPClient):
-            pending = maybeDeferred(http.postStream, url.encode("ascii"), headers, body)
-        else:  # any other treq-like client (a test's StubTreq)
-            pending = maybeDeferred(http.post, url, data=body, headers=headers, unbuffered=True)  # type: ignore[arg-type]
+        uri = (self._upstream.url + self._dialect.path).encode("ascii")
+        pending: Deferred[IResponse] = maybeDeferred(http.postStream, uri, Headers(backend.streamHeaders), body)
         self._pending = pending
         pending.addCallbacks(self._gotResponse, self._requestFailed, callbackArgs=(attempt,), errbackArgs=(attempt,))
 
@@ -686,7 +682,7 @@ class UpstreamStream:
             self._transport.pauseProducing()
 
     def _readError(self, response: IResponse, attempt: int) -> None:
-        collector = _ErrorBodyCollector(MAX_ERROR_BODY)
+        collector = _BodyCollector(MAX_BODY_READ)
         response.deliverBody(collector)
         self._errorBody = collector.finished
         code = response.code
@@ -997,7 +993,7 @@ def _wasCancelled(failure: Failure) -> bool:
 
 def _discard(response: IResponse) -> None:
     """Close a response whose body we do not want (it is not returned to the pool)."""
-    collector = _ErrorBodyCollector(0)
+    collector = _BodyCollector(0)
     response.deliverBody(collector)
     collector._hangUp()
 
@@ -1035,9 +1031,9 @@ class HTTPStreamingBackend:
         health_path: str | None = "/health",
         backoff: float = DEFAULT_BACKOFF,
         headers: Mapping[bytes, Sequence[bytes]] | None = None,
-        http: HTTPClient | None = None,
+        http: UpstreamHTTPClient | None = None,
         pool: HTTPConnectionPool | None = None,
-        freshHTTP: HTTPClient | None = None,
+        freshHTTP: UpstreamHTTPClient | None = None,
         preconnect: bool = False,
     ) -> None:
         self.reactor = reactor
@@ -1205,16 +1201,12 @@ class HTTPStreamingBackend:
         # One clock for the whole check, headers and body: it cancels
         # whichever step is under way (``step``), and a cancelled body read
         # hangs up, so a stalled upstream cannot leave a probe pending.
-        step: list[Deferred[Any]] = []
-        if isinstance(http, UpstreamHTTPClient):
-            step.append(maybeDeferred(http.getDirect, (upstream.url + path).encode("ascii"), Headers(self.extraHeaders)))
-        else:  # any other treq-like client (a test's StubTreq)
-            step.append(maybeDeferred(http.get, upstream.url + path, headers=Headers(self.extraHeaders)))
-        got = step[0]
+        got: Deferred[Any] = maybeDeferred(http.getDirect, (upstream.url + path).encode("ascii"), Headers(self.extraHeaders))
+        step = [got]
         timer = self.reactor.callLater(self.connect_timeout + 5, lambda: step[-1].cancel())
 
         def answered(response: Any) -> Deferred[tuple[bool, str]]:
-            collector = _ErrorBodyCollector(MAX_ERROR_BODY)
+            collector = _BodyCollector(MAX_BODY_READ)
             response.deliverBody(collector)
             step.append(collector.finished)
 

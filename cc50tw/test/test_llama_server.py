@@ -7,7 +7,8 @@ wrote can be read back, and the test writes a recorded HTTP response (status
 line, headers, chunked SSE body) into the client protocol byte by byte if it
 likes.  That exercises the real HTTP parsing and the real body transport, so
 pause, resume and abort are checked on the transport the backend actually
-gets.  Error responses are also checked through ``treq.testing.StubTreq``.
+gets.  Error responses are also checked through treq's in-memory HTTP stack
+(``treq.testing.RequestTraversalAgent``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from collections.abc import Sequence
 from types import MethodType
 from typing import Any
 
-from treq.client import HTTPClient
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -40,6 +40,7 @@ from cc50tw.backends.llama_server import (
     DEFAULT_IDLE_TIMEOUT,
     LlamaServerBackend,
     UpstreamEndpoints,
+    UpstreamHTTPClient,
     UpstreamStream,
     makeHTTPClient,
     normalizeURL,
@@ -127,7 +128,7 @@ class FakeUpstream:
         self.connections.append((protocol, transport))
         return succeed(protocol)
 
-    def client(self) -> HTTPClient:
+    def client(self) -> UpstreamHTTPClient:
         pool = HTTPConnectionPool(self.reactor, persistent=True)
         return makeHTTPClient(Agent.usingEndpointFactory(self.reactor, self, pool=pool))
 
@@ -756,8 +757,8 @@ class StreamErrorTests(SynchronousTestCase):
         self.assertIn(URL, h.backend.describe())
 
 
-class StubTreqErrorTests(SynchronousTestCase):
-    """The same mapping through treq's own in-memory HTTP stack."""
+class InMemoryHTTPErrorTests(SynchronousTestCase):
+    """The same mapping through treq's own in-memory HTTP stack (a real ``twisted.web`` server)."""
 
     class Upstream(Resource):
         isLeaf = True
@@ -775,12 +776,12 @@ class StubTreqErrorTests(SynchronousTestCase):
             return self.body
 
     def generate(self, resource: Resource, endpoint: str = "/completion") -> tuple[list[object], RecordingSink]:
-        stub = StubTreq(resource)
-        backend = LlamaServerBackend(MemoryReactorClock(), URL, endpoint, http=stub)  # type: ignore[arg-type]
+        agent = RequestTraversalAgent(resource)
+        backend = LlamaServerBackend(MemoryReactorClock(), URL, endpoint, http=makeHTTPClient(agent))
         sink = RecordingSink()
         results: list[object] = []
         backend.generate(InferenceRequest(3, "p", 4), sink).addBoth(results.append)
-        stub.flush()
+        agent.flush()
         return results, sink
 
     def failure(self, results: list[object]) -> BackendError:
@@ -815,7 +816,7 @@ class StubTreqErrorTests(SynchronousTestCase):
         error = self.failure(self.generate(resource, "/v1/completions")[0])
         self.assertIn("bad max_tokens", error.message)
 
-    def test_streamThroughStubTreq(self) -> None:
+    def test_streamThroughTheInMemoryStack(self) -> None:
         resource = self.Upstream(200, b"".join(completionEvents(["x", "y"])), b"text/event-stream")
         results, sink = self.generate(resource)
         self.assertEqual(sink.text, "xy")
@@ -1014,45 +1015,44 @@ class HealthCheckTests(SynchronousTestCase):
             request.setResponseCode(self.code)
             return self.body
 
-    def check(self, http: Any) -> tuple[bool, str]:
-        backend = LlamaServerBackend(MemoryReactorClock(), URL, http=http)
+    @implementer(IAgent)
+    class Refusing:
+        def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+            return fail(netError.ConnectionRefusedError())
+
+    def check(self, agent: Any) -> tuple[bool, str]:
+        backend = LlamaServerBackend(MemoryReactorClock(), URL, http=makeHTTPClient(agent))
         probes: list[tuple[bool, str]] = []
         healthy: list[bool] = []
         backend.probeHealth().addCallback(probes.append)
         backend.checkHealth().addCallback(healthy.append)
-        if isinstance(http, StubTreq):
-            http.flush()
+        if isinstance(agent, RequestTraversalAgent):
+            agent.flush()
         self.assertEqual(len(probes), 1)
         self.assertEqual(healthy, [probes[0][0]])
         return probes[0]
 
     def test_healthy(self) -> None:
-        ok, message = self.check(StubTreq(self.Health(200, b'{"status":"ok"}')))
+        ok, message = self.check(RequestTraversalAgent(self.Health(200, b'{"status":"ok"}')))
         self.assertTrue(ok)
         self.assertIn("is healthy", message)
 
     def test_loading(self) -> None:
-        ok, message = self.check(StubTreq(self.Health(503, b'{"error":{"code":503,"message":"Loading model"}}')))
+        ok, message = self.check(
+            RequestTraversalAgent(self.Health(503, b'{"error":{"code":503,"message":"Loading model"}}'))
+        )
         self.assertFalse(ok)
         self.assertIn("not ready", message)
         self.assertIn("Loading model", message)
 
     def test_unreachable(self) -> None:
-        class Refusing:
-            def get(self, url: str, **kwargs: Any) -> Deferred[Any]:
-                return fail(netError.ConnectionRefusedError())
-
-        ok, message = self.check(Refusing())
+        ok, message = self.check(self.Refusing())
         self.assertFalse(ok)
         self.assertIn("not reachable", message)
         self.assertIn(URL, message)
 
     def test_startBackendNeverFails(self) -> None:
-        class Refusing:
-            def get(self, url: str, **kwargs: Any) -> Deferred[Any]:
-                return fail(netError.ConnectionRefusedError())
-
-        backend = LlamaServerBackend(MemoryReactorClock(), URL, http=Refusing())  # type: ignore[arg-type]
+        backend = LlamaServerBackend(MemoryReactorClock(), URL, http=makeHTTPClient(self.Refusing()))
         results: list[object] = []
         backend.startBackend().addBoth(results.append)
         self.assertEqual(results, [None])
