@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,7 +38,13 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import react
 from twisted.web.client import HTTPConnectionPool, ResponseNeverReceived
 
-from cc50tw.backends.llama_server import makeHTTPClient, upstreamAgent
+from cc50tw.backends.upstream import (
+    CACHED_CONNECTION_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT,
+    MAX_PERSISTENT_PER_HOST,
+    makeHTTPClient,
+    upstreamAgent,
+)
 from cc50tw.client import CC50ClientProtocol, connect
 from cc50tw.sse import SSEParser, TextAssembler
 from cc50tw.stats import summarize
@@ -62,34 +69,62 @@ class Sample(NamedTuple):
     text: str
 
 
-async def direct_request(http: Any, fresh: Any, url: str, prompt: str, max_tokens: int) -> Sample:
+class DirectClient:
+    """
+    Straight to llama-server over HTTP, as a treq user would: the bridge's own
+    agent and connection policy, and, like the bridge, one retry on a new
+    connection when a kept-alive one turns out closed.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
+        self.pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
+        self.http = makeHTTPClient(upstreamAgent(reactor, DEFAULT_CONNECT_TIMEOUT, self.pool))
+        fresh = HTTPConnectionPool(reactor, persistent=False)
+        self.fresh = makeHTTPClient(upstreamAgent(reactor, DEFAULT_CONNECT_TIMEOUT, fresh))
+
+    async def stream(self, url: str, prompt: str, max_tokens: int, onText: Callable[[str], object]) -> int:
+        """One streamed ``/completion``: ``onText`` for each non-empty piece; the tokens llama-server counted."""
+        body = json.dumps({"prompt": prompt, "n_predict": max_tokens, "stream": True, "cache_prompt": True}).encode()
+        try:
+            response = await self.http.post(url + "/completion", data=body, unbuffered=True)
+        except ResponseNeverReceived:
+            response = await self.fresh.post(url + "/completion", data=body, unbuffered=True)
+        parser = SSEParser()
+        assembler = TextAssembler()
+        tokens = 0
+
+        def collect(data: bytes) -> None:
+            nonlocal tokens
+            for event in parser.feed(data):
+                value = json.loads(event.data)
+                text = assembler.text(value.get("content", ""))
+                if text:
+                    onText(text)
+                tokens = value.get("tokens_predicted", tokens)
+
+        await treq.collect(response, collect)
+        return tokens
+
+    def close(self) -> Deferred[None]:
+        closing: Deferred[None] = self.pool.closeCachedConnections()
+        return closing
+
+
+async def direct_request(direct: DirectClient, url: str, prompt: str, max_tokens: int) -> Sample:
     started = time.perf_counter()
-    body = json.dumps({"prompt": prompt, "n_predict": max_tokens, "stream": True, "cache_prompt": True}).encode()
-    try:
-        response = await http.post(url + "/completion", data=body, unbuffered=True)
-    except ResponseNeverReceived:
-        # A keep-alive connection the server closed as we reused it; the
-        # bridge retries these once on a new connection, so this does too.
-        response = await fresh.post(url + "/completion", data=body, unbuffered=True)
-    parser = SSEParser()
-    assembler = TextAssembler()
     pieces: list[str] = []
     first: list[float] = []
-    tokens = [0]
 
-    def collect(data: bytes) -> None:
-        for event in parser.feed(data):
-            value = json.loads(event.data)
-            text = assembler.text(value.get("content", ""))
-            if text:
-                if not first:
-                    first.append(time.perf_counter())
-                pieces.append(text)
-            tokens[0] = value.get("tokens_predicted", tokens[0])
+    def collect(text: str) -> None:
+        if not first:
+            first.append(time.perf_counter())
+        pieces.append(text)
 
-    await treq.collect(response, collect)
+    tokens = await direct.stream(url, prompt, max_tokens, collect)
     done = time.perf_counter()
-    return Sample((first[0] if first else done) - started, done - started, tokens[0], "".join(pieces))
+    return Sample((first[0] if first else done) - started, done - started, tokens, "".join(pieces))
 
 
 async def bridged_request(client: CC50ClientProtocol, prompt: str, max_tokens: int) -> Sample:
@@ -146,11 +181,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         ),
         workdir / "cc50.log",
     )
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 64
-    pool.cachedConnectionTimeout = 4  # as the bridge's: below llama-server's 5 s keep-alive
-    http = makeHTTPClient(upstreamAgent(reactor, 5.0, pool))
-    fresh = makeHTTPClient(upstreamAgent(reactor, 5.0, HTTPConnectionPool(reactor, persistent=False)))
+    directClient = DirectClient(reactor)
     client = await connect(reactor, bridge.endpoint)
     results: dict[str, Any] = {
         "preset": args.preset,
@@ -164,7 +195,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     try:
 
         async def direct(prompt: str, max_tokens: int) -> Sample:
-            return await direct_request(http, fresh, llama.url, prompt, max_tokens)
+            return await direct_request(directClient, llama.url, prompt, max_tokens)
 
         async def bridged(prompt: str, max_tokens: int) -> Sample:
             return await bridged_request(client, prompt, max_tokens)
@@ -206,7 +237,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             print_level(concurrency, level)
     finally:
         await client.close()
-        await pool.closeCachedConnections()
+        await directClient.close()
         stop_process(bridge.process)
         llama.stop()
     if args.json:

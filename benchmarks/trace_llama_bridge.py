@@ -19,7 +19,7 @@ with the piece number is a per-token cost; one that stays flat is a
 per-request one.
 
     python benchmarks/trace_llama_bridge.py [--preset small] [--rounds 10]
-        [--max-tokens 128] [--gap 0] [--paths direct backend bridge] [--json out.json]
+        [--max-tokens 128] [--gap 0] [--concurrency 1] [--paths direct backend inproc bridge] [--json out.json]
 """
 
 from __future__ import annotations
@@ -33,22 +33,20 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import treq
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import deferLater, react
-from twisted.web.client import HTTPConnectionPool, ResponseNeverReceived
 from zope.interface import implementer
 
-from cc50tw.backends.llama_server import LlamaServerBackend, makeHTTPClient, upstreamAgent
+from cc50tw.backends.llama_server import LlamaServerBackend
 from cc50tw.client import CC50ClientProtocol, connect
 from cc50tw.interfaces import InferenceRequest, ITokenSink
 from cc50tw.server import CC50ServerFactory, ServerConfig
-from cc50tw.sse import SSEParser, TextAssembler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.bench_llama_bridge import DirectClient  # noqa: E402
 from tests.helpers import cc50_server_command, start_server, stop_process  # noqa: E402
 from tests.llama_support import LlamaServer, find_llama_server, generated_model  # noqa: E402
 
@@ -66,26 +64,16 @@ class Trace(NamedTuple):
     server_first: float | None = None
 
 
-async def trace_direct(http: Any, fresh: Any, url: str, max_tokens: int) -> Trace:
+async def trace_direct(direct: DirectClient, url: str, max_tokens: int) -> Trace:
     started = time.perf_counter()
-    body = json.dumps({"prompt": PROMPT, "n_predict": max_tokens, "stream": True, "cache_prompt": True}).encode()
-    try:
-        response = await http.post(url + "/completion", data=body, unbuffered=True)
-    except ResponseNeverReceived:
-        response = await fresh.post(url + "/completion", data=body, unbuffered=True)
-    parser = SSEParser()
-    assembler = TextAssembler()
     arrivals: list[float] = []
     pieces: list[str] = []
 
-    def collect(data: bytes) -> None:
-        for event in parser.feed(data):
-            text = assembler.text(json.loads(event.data).get("content", ""))
-            if text:
-                arrivals.append(time.perf_counter() - started)
-                pieces.append(text)
+    def collect(text: str) -> None:
+        arrivals.append(time.perf_counter() - started)
+        pieces.append(text)
 
-    await treq.collect(response, collect)
+    await direct.stream(url, PROMPT, max_tokens, collect)
     return Trace(arrivals, time.perf_counter() - started, "".join(pieces))
 
 
@@ -170,11 +158,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     )
     if args.pid_file:
         Path(args.pid_file).write_text(f"{bridge.process.pid}\n")
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 64
-    pool.cachedConnectionTimeout = 4
-    http = makeHTTPClient(upstreamAgent(reactor, 5.0, pool))
-    fresh = makeHTTPClient(upstreamAgent(reactor, 5.0, HTTPConnectionPool(reactor, persistent=False)))
+    directClient = DirectClient(reactor)
     backend = LlamaServerBackend(reactor, llama.url, health_interval=0)
     client = await connect(reactor, bridge.endpoint)
     inprocBackend = LlamaServerBackend(reactor, llama.url, health_interval=0)
@@ -182,7 +166,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
     inprocClient = await connect(reactor, f"tcp:127.0.0.1:{port.getHost().port}")
     makers = {
-        "direct": lambda: trace_direct(http, fresh, llama.url, args.max_tokens),
+        "direct": lambda: trace_direct(directClient, llama.url, args.max_tokens),
         "backend": lambda: trace_backend(backend, args.max_tokens),
         "inproc": lambda: trace_bridge(inprocClient, args.max_tokens),
         "bridge": lambda: trace_bridge(client, args.max_tokens),
@@ -209,7 +193,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         await inprocClient.close()
         await port.stopListening()
         await inprocBackend.stopBackend()
-        await pool.closeCachedConnections()
+        await directClient.close()
         await backend.stopBackend()
         stop_process(bridge.process)
         llama.stop()
