@@ -31,7 +31,7 @@ from twisted.internet.defer import gatherResults
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import deferLater
 
-from cc50tw.client import connect
+from cc50tw.client import Completion, connect
 from cc50tw.codec import ErrorCode
 from cc50tw.errors import ClientError
 from tests.conftest import StartCC50
@@ -65,6 +65,15 @@ def bridge(cc50_server: StartCC50, llama_url: str, *args: str) -> ServerProcess:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(cc50_command(*args), capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+async def complete(server: ServerProcess, prompt: str, max_tokens: int) -> Completion:
+    """One whole answer through the bridge, on a connection of its own."""
+    client = await connect(reactor, server.endpoint)
+    try:
+        return await client.infer(prompt, max_tokens=max_tokens).collect()
+    finally:
+        await client.close()
 
 
 async def sleep(seconds: float) -> None:
@@ -138,11 +147,7 @@ async def test_client_library_over_v1_completions(llama: LlamaServer, cc50_serve
 async def test_native_completion_counts_and_timing(llama: LlamaServer, cc50_server: StartCC50) -> None:
     server = bridge(cc50_server, llama.url)
     direct = reference_completion(llama, "Counting tokens", 100)
-    client = await connect(reactor, server.endpoint)
-    try:
-        completion = await client.infer("Counting tokens", max_tokens=100).collect()
-    finally:
-        await client.close()
+    completion = await complete(server, "Counting tokens", 100)
     assert completion.text == direct.text
     assert (completion.stats.generated_tokens, completion.stats.prompt_tokens) == (100, direct.prompt_tokens)
     assert completion.text.encode("utf-8").decode("utf-8") == completion.text
@@ -243,11 +248,7 @@ async def test_ipv6_literal_upstream(cc50_server: StartCC50, tmp_path: Path) -> 
         assert llama.url.startswith("http://[::1]:")
         server = bridge(cc50_server, llama.url)
         direct = reference_completion(llama, "Over IPv6", 16)
-        client = await connect(reactor, server.endpoint)
-        try:
-            completion = await client.infer("Over IPv6", max_tokens=16).collect()
-        finally:
-            await client.close()
+        completion = await complete(server, "Over IPv6", 16)
         assert completion.text == direct.text
         assert f"llama-server at {llama.url} is healthy" in server.log()
     finally:
