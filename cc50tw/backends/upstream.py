@@ -119,6 +119,14 @@ class Progress:
     generated_tokens: int | None = None
     stop_type: str | None = None
 
+    def count(self, prompt: object, generated: object) -> None:
+        """Take the counts an event carries, where they are counts (each may be missing)."""
+        prompt, generated = _count(prompt), _count(generated)
+        if prompt is not None:
+            self.prompt_tokens = prompt
+        if generated is not None:
+            self.generated_tokens = generated
+
 
 class Dialect(Protocol):
     """How to ask one kind of upstream API for a stream, and how to read it."""
@@ -181,12 +189,7 @@ class CompletionDialect:
     def interpret(self, event: SSEEvent, progress: Progress) -> str:
         value = _loadEvent(event, self.upstream)
         text = _string(value.get("content"), "content", self.upstream)
-        predicted = _count(value.get("tokens_predicted"))
-        evaluated = _count(value.get("tokens_evaluated"))
-        if predicted is not None:
-            progress.generated_tokens = predicted
-        if evaluated is not None:
-            progress.prompt_tokens = evaluated
+        progress.count(value.get("tokens_evaluated"), value.get("tokens_predicted"))
         if value.get("stop") is True:
             progress.finished = True
             stopType = value.get("stop_type")
@@ -262,12 +265,7 @@ class OpenAICompletionsDialect:
         value = _loadEvent(event, self.upstream)
         usage = value.get("usage")
         if isinstance(usage, dict):
-            prompt = _count(usage.get("prompt_tokens"))
-            completion = _count(usage.get("completion_tokens"))
-            if prompt is not None:
-                progress.prompt_tokens = prompt
-            if completion is not None:
-                progress.generated_tokens = completion
+            progress.count(usage.get("prompt_tokens"), usage.get("completion_tokens"))
         choices = value.get("choices")
         if choices is None:
             return ""
