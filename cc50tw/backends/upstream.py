@@ -1035,7 +1035,6 @@ class HTTPStreamingBackend:
         preconnect: bool = False,
     ) -> None:
         self.reactor = reactor
-        self.preconnect = preconnect
         if isinstance(urls, str):
             urls = [urls]
         self.urls = [normalizeURL(url, f"--{self.option_prefix}-url") for url in urls]
@@ -1121,7 +1120,7 @@ class HTTPStreamingBackend:
             f"{where}, {self.dialect.path} ({self.dialect.description}); timeouts: "
             f"connect {self.connect_timeout:g}s, first event {self.first_event_timeout:g}s, "
             f"idle {self.idle_timeout:g}s; {health}; back-off {self.backoff:g}s"
-            + ("; a spare connection kept ready per upstream" if self.preconnect else "")
+            + ("; a spare connection kept ready per upstream" if isinstance(self.connectionPool, WarmConnectionPool) else "")
         )
 
     def generate(self, request: InferenceRequest, sink: ITokenSink) -> Deferred[GenerationResult]:
