@@ -28,6 +28,10 @@ DONE_EXTENSION = struct.Struct("<IIQ")  # prompt_tokens, generated_tokens, ttft_
 CREDIT = struct.Struct("<I")
 
 MAX_U32 = 0xFFFFFFFF
+MAX_U64 = 0xFFFFFFFFFFFFFFFF
+#: Longest RESP_ERR text sent: an upstream can hand us any amount of text,
+#: and a person reads the first lines anyway.
+MAX_ERROR_TEXT_BYTES = 4096
 MAX_REQ_ID = 0xFFFFFFFFFFFFFFFF
 
 #: What a zero in REQ_INFER's credit_bytes means (the C++ client's window).
@@ -152,19 +156,44 @@ def encode_chunk(req_id: int, text: bytes) -> bytes:
     return encode_frame(MessageType.RESP_CHUNK, req_id, text)
 
 
+def _fit(value: int, limit: int) -> int:
+    """A count in range for its field: negative (a clock stepped back) is 0, too large is the field's maximum."""
+    return 0 if value < 0 else limit if value > limit else value
+
+
 def encode_done(req_id: int, stats: DoneStats) -> bytes:
-    payload = DONE_CPP.pack(stats.tokens, 0, stats.elapsed_us)
+    """
+    RESP_DONE, with every count clamped to its field.
+
+    This is a terminal frame, so it must be encodable whatever the figures
+    are: a backend's count past 2**32 or an elapsed time below zero becomes
+    the nearest value the field can hold instead of an exception.
+    """
+    payload = DONE_CPP.pack(_fit(stats.tokens, MAX_U32), 0, _fit(stats.elapsed_us, MAX_U64))
     if stats.prompt_tokens is not None:
         payload += DONE_EXTENSION.pack(
-            stats.prompt_tokens,
-            stats.generated_tokens if stats.generated_tokens is not None else stats.tokens,
-            stats.ttft_us or 0,
+            _fit(stats.prompt_tokens, MAX_U32),
+            _fit(stats.generated_tokens if stats.generated_tokens is not None else stats.tokens, MAX_U32),
+            _fit(stats.ttft_us or 0, MAX_U64),
         )
     return encode_frame(MessageType.RESP_DONE, req_id, payload)
 
 
-def encode_error(req_id: int, code: ErrorCode, message: str) -> bytes:
-    return encode_frame(MessageType.RESP_ERR, req_id, message.encode("utf-8"), flags=code)
+def error_text(message: str) -> bytes:
+    """
+    A RESP_ERR payload for any ``str``: UTF-8 with replacement (a lone
+    surrogate from upstream JSON becomes ``?``), cut on a character boundary
+    to ``MAX_ERROR_TEXT_BYTES``.
+    """
+    data = message.encode("utf-8", "replace")
+    if len(data) > MAX_ERROR_TEXT_BYTES:
+        data = data[: utf8_prefix_length(data, MAX_ERROR_TEXT_BYTES)]
+    return data
+
+
+def encode_error(req_id: int, code: int, message: str) -> bytes:
+    """RESP_ERR; never raises for any text, so the one terminal frame can always be written."""
+    return encode_frame(MessageType.RESP_ERR, req_id, error_text(message), flags=_fit(int(code), MAX_U32))
 
 
 def encode_cancel(req_id: int) -> bytes:

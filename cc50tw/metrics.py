@@ -9,8 +9,8 @@ hot path free of locks and label look-ups, which matters at 200,000 frames/s.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection, Iterable
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -19,8 +19,41 @@ from twisted.logger import Logger
 
 from cc50tw.interfaces import IBackendMetrics
 
-if TYPE_CHECKING:
-    from cc50tw.server import CC50ServerFactory
+
+class _Connection(Protocol):
+    bytesSent: int
+    bytesReceived: int
+
+
+class _Admission(Protocol):
+    @property
+    def running(self) -> int: ...
+
+    @property
+    def queued(self) -> int: ...
+
+
+class ServerState(Protocol):
+    """What the metrics read off a server at scrape time."""
+
+    bytesSent: int
+    bytesReceived: int
+    backendHealthy: bool
+
+    @property
+    def backend(self) -> object: ...
+
+    @property
+    def connections(self) -> Collection[_Connection]: ...
+
+    @property
+    def admission(self) -> _Admission: ...
+
+    @property
+    def creditPauses(self) -> int: ...
+
+    @property
+    def transportPauses(self) -> int: ...
 
 #: Latency buckets from 100 µs (a toy round trip) to a minute (a long answer).
 log = Logger()
@@ -31,7 +64,7 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 class _FactoryCollector(Collector):
     """Reads the counters the server keeps as plain integers, at scrape time."""
 
-    def __init__(self, factory: CC50ServerFactory) -> None:
+    def __init__(self, factory: ServerState) -> None:
         self._factory = factory
 
     def collect(self) -> Iterable[Metric]:
@@ -63,7 +96,7 @@ class _FactoryCollector(Collector):
 class ServerMetrics:
     """The per-request series; ``requestsEnded`` caches each outcome's child (a label look-up takes a lock)."""
 
-    def __init__(self, factory: CC50ServerFactory, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, factory: ServerState, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.requests = Counter(
             "cc50_requests", "Requests ended, by outcome: done, or the error code's name.", ["outcome"], registry=self.registry

@@ -44,7 +44,58 @@ class CC50Receiver(Protocol):
 
     _decoder: FrameDecoder | None = None
 
+    #: While true, frames stay buffered instead of being delivered; see ``pauseReading``.
+    readingPaused = False
+    #: Bytes that arrived while reading was paused, not yet parsed.
+    _held: list[bytes] | None = None
+    _heldSize = 0
+
+    def pauseReading(self) -> None:
+        """
+        Stop delivering frames, and stop reading the transport, until ``resumeReading``.
+
+        A receiver whose replies cannot be written (the peer does not read)
+        must not go on reading requests that earn replies: they would queue
+        without bound.  This is ``twisted.protocols.basic``'s pauseable
+        receiver: the transport stops reading, and frames already read stay
+        buffered (at most what one read brought) until resumed.
+        """
+        if self.readingPaused:
+            return
+        self.readingPaused = True
+        pause = getattr(self.transport, "pauseProducing", None)
+        if pause is not None:
+            pause()
+
+    def resumeReading(self) -> None:
+        """Read again, first delivering what was held while paused."""
+        if not self.readingPaused:
+            return
+        self.readingPaused = False
+        held, self._held, self._heldSize = self._held, None, 0
+        self._deliver(b"".join(held) if held else b"")
+        if not self.readingPaused:
+            resume = getattr(self.transport, "resumeProducing", None)
+            if resume is not None and not getattr(self.transport, "disconnecting", False):
+                resume()
+
+    @property
+    def heldBytes(self) -> int:
+        """Bytes received while paused and not yet parsed."""
+        return self._heldSize
+
     def dataReceived(self, data: bytes) -> None:
+        if self.readingPaused:
+            # A transport may deliver what it had already read after being
+            # paused; keep it, unparsed, for resumeReading.
+            if self._held is None:
+                self._held = []
+            self._held.append(data)
+            self._heldSize += len(data)
+            return
+        self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
         decoder = self._decoder
         if decoder is None:
             decoder = self._decoder = FrameDecoder(self.MAX_LENGTH)
@@ -56,6 +107,8 @@ class CC50Receiver(Protocol):
                     self.frameReceived(item)
                 else:
                     self.lengthLimitExceeded(item)  # type: ignore[arg-type]
+                if self.readingPaused:
+                    return  # the rest stays in the decoder until resumeReading
         except ProtocolError as error:
             self.streamCorrupted(error)
 

@@ -9,12 +9,16 @@ keeps the server's memory per connection bounded whatever the client does.
 
 from __future__ import annotations
 
+import enum
 import hmac
 import itertools
-from collections.abc import Callable
+import time
+import typing
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
+from twisted.internet.base import ReactorBase
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
@@ -31,7 +35,6 @@ from cc50tw.codec import (
     HEADER_SIZE,
     MAGIC,
     VERSION,
-    DoneStats,
     ErrorCode,
     Frame,
     MessageType,
@@ -39,15 +42,13 @@ from cc50tw.codec import (
     ProtocolError,
     decode_credit,
     decode_infer,
-    encode_done,
     encode_error,
     encode_frame,
 )
-from cc50tw.errors import RequestFailed
 from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest
 from cc50tw.metrics import ServerMetrics
 from cc50tw.receiver import CC50Receiver, setTcpNoDelay
-from cc50tw.stream import RequestStream
+from cc50tw.stream import FlowCounters, RequestStream, StreamServices
 
 SERVER_NAME = f"cc50tw/{__version__}".encode()
 
@@ -65,50 +66,104 @@ class ServerConfig:
     max_queue: int = 4096
     idle_timeout: float = 300.0
     stall_timeout: float = 60.0
+    #: Hard cap on one request's life, in seconds; 0 = no cap.
+    max_request_seconds: float = 0.0
     #: Shared secret a client must present in HELLO before anything else; None = no authentication.
     auth_token: bytes | None = None
     #: One log line per finished request (off for benchmarks that measure the server alone).
     log_requests: bool = True
 
 
+#: Before authentication the only frame worth reading is a HELLO with a token,
+#: so an unauthenticated peer cannot make the server buffer a large frame.
+MAX_HELLO_BYTES = 4096
+
+#: Bytes of replies that no request's credit governs (per-frame errors, HELLO)
+#: the server queues for a connection whose transport is paused before it gives
+#: up on the connection, as ``twisted.web._http2`` does for control frames.
+#: Reading stops while the transport is paused, so only a transport that keeps
+#: delivering data regardless can reach it.
+MAX_UNSOLICITED_REPLY_BYTES = 64 * 1024
+
+
+class ConnectionState(enum.Enum):
+    #: Reading frames and writing replies.
+    OPEN = "open"
+    #: Closing after a connection-level error, an idle timeout or a drain:
+    #: every request is abandoned, nothing more is read or written.
+    CLOSING = "closing"
+    #: connectionLost has run.
+    CLOSED = "closed"
+
+
+class _ServerTransport(typing.Protocol):
+    """What the protocol uses of its transport: TCP, TLS and unix ones all have it."""
+
+    disconnecting: bool
+
+    def write(self, data: bytes) -> None: ...
+
+    def writeSequence(self, data: Iterable[bytes]) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+    def registerProducer(self, producer: object, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    def getPeer(self) -> IAddress: ...
+
+
 @implementer(IPushProducer)
 class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
+    """
+    One client connection: frames in, many multiplexed request streams out.
+
+    It is the transport's push producer.  While the socket's send buffer is
+    full it pauses every stream's backend and also stops reading, so a client
+    that sends without reading cannot make replies queue without bound.
+    """
+
     log = Logger()
     factory: CC50ServerFactory
+    transport: _ServerTransport  # type: ignore[assignment]  # set by makeConnection, before any call
 
     def __init__(self) -> None:
         self.streams: dict[int, RequestStream] = {}
-        self.lost = False
+        self.state = ConnectionState.OPEN
         self.transportPaused = False
         self.rejected = False
         self.authenticated = False
         self.bytesSent = 0
         self.bytesReceived = 0
+        self.peer = ""
         self._rotation = itertools.count()
         self._abortTimer: IDelayedCall | None = None
+        self._unsolicitedWhilePaused = 0
 
     # Connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.MAX_LENGTH = self.factory.config.max_frame_bytes
+        config = self.factory.config
+        self.peer = describePeer(self.transport)
+        self.authenticated = config.auth_token is None
+        self.MAX_LENGTH = config.max_frame_bytes if self.authenticated else min(MAX_HELLO_BYTES, config.max_frame_bytes)
         setTcpNoDelay(self.transport)
-        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
-        self.authenticated = self.factory.config.auth_token is None
+        self.transport.registerProducer(self, True)
         if not self.factory.connectionOpened(self):
             self.rejected = True
-            limit = self.factory.config.max_connections
-            self.sendError(0, ErrorCode.OVERLOADED, f"server has {limit} connections open (--max-connections); retry later")
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            limit = config.max_connections
+            self._failConnection(0, ErrorCode.OVERLOADED, f"server has {limit} connections open (--max-connections); retry later")
             return
-        self.setTimeout(self.factory.config.idle_timeout)
+        self.setTimeout(config.idle_timeout)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Mark the connection gone first: ending the streams below must not
         # restart the idle timer (Protocol.connected is never reset).
-        self.lost = True
-        for stream in list(self.streams.values()):
-            stream.abandon()
-        self.streams.clear()
+        self.state = ConnectionState.CLOSED
+        self._abandonStreams()
         self.setTimeout(None)
         if self._abortTimer is not None:
             if self._abortTimer.active():
@@ -126,29 +181,52 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         self.log.info("closing idle connection from {peer}", peer=self.peer)
-        self.transport.loseConnection()  # type: ignore[union-attr]
-        # loseConnection waits for the send buffer to drain: forever, for a
-        # client that reads nothing.  Such a client gets --stall-timeout more
-        # to read, as a request would, and is then cut off.
-        if not self.lost and self._abortTimer is None:
-            self._abortTimer = self.callLater(self.factory.config.stall_timeout, self._abortUnreadConnection)
+        self.close()
 
-    def _abortUnreadConnection(self) -> None:
+    def close(self, abortAfter: float | None = None) -> None:
+        """
+        Close in order: abandon every request, stop producing, then
+        ``loseConnection``, so the peer gets what was already written and a
+        FIN.  The transport must not still hold us as its producer: it would
+        resume us when its buffer drains instead of closing.  A peer that
+        reads nothing would keep a graceful close waiting forever, so it is
+        cut off ``abortAfter`` seconds later (default: ``--stall-timeout``).
+        """
+        if self.state is not ConnectionState.OPEN:
+            return
+        self.state = ConnectionState.CLOSING
+        self.setTimeout(None)
+        self._abandonStreams()
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+        delay = self.factory.config.stall_timeout if abortAfter is None else abortAfter
+        if self._abortTimer is None and self.state is ConnectionState.CLOSING:
+            self._abortTimer = self.callLater(delay, self._abortUnreadConnection, delay)
+
+    def _abortUnreadConnection(self, waited: float) -> None:
         self._abortTimer = None
-        if not self.lost:
+        if self.state is ConnectionState.CLOSING:
             self.log.info(
-                "aborting connection from {peer}: it read nothing for {timeout:g}s after being closed as idle",
+                "aborting connection from {peer}: it read nothing for {timeout:g}s after being closed",
                 peer=self.peer,
-                timeout=self.factory.config.stall_timeout,
+                timeout=waited,
             )
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            self.transport.abortConnection()
 
-    @property
-    def peer(self) -> str:
-        """``host:port`` of the client, or the address's own text (unix sockets)."""
-        address: IAddress | None = self.transport.getPeer() if self.transport else None  # type: ignore[union-attr]
-        host, port = getattr(address, "host", None), getattr(address, "port", None)
-        return f"{host}:{port}" if host is not None and port is not None else str(address)
+    def _abandonStreams(self) -> None:
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.abandon()
+        if streams:
+            self.factory.checkQuiet()
+
+    def _failConnection(self, reqId: int, code: ErrorCode, message: str) -> None:
+        """A connection-level error: one RESP_ERR, then an orderly close; nothing follows it."""
+        if self.state is not ConnectionState.OPEN:
+            return
+        self.log.info("closing connection from {peer}: {message}", peer=self.peer, message=message)
+        self.sendFrame(encode_error(reqId, code, message))
+        self.close()
 
     @property
     def queuedBytes(self) -> int:
@@ -164,72 +242,97 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         buffered += getattr(transport, "_tempDataLen", 0)
         return buffered + sum(stream.pendingBytes for stream in self.streams.values())
 
-    def now(self) -> float:
-        return self.factory.reactor.seconds()
-
     # Receiving -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self.rejected:
+        if self.state is not ConnectionState.OPEN:
             return
         self.bytesReceived += len(data)
         if not self.streams:
             self.resetTimeout()
         super().dataReceived(data)
+        if self.heldBytes > self.MAX_LENGTH + MAX_UNSOLICITED_REPLY_BYTES:
+            self._abort("it kept sending while the server could not write to it")
 
     def frameReceived(self, frame: Frame) -> None:
+        if self.state is not ConnectionState.OPEN:
+            return
         if not self.authenticated and frame.type != MessageType.HELLO:
-            self._refuse(frame.req_id, "authentication required: send HELLO with the shared token first")
+            self._failConnection(frame.req_id, ErrorCode.UNAUTHORIZED, "authentication required: send HELLO with the shared token first")
             return
         handler = self._handlers.get(frame.type)
         if handler is None:
-            self.sendError(
+            self.frameRefused(
                 frame.req_id, ErrorCode.UNKNOWN_TYPE, f"unknown frame type {frame.type}; this server knows types 1-7"
             )
             return
         handler(self, frame)
 
     def lengthLimitExceeded(self, header: Oversized) -> None:
-        self.sendError(
+        if not self.authenticated:
+            self._failConnection(
+                header.req_id,
+                ErrorCode.UNAUTHORIZED,
+                f"authentication required: a frame of {header.length} bytes before HELLO (at most {self.MAX_LENGTH})",
+            )
+            return
+        self.frameRefused(
             header.req_id,
             ErrorCode.TOO_LARGE,
             f"frame of {header.length} bytes exceeds this server's limit of {self.MAX_LENGTH} (--max-frame-bytes)",
         )
 
     def streamCorrupted(self, error: ProtocolError) -> None:
-        self.log.info("closing connection from {peer}: {message}", peer=self.peer, message=error.message)
-        self.sendError(error.req_id, error.code, error.message + "; closing the connection")
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        if not self.authenticated:
+            self._failConnection(error.req_id, ErrorCode.UNAUTHORIZED, f"authentication required: {error.message}")
+            return
+        self._failConnection(error.req_id, error.code, error.message + "; closing the connection")
 
-    def _refuse(self, req_id: int, message: str) -> None:
-        self.log.info("refusing {peer}: {message}", peer=self.peer, message=message)
-        self.sendError(req_id, ErrorCode.UNAUTHORIZED, message)
-        self.transport.loseConnection()  # type: ignore[union-attr]
+    def frameRefused(self, reqId: int, code: ErrorCode, message: str) -> None:
+        """
+        A per-frame error.  On the req_id of a live request it ends that
+        request (its one terminal frame, its backend work cancelled), so no
+        client ever reads two terminal frames for one req_id; otherwise it is
+        a reply of its own and the connection goes on.
+        """
+        stream = self.streams.get(reqId)
+        if stream is not None:
+            stream.fail(code, message)
+        else:
+            self.sendUnsolicited(encode_error(reqId, code, message))
 
     def _hello(self, frame: Frame) -> None:
         expected = self.factory.config.auth_token
-        if expected is not None and not hmac.compare_digest(frame.payload, expected):
-            self._refuse(frame.req_id, "authentication failed: wrong token")
-            return
-        self.authenticated = True
-        self.sendFrame(encode_frame(MessageType.HELLO, frame.req_id, SERVER_NAME))
+        if expected is not None and not self.authenticated:
+            if not hmac.compare_digest(frame.payload, expected):
+                self._failConnection(frame.req_id, ErrorCode.UNAUTHORIZED, "authentication failed: wrong token")
+                return
+            self.authenticated = True
+            self.MAX_LENGTH = self.factory.config.max_frame_bytes
+            if self._decoder is not None:
+                self._decoder.max_payload = self.MAX_LENGTH
+        self.sendUnsolicited(encode_frame(MessageType.HELLO, frame.req_id, SERVER_NAME))
 
     def _infer(self, frame: Frame) -> None:
         req_id = frame.req_id
-        if self.factory.draining:
-            self.sendError(req_id, ErrorCode.SHUTTING_DOWN, "server is shutting down; send new requests elsewhere")
-            return
         if req_id in self.streams:
-            self.sendError(req_id, ErrorCode.DUPLICATE_REQ_ID, f"req_id {req_id} is already in flight on this connection")
+            self.frameRefused(
+                req_id,
+                ErrorCode.DUPLICATE_REQ_ID,
+                f"req_id {req_id} was sent again while in flight on this connection; the request is ended",
+            )
+            return
+        if self.factory.draining:
+            self.frameRefused(req_id, ErrorCode.SHUTTING_DOWN, "server is shutting down; send new requests elsewhere")
             return
         try:
             decoded = decode_infer(frame)
         except ProtocolError as error:
-            self.sendError(req_id, error.code, error.message)
+            self.frameRefused(req_id, error.code, error.message)
             return
         config = self.factory.config
         if len(self.streams) >= config.max_inflight_per_connection:
-            self.sendError(
+            self.frameRefused(
                 req_id,
                 ErrorCode.TOO_MANY_REQUESTS,
                 f"{len(self.streams)} requests already in flight on this connection "
@@ -237,7 +340,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
             )
             return
         if decoded.max_tokens > config.max_tokens_limit:
-            self.sendError(
+            self.frameRefused(
                 req_id,
                 ErrorCode.TOO_LARGE,
                 f"max_tokens {decoded.max_tokens} exceeds this server's limit of {config.max_tokens_limit} "
@@ -245,18 +348,17 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
             )
             return
         request = InferenceRequest(req_id, decoded.prompt, decoded.max_tokens or config.default_max_tokens)
-        stream = RequestStream(self, request, decoded.credit_bytes or DEFAULT_CREDIT_BYTES)
+        stream = RequestStream(
+            self, self.factory.services, request, decoded.credit_bytes or DEFAULT_CREDIT_BYTES, self.peer
+        )
         self.streams[req_id] = stream
         self.setTimeout(None)
-        try:
-            stream.admit()
-        except RequestFailed as error:
-            stream.cancel(error.code, error.message)
+        stream.start()
 
     def _cancel(self, frame: Frame) -> None:
         stream = self.streams.get(frame.req_id)
         if stream is not None:
-            stream.cancel(ErrorCode.CANCELLED, "request cancelled by the client (REQ_CANCEL)")
+            stream.fail(ErrorCode.CANCELLED, "request cancelled by the client (REQ_CANCEL)")
 
     def _credit(self, frame: Frame) -> None:
         stream = self.streams.get(frame.req_id)
@@ -265,12 +367,12 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         try:
             credit = decode_credit(frame)
         except ProtocolError as error:
-            stream.cancel(error.code, error.message)
+            stream.fail(error.code, error.message)
             return
         stream.grant(credit)
 
     def _serverOnly(self, frame: Frame) -> None:
-        self.sendError(
+        self.frameRefused(
             frame.req_id,
             ErrorCode.UNKNOWN_TYPE,
             f"frame type {MessageType(frame.type).name} is sent by servers, not to them",
@@ -288,13 +390,11 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
 
     # Sending ---------------------------------------------------------------
 
-    def sendChunk(self, req_id: int, data: bytes) -> None:
+    def sendChunk(self, reqId: int, data: bytes) -> None:
         self.bytesSent += HEADER_SIZE + len(data)
-        self.transport.writeSequence(  # type: ignore[union-attr]
-            (HEADER.pack(MAGIC, VERSION, MessageType.RESP_CHUNK, req_id, 0, len(data)), data)
-        )
+        self.transport.writeSequence((HEADER.pack(MAGIC, VERSION, MessageType.RESP_CHUNK, reqId, 0, len(data)), data))
 
-    def sendChunks(self, req_id: int, datas: list[bytes]) -> None:
+    def sendChunks(self, reqId: int, datas: list[bytes]) -> None:
         """Several chunk frames for one request in a single write: one frame each, never merged."""
         pack = HEADER.pack
         pieces: list[bytes] = []
@@ -303,78 +403,166 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         for data in datas:
             size = len(data)
             total += size
-            append(pack(MAGIC, VERSION, 2, req_id, 0, size))
+            append(pack(MAGIC, VERSION, 2, reqId, 0, size))
             append(data)
         self.bytesSent += HEADER_SIZE * len(datas) + total
         # One joined write: the transport checks and queues one object rather
         # than two per frame (measured: about 0.4 µs less per frame).
-        self.transport.write(b"".join(pieces))  # type: ignore[union-attr]
+        self.transport.write(b"".join(pieces))
+
+    def sendTerminal(self, reqId: int, frame: bytes) -> None:
+        if self.state is ConnectionState.OPEN:
+            self.sendFrame(frame)
+
+    def sendUnsolicited(self, frame: bytes) -> None:
+        """A reply no request's credit governs; capped while the transport is paused."""
+        if self.state is not ConnectionState.OPEN:
+            return
+        if self.transportPaused:
+            self._unsolicitedWhilePaused += len(frame)
+            if self._unsolicitedWhilePaused > MAX_UNSOLICITED_REPLY_BYTES:
+                self._abort(f"over {MAX_UNSOLICITED_REPLY_BYTES} bytes of replies queued that it does not read")
+                return
+        self.sendFrame(frame)
 
     def sendFrame(self, frame: bytes) -> None:
         self.bytesSent += len(frame)
-        self.transport.write(frame)  # type: ignore[union-attr]
-
-    def sendDone(self, req_id: int, stats: DoneStats) -> None:
-        self.sendFrame(encode_done(req_id, stats))
+        self.transport.write(frame)
 
     def sendError(self, req_id: int, code: ErrorCode, message: str) -> None:
-        self.sendFrame(encode_error(req_id, code, message))
+        self.sendUnsolicited(encode_error(req_id, code, message))
+
+    def _abort(self, why: str) -> None:
+        if self.state is ConnectionState.CLOSED:
+            return
+        self.log.info("aborting connection from {peer}: {why}", peer=self.peer, why=why)
+        self.state = ConnectionState.CLOSING
+        self._abandonStreams()
+        self.transport.abortConnection()
 
     def streamEnded(self, stream: RequestStream) -> None:
-        if self.streams.get(stream.req_id) is stream:
-            del self.streams[stream.req_id]
+        if self.streams.get(stream.reqId) is stream:
+            del self.streams[stream.reqId]
             if not self.streams:
-                if not self.lost:
+                if self.state is ConnectionState.OPEN:
                     self.setTimeout(self.factory.config.idle_timeout)
                 self.factory.checkQuiet()
 
     # IPushProducer (towards the transport) ----------------------------------
 
     def pauseProducing(self) -> None:
+        if self.transportPaused:
+            return
         self.transportPaused = True
-        self.factory.transportPauses += 1
+        self.factory.counters.transportPauses += 1
+        self.pauseReading()
         for stream in list(self.streams.values()):
             stream.connectionFlowChanged()
 
     def resumeProducing(self) -> None:
+        if not self.transportPaused:
+            return
         self.transportPaused = False
+        self._unsolicitedWhilePaused = 0
         streams = list(self.streams.values())
         if streams:
             # Start the round at a different stream each time, so that no
             # stream is always first to refill the send buffer.
             start = next(self._rotation) % len(streams)
             for stream in streams[start:] + streams[:start]:
+                if self.transportPaused:
+                    break
                 stream.connectionFlowChanged()
+        if not self.transportPaused and self.state is ConnectionState.OPEN:
+            self.resumeReading()
 
     def stopProducing(self) -> None:
-        for stream in list(self.streams.values()):
-            stream.abandon()
+        self._abandonStreams()
+
+
+def describePeer(transport: object) -> str:
+    """``host:port`` of the client, or the address's own text (unix sockets)."""
+    getPeer = getattr(transport, "getPeer", None)
+    address: IAddress | None = getPeer() if getPeer is not None else None
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    return f"{host}:{port}" if host is not None and port is not None else str(address)
+
+
+def _isRealReactor(reactor: object) -> bool:
+    """A reactor with a real clock (wall time), as opposed to a test's fake one."""
+    return isinstance(reactor, ReactorBase)
 
 
 class CC50ServerFactory(Factory):
+    """
+    The server: configuration, admission and metrics shared by every
+    connection, and the graceful drain.
+    """
+
     protocol = CC50ServerProtocol  # type: ignore[assignment]
     log = Logger()
 
-    def __init__(self, backend: IBackend, config: ServerConfig | None = None, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        backend: IBackend,
+        config: ServerConfig | None = None,
+        reactor: Any = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """
+        ``clock`` gives monotonic seconds for elapsed times and TTFT; by
+        default ``time.monotonic``, or a given fake reactor's ``seconds``
+        (tests).
+        """
         if reactor is None:
             from twisted.internet import reactor as globalReactor
 
             reactor = globalReactor
-        self.backend = backend
+            clock = clock or time.monotonic
+        self._backend = backend
         self.config = config or ServerConfig()
         self.reactor: IReactorTime = reactor
+        self.clock: Callable[[], float] = clock or (time.monotonic if _isRealReactor(reactor) else reactor.seconds)
         self.admission = Admission(self.config.max_concurrency, self.config.max_queue)
         self.connections: set[CC50ServerProtocol] = set()
-        self.creditPauses = 0
-        self.transportPauses = 0
+        self.counters = FlowCounters()
         self.bytesSent = 0
         self.bytesReceived = 0
         self.backendHealthy = True
         self.draining = False
         self.closing = False
+        self.services = StreamServices(
+            admission=self.admission,
+            backend=backend,
+            clock=self.clock,
+            scheduler=reactor,
+            stallTimeout=self.config.stall_timeout,
+            maxRequestSeconds=self.config.max_request_seconds,
+            closing=lambda: self.closing,
+            requestEnded=self.requestEnded,
+            counters=self.counters,
+        )
         self.metrics = ServerMetrics(self)
         self._quietWaiter: Deferred[None] | None = None
         self._quietCondition: Callable[[], bool] = lambda: True
+
+    @property
+    def backend(self) -> IBackend:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: IBackend) -> None:
+        """Swap the backend (tests do, before any connection): streams get it through ``services``."""
+        self._backend = backend
+        self.services = attrs.evolve(self.services, backend=backend)
+
+    @property
+    def creditPauses(self) -> int:
+        return self.counters.creditPauses
+
+    @property
+    def transportPauses(self) -> int:
+        return self.counters.transportPauses
 
     @property
     def inFlight(self) -> int:
@@ -389,35 +577,37 @@ class CC50ServerFactory(Factory):
         message: str = "",
     ) -> None:
         """Record one finished request: metrics, and one log line."""
-        now = self.reactor.seconds()
+        ended = stream.endedAt if stream.endedAt is not None else self.clock()
+        started = stream.startedAt
         metrics = self.metrics
         metrics.requestsEnded(outcome).inc()
-        latency = now - stream.started_at
+        latency = max(0.0, ended - started)
         metrics.duration.observe(latency)
         if backendError:
             metrics.backend_errors.labels(outcome).inc()
-        first, last = stream.first_chunk_at, stream.last_chunk_at
-        if first is not None:
-            metrics.ttft.observe(first - stream.started_at)
-            if last is not None and stream.chunks_sent > 1:
-                metrics.inter_token.observe((last - first) / (stream.chunks_sent - 1))
+        first, last = stream.firstChunkAt, stream.lastChunkAt
+        ttft = max(0.0, first - started) if first is not None else None
+        if ttft is not None:
+            metrics.ttft.observe(ttft)
+            if first is not None and last is not None and stream.chunksSent > 1:
+                metrics.inter_token.observe(max(0.0, last - first) / (stream.chunksSent - 1))
         if result is not None:
-            metrics.generated_tokens.inc(result.generated_tokens)
-            metrics.prompt_tokens.inc(result.prompt_tokens)
+            metrics.generated_tokens.inc(max(0, result.generated_tokens))
+            metrics.prompt_tokens.inc(max(0, result.prompt_tokens))
         if self.config.log_requests:
             self.log.info(
                 "request {req_id} from {peer}: {outcome} backend={backend} tokens={tokens} "
                 "prompt_tokens={prompt_tokens} bytes={bytes} latency_ms={latency_ms:.3f} ttft_ms={ttft_text}{detail}",
-                req_id=stream.req_id,
-                peer=stream.connection.peer,
+                req_id=stream.reqId,
+                peer=stream.peer,
                 outcome=outcome,
                 backend=self.backend.name,
                 tokens=result.generated_tokens if result else None,
                 prompt_tokens=result.prompt_tokens if result else None,
-                bytes=stream.bytes_sent,
+                bytes=stream.bytesSent,
                 latency_ms=latency * 1e3,
-                ttft_ms=(first - stream.started_at) * 1e3 if first is not None else None,
-                ttft_text=f"{(first - stream.started_at) * 1e3:.3f}" if first is not None else "none",
+                ttft_ms=ttft * 1e3 if ttft is not None else None,
+                ttft_text=f"{ttft * 1e3:.3f}" if ttft is not None else "none",
                 detail=f" ({message})" if message else "",
             )
 
@@ -478,11 +668,11 @@ class CC50ServerFactory(Factory):
         self.closing = True
         for connection in list(self.connections):
             for stream in list(connection.streams.values()):
-                stream.cancel(
+                stream.fail(
                     ErrorCode.SHUTTING_DOWN,
                     f"server shutting down: the request did not finish within the {drainTimeout:g}s drain timeout",
                 )
-            connection.transport.loseConnection()  # type: ignore[union-attr]
+            connection.close(abortAfter=closeTimeout)
         await self._waitUntil(lambda: not self.connections, closeTimeout)
         for connection in list(self.connections):
-            connection.transport.abortConnection()  # type: ignore[union-attr]
+            connection.transport.abortConnection()

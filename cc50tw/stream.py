@@ -1,5 +1,5 @@
 """
-One request on a server connection: its credit window and its lifecycle.
+One request on a server connection: its lifecycle and its credit window.
 
 A ``RequestStream`` is the ``ITokenSink`` a backend writes into.  It sends
 RESP_CHUNK frames only within the client's credit window, holds the rest, and
@@ -7,171 +7,334 @@ pauses the backend (the registered ``IPushProducer``) whenever either the
 window is spent or the connection's transport asked us to stop, in the way
 ``twisted.web._http2`` gives each stream its own flow-control window.
 
-It also guarantees the protocol's central promise: every accepted request
-ends in exactly one terminal frame, DONE or ERR, and nothing follows it.
+The lifecycle is one state value, never a set of flags::
+
+    Queued(admission) --slot--> Running(generation) --result--> Flushing(result)
+          \\                           \\                              \\
+           +---------------------------+------------------------------+--> ENDED
+
+``_finish`` is the only way into ``ENDED`` and the only writer of a terminal
+frame.  It moves to ``ENDED`` before it does anything else, so whatever it
+calls (a cancelled backend's errback, a metrics hook) cannot end the request
+twice; and nothing it writes can raise (the codec clamps statistics and
+encodes any text).  That is how "every accepted request ends in exactly one
+terminal frame, and nothing follows it" holds by construction.
+
+A backend slot is held exactly while the state is ``Running``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
+import attrs
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cc50tw.codec import MAX_U32, DoneStats, ErrorCode, utf8_prefix_length
+from cc50tw.admission import Admission
+from cc50tw.codec import MAX_U32, DoneStats, ErrorCode, encode_done, encode_error, utf8_prefix_length
 from cc50tw.errors import RequestFailed
-from cc50tw.interfaces import GenerationResult, InferenceRequest, ITokenSink
+from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest, ITokenSink
 
-if TYPE_CHECKING:
-    from cc50tw.server import CC50ServerProtocol
+#: The stall clock starts over only after the client has taken this many
+#: bytes of the answer (or unblocked the request with this much window):
+#: a byte every few seconds is not a client reading.
+STALL_PROGRESS_BYTES = 1024
+
+
+class StreamConnection(Protocol):
+    """What a stream needs from its connection: a few stream-keyed calls, no more."""
+
+    @property
+    def transportPaused(self) -> bool:
+        """True while the socket's send buffer is full."""
+
+    def sendChunk(self, reqId: int, data: bytes) -> None: ...
+
+    def sendChunks(self, reqId: int, datas: list[bytes]) -> None: ...
+
+    def sendTerminal(self, reqId: int, frame: bytes) -> None:
+        """Write a stream's last frame (the connection drops it if it is closing)."""
+
+    def streamEnded(self, stream: RequestStream) -> None: ...
+
+
+@attrs.define
+class FlowCounters:
+    """Counts kept as plain integers on the hot path and read at scrape time."""
+
+    creditPauses: int = 0
+    transportPauses: int = 0
+
+
+RequestEnded = Callable[["RequestStream", str, "GenerationResult | None", bool, str], None]
+
+
+@attrs.frozen
+class StreamServices:
+    """Everything a stream uses from the server, built once by the factory and shared."""
+
+    admission: Admission
+    backend: IBackend
+    #: Monotonic seconds, for elapsed time and TTFT (a wall-clock step must not change them).
+    clock: Callable[[], float]
+    #: Where timers are scheduled.
+    scheduler: IReactorTime
+    stallTimeout: float
+    #: Hard cap on a request's life in seconds; 0 = none.
+    maxRequestSeconds: float
+    #: True once a drain has timed out: a queued request must not start then.
+    closing: Callable[[], bool]
+    #: Called once per request, after its terminal frame (metrics, the log line).
+    requestEnded: RequestEnded
+    counters: FlowCounters
+
+
+class Queued:
+    """Waiting for a backend slot; ``admission`` fires when one is free (None: refused, ending)."""
+
+    __slots__ = ("admission",)
+
+    def __init__(self, admission: Deferred[Any] | None) -> None:
+        self.admission = admission
+
+
+class Running:
+    """Holding a backend slot; ``generation`` is None until ``generate`` has returned."""
+
+    __slots__ = ("generation",)
+
+    def __init__(self) -> None:
+        self.generation: Deferred[GenerationResult] | None = None
+
+
+class Flushing:
+    """The backend is done (slot released); held text and RESP_DONE wait for credit."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, result: GenerationResult) -> None:
+        self.result = result
+
+
+class Ended:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "ENDED"
+
+
+ENDED = Ended()
+
+State = Queued | Running | Flushing | Ended
+
+log = Logger()
 
 
 @implementer(ITokenSink)
 class RequestStream:
-    log = Logger()
+    """One accepted REQ_INFER, from admission to its one terminal frame."""
 
-    def __init__(self, connection: CC50ServerProtocol, request: InferenceRequest, credit: int) -> None:
+    def __init__(
+        self,
+        connection: StreamConnection,
+        services: StreamServices,
+        request: InferenceRequest,
+        credit: int,
+        peer: str = "",
+    ) -> None:
         self.connection = connection
+        self.services = services
         self.request = request
-        self.req_id = request.req_id
+        self.reqId = request.req_id
+        self.peer = peer
         self.credit = credit
-        self.finished = False
-        self.started_at = connection.now()
-        self.first_chunk_at: float | None = None
-        self.last_chunk_at: float | None = None
-        self.bytes_sent = 0
-        self.chunks_sent = 0
-        self._pending = b""
+        self.state: State = Running()  # replaced by start(); never observed before it
+        self.startedAt = services.clock()
+        self.endedAt: float | None = None
+        self.firstChunkAt: float | None = None
+        self.lastChunkAt: float | None = None
+        self.bytesSent = 0
+        self.chunksSent = 0
+        self._pending = bytearray()
         self._producer: IPushProducer | None = None
         self._producerPaused = False
-        self._result: GenerationResult | None = None
-        self._admission: Deferred[Any] | None = None
-        self._admitted = False
-        self._generation: Deferred[GenerationResult] | None = None
         self._stallTimer: IDelayedCall | None = None
+        self._deadline: IDelayedCall | None = None
+        #: The stall clock's state: when the current blocked spell began, the
+        #: blocked seconds before it since the last real progress, and
+        #: ``bytesSent`` at that progress.
+        self._blockedSince: float | None = None
+        self._blockedTotal = 0.0
+        self._progressMark = 0
+        self._flowRunning = False
+        self._flowDirty = False
+
+    @property
+    def ended(self) -> bool:
+        return self.state is ENDED
+
+    @property
+    def holdsSlot(self) -> bool:
+        return type(self.state) is Running
 
     # Lifecycle -------------------------------------------------------------
 
-    def admit(self) -> None:
-        """Queue for a backend slot; ``RequestFailed`` if the queue is full."""
-        admission = self.connection.factory.admission
+    def start(self) -> None:
+        """Queue for a backend slot, or start at once if one is free."""
+        services = self.services
+        if services.maxRequestSeconds > 0:
+            self._deadline = services.scheduler.callLater(services.maxRequestSeconds, self._overtime)
+        admission = services.admission
         if admission.tryAcquire():  # the common case: a slot is free, start now
-            self._admitted_(None)
+            self._run()
             return
-        waiting = admission.acquire()
-        self._admission = waiting
-        waiting.addCallbacks(self._admitted_, self._notAdmitted)
-
-    def _admitted_(self, _: object) -> None:
-        self._admission = None
-        self._admitted = True
-        if self.finished:  # cancelled while the slot was on its way
-            self._releaseSlot()
-            return
-        if self.connection.factory.closing:
-            self._end(ErrorCode.SHUTTING_DOWN, "server shutting down: the request was still queued at the drain timeout")
-            return
-        backend = self.connection.factory.backend
         try:
-            generation = backend.generate(self.request, self)
-        except Exception as e:  # a backend bug must not take the connection down
-            self.log.failure("backend.generate raised for request {req_id}", req_id=self.req_id)
-            self._end(ErrorCode.BACKEND_ERROR, f"backend failed to start: {e}", fromBackend=True)
+            waiting = admission.acquire()
+        except RequestFailed as error:
+            self.state = Queued(None)
+            self.fail(error.code, error.message)
             return
-        self._generation = generation
-        generation.addCallbacks(self._generated, self._generationFailed)
+        self.state = Queued(waiting)
+        waiting.addCallbacks(self._slotGranted, self._notAdmitted)
+
+    def _slotGranted(self, _: object) -> None:
+        if type(self.state) is not Queued:
+            # Ended while the slot was on its way: give it straight back.
+            self.services.admission.release()
+            return
+        if self.services.closing():
+            self.state = Running()  # the slot is held; _finish releases it
+            self.fail(ErrorCode.SHUTTING_DOWN, "server shutting down: the request was still queued at the drain timeout")
+            return
+        self._run()
 
     def _notAdmitted(self, failure: Failure) -> None:
         failure.trap(CancelledError)
 
-    def _generated(self, result: GenerationResult) -> None:
-        self._generation = None
-        if self.finished:
+    def _run(self) -> None:
+        running = Running()
+        self.state = running
+        try:
+            generation = self.services.backend.generate(self.request, self)
+        except Exception as e:  # a backend bug must not take the connection down
+            log.failure("backend.generate raised for request {req_id}", req_id=self.reqId)
+            self._fail(ErrorCode.BACKEND_ERROR, f"backend failed to start: {e}", fromBackend=True)
             return
-        self._result = result
-        self._releaseSlot()
-        if not self._pending:
-            self._done()
-        else:
-            self._updateFlow()  # starts the stall clock: DONE waits for credit
+        if self.state is not running:
+            # The request ended while generate() ran (its own writes can end
+            # it): the work it just started must stop too.
+            if not generation.called:
+                generation.cancel()
+            generation.addErrback(lambda _: None)
+            return
+        running.generation = generation
+        generation.addCallbacks(self._generated, self._generationFailed, callbackArgs=(running,), errbackArgs=(running,))
 
-    def _generationFailed(self, failure: Failure) -> None:
-        self._generation = None
-        if self.finished:
-            return  # we cancelled it and already sent the terminal frame
+    def _generated(self, result: GenerationResult, running: Running) -> None:
+        if self.state is not running:
+            return
+        self.state = Flushing(result)
+        self.services.admission.release()
+        if not self._pending:
+            self._done(result)
+        else:
+            self._updateFlow()  # starts the stall clock: RESP_DONE waits for credit
+
+    def _generationFailed(self, failure: Failure, running: Running) -> None:
+        if self.state is not running:
+            return  # we cancelled it, and the terminal frame is already out
         error = failure.value
         if isinstance(error, RequestFailed):
-            self._end(error.code, error.message, fromBackend=True)
+            self._fail(error.code, error.message, fromBackend=True)
         elif isinstance(error, CancelledError):
-            self._end(ErrorCode.CANCELLED, "request cancelled by the backend", fromBackend=True)
+            self._fail(ErrorCode.CANCELLED, "request cancelled by the backend", fromBackend=True)
         else:
-            self.log.failure("backend failed request {req_id}", failure, req_id=self.req_id)
-            self._end(ErrorCode.BACKEND_ERROR, f"backend error: {failure.getErrorMessage()}", fromBackend=True)
+            log.failure("backend failed request {req_id}", failure, req_id=self.reqId)
+            self._fail(ErrorCode.BACKEND_ERROR, f"backend error: {failure.getErrorMessage()}", fromBackend=True)
 
-    def _done(self) -> None:
-        assert self._result is not None
-        now = self.connection.now()
-        generated = self._result.generated_tokens
-        first = self.first_chunk_at if self.first_chunk_at is not None else now
-        stats = DoneStats(
-            tokens=min(generated, MAX_U32),
-            elapsed_us=int((now - self.started_at) * 1e6),
-            prompt_tokens=min(self._result.prompt_tokens, MAX_U32),
-            generated_tokens=min(generated, MAX_U32),
-            ttft_us=int((first - self.started_at) * 1e6),
-        )
-        # The terminal frame goes out before the stream ends: ending it may let
-        # a draining server close the connection at once.
-        self.connection.sendDone(self.req_id, stats)
-        self._terminate()
-        self.connection.factory.requestEnded(self, "done", self._result)
-
-    def cancel(self, code: ErrorCode, message: str) -> None:
-        """End the request now with RESP_ERR, stopping the backend's work."""
-        if not self.finished:
-            self._end(code, message)
+    def fail(self, code: ErrorCode, message: str) -> None:
+        """End the request now with one RESP_ERR, stopping the backend's work."""
+        self._fail(code, message)
 
     def abandon(self) -> None:
-        """The connection is gone: stop the work, send nothing."""
-        if not self.finished:
-            self._terminate()
-            self.connection.factory.requestEnded(self, "disconnected")
+        """The connection is going: stop the work and write nothing."""
+        self._finish(None, "disconnected")
 
-    def _end(self, code: ErrorCode, message: str, fromBackend: bool = False) -> None:
-        self.connection.sendError(self.req_id, code, message)
-        self._terminate()
-        self.connection.factory.requestEnded(self, code.name.lower(), backendError=fromBackend, message=message)
+    def _fail(self, code: ErrorCode, message: str, fromBackend: bool = False) -> None:
+        if self.state is ENDED:
+            return
+        self._finish(_errorFrame(self.reqId, code, message), code.name.lower(), None, fromBackend, message)
 
-    def _terminate(self) -> None:
-        self.finished = True
-        self._pending = b""
-        if self._stallTimer is not None:
-            self._stallTimer.cancel()
-            self._stallTimer = None
+    def _done(self, result: GenerationResult) -> None:
+        now = self.services.clock()
+        first = self.firstChunkAt if self.firstChunkAt is not None else now
+        generated = result.generated_tokens
+        stats = DoneStats(
+            tokens=generated,
+            elapsed_us=int((now - self.startedAt) * 1e6),
+            prompt_tokens=result.prompt_tokens,
+            generated_tokens=generated,
+            ttft_us=int((first - self.startedAt) * 1e6),
+        )
+        self._finish(_doneFrame(self.reqId, stats), "done", result)
+
+    def _finish(
+        self,
+        frame: bytes | None,
+        outcome: str,
+        result: GenerationResult | None = None,
+        fromBackend: bool = False,
+        message: str = "",
+    ) -> None:
+        """
+        The one way a request ends: state first, then the terminal frame, then
+        the teardown.  The frame goes out before the stream leaves its
+        connection, since leaving may let a draining server close at once.
+        """
+        state = self.state
+        if state is ENDED:
+            return
+        self.state = ENDED
+        self.endedAt = self.services.clock()
+        if frame is not None:
+            self.connection.sendTerminal(self.reqId, frame)
+        self._pending = bytearray()
         self._producer = None
+        for timer in (self._stallTimer, self._deadline):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._stallTimer = self._deadline = None
+        if type(state) is Queued:
+            if state.admission is not None:
+                state.admission.cancel()
+        elif type(state) is Running:
+            generation = state.generation
+            if generation is not None and not generation.called:
+                generation.cancel()
+            self.services.admission.release()
         self.connection.streamEnded(self)
-        if self._admission is not None:
-            admission, self._admission = self._admission, None
-            admission.cancel()
-        if self._generation is not None:
-            generation, self._generation = self._generation, None
-            generation.cancel()
-        self._releaseSlot()
+        try:
+            self.services.requestEnded(self, outcome, result, fromBackend, message)
+        except Exception:
+            log.failure("recording the end of request {req_id} failed", req_id=self.reqId)
 
-    def _releaseSlot(self) -> None:
-        if self._admitted:
-            self._admitted = False
-            self.connection.factory.admission.release()
+    def _overtime(self) -> None:
+        self._deadline = None
+        limit = self.services.maxRequestSeconds
+        self.fail(ErrorCode.TIMEOUT, f"request ran longer than this server's limit of {limit:g}s (--max-request-seconds)")
 
     # ITokenSink ------------------------------------------------------------
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
         if not streaming:
             raise ValueError("backends must be push producers (streaming=True)")
+        if self.state is ENDED:
+            return
         self._producer = producer
         self._producerPaused = False
         self._updateFlow()
@@ -180,9 +343,9 @@ class RequestStream:
         self._producer = None
 
     def write(self, text: str) -> None:
-        if self.finished:
+        if self.state is ENDED or not text:
             return
-        data = text.encode("utf-8")
+        data = text.encode("utf-8", "replace")
         if self._pending:
             self._pending += data
         else:
@@ -190,9 +353,11 @@ class RequestStream:
         self._updateFlow()
 
     def writeSequence(self, texts: Sequence[str]) -> None:
-        if self.finished:
+        if self.state is ENDED:
             return
-        datas = [text.encode("utf-8") for text in texts]
+        datas = [data for data in (text.encode("utf-8", "replace") for text in texts) if data]
+        if not datas:
+            return
         size = sum(map(len, datas))
         if self._pending or size > self.credit:
             for data in datas:  # the window ends inside the batch: the careful path
@@ -200,32 +365,29 @@ class RequestStream:
                     self._pending += data
                 else:
                     self._sendWithinCredit(data)
-        elif datas:
+        else:
             self.credit -= size
-            self.bytes_sent += size
-            self.chunks_sent += len(datas)
-            self.last_chunk_at = now = self.connection.now()
-            if self.first_chunk_at is None:
-                self.first_chunk_at = now
-            self.connection.sendChunks(self.req_id, datas)
+            self.bytesSent += size
+            self.chunksSent += len(datas)
+            self.lastChunkAt = now = self.services.clock()
+            if self.firstChunkAt is None:
+                self.firstChunkAt = now
+            self.connection.sendChunks(self.reqId, datas)
         self._updateFlow()
 
     # Flow control ----------------------------------------------------------
 
     def grant(self, credit: int) -> None:
         """REQ_CREDIT: the client can take ``credit`` more chunk bytes."""
-        if self.finished:
+        if self.state is ENDED:
             return
         self.credit = min(self.credit + credit, 1 << 62)
-        if credit and self._stallTimer is not None:
-            # A real grant is progress: the stall clock measures time without one.
-            self._stallTimer.cancel()
-            self._stallTimer = None
         if self._pending:
-            pending, self._pending = self._pending, b""
+            pending, self._pending = bytes(self._pending), bytearray()
             self._sendWithinCredit(pending)
-        if self._result is not None and not self._pending:
-            self._done()
+        state = self.state
+        if type(state) is Flushing and not self._pending:
+            self._done(state.result)
             return
         self._updateFlow()
 
@@ -233,16 +395,16 @@ class RequestStream:
         size = len(data)
         if size > self.credit:
             size = utf8_prefix_length(data, self.credit)
-            self._pending = data[size:]
+            self._pending += data[size:]
             data = data[:size]
         if size:
             self.credit -= size
-            self.bytes_sent += size
-            self.chunks_sent += 1
-            self.last_chunk_at = now = self.connection.now()
-            if self.first_chunk_at is None:
-                self.first_chunk_at = now
-            self.connection.sendChunk(self.req_id, data)
+            self.bytesSent += size
+            self.chunksSent += 1
+            self.lastChunkAt = now = self.services.clock()
+            if self.firstChunkAt is None:
+                self.firstChunkAt = now
+            self.connection.sendChunk(self.reqId, data)
 
     @property
     def pendingBytes(self) -> int:
@@ -252,46 +414,115 @@ class RequestStream:
     def creditBlocked(self) -> bool:
         return bool(self._pending) or self.credit == 0
 
+    def connectionFlowChanged(self) -> None:
+        self._updateFlow()
+
     def _updateFlow(self) -> None:
         """
-        Pause or resume the backend, and run the stall clock, to match our state.
+        Bring the backend's pause state and the stall clock in line with ours.
 
-        The stall clock runs whenever this request cannot progress because of
-        its client: no credit, or a socket the client does not read.  Either
-        way a client that stops for ``--stall-timeout`` loses the request, so
-        it cannot hold a backend slot forever.
+        A producer's ``resumeProducing`` may write at once, fill the socket
+        and pause the connection, which calls back in here.  So nothing is
+        carried across a producer call: an inner call only marks the flow
+        dirty, and the outer one evaluates again from fresh state until it
+        holds still.
         """
-        blocked = self.creditBlocked and not self.finished
-        stuck = (blocked or self.connection.transportPaused) and not self.finished
+        if self._flowRunning:
+            self._flowDirty = True
+            return
+        self._flowRunning = True
+        try:
+            for _ in range(64):  # each round follows a real change; a bound keeps a bad producer from spinning
+                self._flowDirty = False
+                self._applyFlow()
+                if not self._flowDirty:
+                    break
+        finally:
+            self._flowRunning = False
+
+    def _applyFlow(self) -> None:
+        if self.state is ENDED:
+            return
+        creditBlocked = self.creditBlocked
+        stuck = creditBlocked or self.connection.transportPaused
         producer = self._producer
         if producer is not None:
             if stuck and not self._producerPaused:
                 self._producerPaused = True
-                if blocked:
-                    self.connection.factory.creditPauses += 1
+                if creditBlocked:
+                    self.services.counters.creditPauses += 1
                 producer.pauseProducing()
             elif not stuck and self._producerPaused:
                 self._producerPaused = False
                 producer.resumeProducing()
-        waiting = stuck and (producer is not None or self._result is not None)
-        if waiting and self._stallTimer is None:
-            self._stallTimer = self.connection.factory.reactor.callLater(
-                self.connection.factory.config.stall_timeout, self._stalled
-            )
-        elif not waiting and self._stallTimer is not None:
-            self._stallTimer.cancel()
-            self._stallTimer = None
+            if self._flowDirty or self.state is ENDED:
+                return  # the producer call changed something: the outer loop looks again
+        self._runStallClock()
 
-    def connectionFlowChanged(self) -> None:
-        self._updateFlow()
+    def _runStallClock(self) -> None:
+        """
+        The stall clock counts the time this request spends blocked by its
+        client (no credit, or a socket the client does not read) while the
+        backend has something to give.  It pauses while the request is free
+        to go and starts over only on real progress: at least
+        ``STALL_PROGRESS_BYTES`` of the answer taken since it last started
+        over, or the request unblocked with that much window.  So a client
+        granting a byte at a time, or just enough to unblock one token, loses
+        the request after ``--stall-timeout`` of being blocked, and cannot
+        hold a backend slot while others wait; a client that reads promptly
+        is never blocked for long, however slow the backend.
+        """
+        stuck = self.creditBlocked or self.connection.transportPaused
+        if self.bytesSent - self._progressMark >= STALL_PROGRESS_BYTES or (
+            not stuck and self.credit >= STALL_PROGRESS_BYTES
+        ):
+            self._progressMark = self.bytesSent
+            self._blockedTotal = 0.0
+            if self._blockedSince is not None:
+                self._blockedSince = None
+                self._stopStallTimer()
+        waiting = stuck and (self._producer is not None or type(self.state) is Flushing)
+        if waiting:
+            if self._blockedSince is None:
+                self._blockedSince = self.services.scheduler.seconds()
+                self._stallTimer = self.services.scheduler.callLater(
+                    max(0.0, self.services.stallTimeout - self._blockedTotal), self._stalled
+                )
+        elif self._blockedSince is not None:
+            self._blockedTotal += max(0.0, self.services.scheduler.seconds() - self._blockedSince)
+            self._blockedSince = None
+            self._stopStallTimer()
+
+    def _stopStallTimer(self) -> None:
+        timer, self._stallTimer = self._stallTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _stalled(self) -> None:
         self._stallTimer = None
-        timeout = self.connection.factory.config.stall_timeout
-        if self.creditBlocked:
-            message = (
-                f"no credit for {timeout:g}s: the client must send REQ_CREDIT to receive more of this answer"
-            )
-        else:
+        self._blockedSince = None
+        timeout = self.services.stallTimeout
+        if self.connection.transportPaused:
             message = f"the client read nothing for {timeout:g}s while this answer waited to be sent"
-        self.cancel(ErrorCode.CREDIT_STALL, message)
+        else:
+            message = (
+                f"no usable credit for {timeout:g}s: the client must send REQ_CREDIT to receive more of this "
+                f"answer (at least {STALL_PROGRESS_BYTES} bytes per {timeout:g}s of waiting)"
+            )
+        self.fail(ErrorCode.CREDIT_STALL, message)
+
+
+def _doneFrame(reqId: int, stats: DoneStats) -> bytes:
+    try:
+        return encode_done(reqId, stats)
+    except Exception:  # the codec clamps every field; this is the last line of defence
+        log.failure("encoding RESP_DONE for request {req_id} failed", req_id=reqId)
+        return encode_done(reqId, DoneStats(min(max(stats.tokens, 0), MAX_U32), 0, 0, 0, 0))
+
+
+def _errorFrame(reqId: int, code: ErrorCode, message: str) -> bytes:
+    try:
+        return encode_error(reqId, code, message)
+    except Exception:
+        log.failure("encoding RESP_ERR for request {req_id} failed", req_id=reqId)
+        return encode_error(reqId, code, "error (its message could not be encoded)")

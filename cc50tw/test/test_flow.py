@@ -23,6 +23,7 @@ from cc50tw.codec import (
     encode_frame,
     encode_infer,
 )
+from cc50tw.stream import STALL_PROGRESS_BYTES
 from cc50tw.test.fakes import Connection, ManualBackend, chunks_text, error_code, make_factory, terminal_frames
 
 
@@ -104,17 +105,52 @@ class CreditTests(SynchronousTestCase):
         self.assertEqual(error_code(terminal), ErrorCode.CREDIT_STALL)
         self.assertIn(b"REQ_CREDIT", terminal.payload)
 
-    def test_creditRestartsTheStallClock(self) -> None:
+    def test_realProgressRestartsTheStallClock(self) -> None:
+        """A grant that lets at least STALL_PROGRESS_BYTES through starts the clock over."""
         self.start(credit=3)
         stream = self.backend.streams[1]
-        stream.write("abcdef")
+        stream.write("abc" + "d" * STALL_PROGRESS_BYTES)
         self.clock.advance(9)
-        self.connection.send(encode_credit(1, 3))
+        self.connection.send(encode_credit(1, STALL_PROGRESS_BYTES))
         stream.write("ghi")
         self.clock.advance(9)
         self.assertFalse(stream.cancelled)
         self.clock.advance(2)
         self.assertTrue(stream.cancelled)
+
+    def test_creditTrickleDoesNotRestartTheStallClock(self) -> None:
+        """
+        A client granting a byte at a time is still blocked: it loses the
+        request after --stall-timeout of waiting, however often it grants.
+        """
+        self.start(credit=1)
+        stream = self.backend.streams[1]
+        stream.write(" token")
+        for _ in range(9):
+            self.clock.advance(1)
+            self.connection.send(encode_credit(1, 1))
+            if not stream.paused:
+                stream.write(" token")
+        self.assertFalse(stream.cancelled)
+        self.clock.advance(1.1)
+        self.assertTrue(stream.cancelled)
+        [terminal] = terminal_frames(self.connection.received(), 1)
+        self.assertEqual(error_code(terminal), ErrorCode.CREDIT_STALL)
+
+    def test_blockedTimeIsCountedNotWallTime(self) -> None:
+        """
+        A prompt client of a slow backend with a small window is blocked only
+        between spending its window and its next grant: the clock counts those
+        moments, so the request is never stalled.
+        """
+        self.start(credit=6)
+        stream = self.backend.streams[1]
+        for _ in range(30):  # 30 tokens over 150 s, 0.1 s blocked after each
+            stream.write(" token")
+            self.clock.advance(0.1)
+            self.connection.send(encode_credit(1, 6))
+            self.clock.advance(4.9)
+        self.assertFalse(stream.cancelled)
 
     def test_clientThatNeverGrantsStillWorksWithinItsWindow(self) -> None:
         """The C++ client never sends REQ_CREDIT; an answer that fits its window completes."""
@@ -157,8 +193,10 @@ class TransportBackpressureTests(SynchronousTestCase):
         self.assertTrue(self.backend.streams[1].paused)
         self.assertTrue(self.backend.streams[2].paused)
         self.connection.send(encode_infer(3, "arrives while paused"))
-        self.assertTrue(self.backend.streams[3].paused)
+        self.assertNotIn(3, self.backend.streams, "a request was read while the server could not write")
+        self.assertEqual(transport.producerState, "paused", "the server did not stop reading its transport")
         transport.producer.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
         self.assertEqual([s.paused for s in self.backend.streams.values()], [False, False, False])
 
     def test_resumeLeavesCreditBlockedStreamsPaused(self) -> None:
