@@ -25,6 +25,10 @@ class _Connection(Protocol):
     bytesReceived: int
 
 
+class _Counters(Protocol):
+    framesDropped: int
+
+
 class _Admission(Protocol):
     @property
     def running(self) -> int: ...
@@ -54,6 +58,9 @@ class ServerState(Protocol):
 
     @property
     def transportPauses(self) -> int: ...
+
+    @property
+    def counters(self) -> _Counters: ...
 
 #: Latency buckets from 100 µs (a toy round trip) to a minute (a long answer).
 log = Logger()
@@ -88,6 +95,12 @@ class _FactoryCollector(Collector):
         pauses.add_metric(["credit"], factory.creditPauses)
         pauses.add_metric(["tcp"], factory.transportPauses)
         yield pauses
+        dropped = CounterMetricFamily(
+            "cc50_frames_dropped",
+            "Client frames dropped unanswered: not a request, on a req_id with nothing in flight (docs/protocol.md).",
+        )
+        dropped.add_metric([], factory.counters.framesDropped)
+        yield dropped
         yield GaugeMetricFamily(
             "cc50_backend_up", "1 when the backend's last health check passed.", value=1.0 if factory.backendHealthy else 0.0
         )

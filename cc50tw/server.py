@@ -85,6 +85,9 @@ MAX_HELLO_BYTES = 4096
 #: delivering data regardless can reach it.
 MAX_UNSOLICITED_REPLY_BYTES = 64 * 1024
 
+#: Dropped frames logged per connection; the rest are counted (``cc50_frames_dropped_total``).
+LOGGED_DROPS_PER_CONNECTION = 5
+
 
 class ConnectionState(enum.Enum):
     #: Reading frames and writing replies.
@@ -142,6 +145,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         self._rotation = itertools.count()
         self._abortTimer: IDelayedCall | None = None
         self._unsolicitedWhilePaused = 0
+        self.framesDropped = 0
 
     # Connection ------------------------------------------------------------
 
@@ -280,6 +284,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
             header.req_id,
             ErrorCode.TOO_LARGE,
             f"frame of {header.length} bytes exceeds this server's limit of {self.MAX_LENGTH} (--max-frame-bytes)",
+            startsRequest=header.type == MessageType.REQ_INFER,
         )
 
     def streamCorrupted(self, error: ProtocolError) -> None:
@@ -288,18 +293,37 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
             return
         self._failConnection(error.req_id, error.code, error.message + "; closing the connection")
 
-    def frameRefused(self, reqId: int, code: ErrorCode, message: str) -> None:
+    def frameRefused(self, reqId: int, code: ErrorCode, message: str, startsRequest: bool = False) -> None:
         """
-        A per-frame error.  On the req_id of a live request it ends that
-        request (its one terminal frame, its backend work cancelled), so no
-        client ever reads two terminal frames for one req_id; otherwise it is
-        a reply of its own and the connection goes on.
+        A per-frame error, answered so that a terminal frame always answers
+        exactly one REQ_INFER and no client reads two for one req_id:
+
+        - on the req_id of a live request it ends that request (one RESP_ERR,
+          its backend work cancelled);
+        - a REQ_INFER refused outright gets its own RESP_ERR;
+        - any other frame on a req_id with nothing in flight has no request
+          to answer for: it is dropped, with a log line (the first few per
+          connection) and a count on ``/metrics``.
         """
         stream = self.streams.get(reqId)
         if stream is not None:
             stream.fail(code, message)
-        else:
+        elif startsRequest:
             self.sendUnsolicited(encode_error(reqId, code, message))
+        else:
+            self.factory.counters.framesDropped += 1
+            self.framesDropped += 1
+            if self.framesDropped <= LOGGED_DROPS_PER_CONNECTION:
+                self.log.info(
+                    "dropped a frame from {peer} on req_id {req_id}, which has no request in flight: {message}"
+                    "{more}",
+                    peer=self.peer,
+                    req_id=reqId,
+                    message=message,
+                    more=" (further drops on this connection are only counted)"
+                    if self.framesDropped == LOGGED_DROPS_PER_CONNECTION
+                    else "",
+                )
 
     def _hello(self, frame: Frame) -> None:
         expected = self.factory.config.auth_token
@@ -323,12 +347,12 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
             )
             return
         if self.factory.draining:
-            self.frameRefused(req_id, ErrorCode.SHUTTING_DOWN, "server is shutting down; send new requests elsewhere")
+            self.frameRefused(req_id, ErrorCode.SHUTTING_DOWN, "server is shutting down; send new requests elsewhere", True)
             return
         try:
             decoded = decode_infer(frame)
         except ProtocolError as error:
-            self.frameRefused(req_id, error.code, error.message)
+            self.frameRefused(req_id, error.code, error.message, True)
             return
         config = self.factory.config
         if len(self.streams) >= config.max_inflight_per_connection:
@@ -337,6 +361,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
                 ErrorCode.TOO_MANY_REQUESTS,
                 f"{len(self.streams)} requests already in flight on this connection "
                 f"(--max-inflight-per-connection={config.max_inflight_per_connection})",
+                True,
             )
             return
         if decoded.max_tokens > config.max_tokens_limit:
@@ -345,6 +370,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
                 ErrorCode.TOO_LARGE,
                 f"max_tokens {decoded.max_tokens} exceeds this server's limit of {config.max_tokens_limit} "
                 "(--max-tokens-limit)",
+                True,
             )
             return
         request = InferenceRequest(req_id, decoded.prompt, decoded.max_tokens or config.default_max_tokens)

@@ -69,6 +69,8 @@ class FlowCounters:
 
     creditPauses: int = 0
     transportPauses: int = 0
+    #: Frames dropped because they carried a req_id with nothing in flight.
+    framesDropped: int = 0
 
 
 RequestEnded = Callable[["RequestStream", str, "GenerationResult | None", bool, str], None]

@@ -17,6 +17,7 @@ from cc50tw.codec import (
     MessageType,
     decode_done,
     encode_cancel,
+    encode_credit,
     encode_frame,
     encode_infer,
 )
@@ -125,17 +126,42 @@ class ProtocolErrorTests(SynchronousTestCase):
         self.connection.send(b"\x00" * 24 + encode_infer(1, "late"))
         self.assertEqual(self.backend.streams, {})
 
-    def test_unknownTypeErrorsThatRequestOnly(self) -> None:
+    def test_unknownTypeOnAnIdleReqIdIsDroppedAndCounted(self) -> None:
+        """No request on req_id 3, so there is nothing to answer for: dropped, counted, the connection goes on."""
         self.connection.send(encode_frame(42, 3, b"whatever"))
-        [frame] = self.connection.received()
-        self.assertEqual((frame.req_id, error_code(frame)), (3, ErrorCode.UNKNOWN_TYPE))
+        self.assertEqual(self.connection.received(), [])
+        self.assertEqual(self.factory.counters.framesDropped, 1)
         self.assertFalse(self.connection.transport.disconnecting)
         self.assertStillServing()
 
+    def test_unknownTypeOnALiveReqIdEndsThatRequestOnly(self) -> None:
+        self.connection.send(encode_infer(3, "in flight") + encode_infer(4, "neighbour"))
+        self.connection.send(encode_frame(42, 3, b"whatever"))
+        [frame] = self.connection.received()
+        self.assertEqual((frame.req_id, error_code(frame)), (3, ErrorCode.UNKNOWN_TYPE))
+        self.assertTrue(self.backend.streams[3].cancelled)
+        self.assertFalse(self.backend.streams[4].cancelled)
+        self.assertStillServing()
+
     def test_serverFrameTypeFromClientIsRejected(self) -> None:
+        self.connection.send(encode_infer(4, "in flight"))
         self.connection.send(encode_frame(MessageType.RESP_CHUNK, 4, b"x"))
         [frame] = self.connection.received()
         self.assertEqual(error_code(frame), ErrorCode.UNKNOWN_TYPE)
+        self.assertIn(b"RESP_CHUNK", frame.payload)
+        self.assertStillServing()
+
+    def test_junkOnALiveReqIdGivesOneTerminalFrame(self) -> None:
+        """Unknown type, oversized frame, bad credit, all on one live req_id: one RESP_ERR, nothing after."""
+        self.connection.send(encode_infer(7, "p", credit_bytes=1))
+        self.backend.streams[7].write("abc")
+        self.connection.send(encode_frame(99, 7))
+        self.connection.send(HEADER.pack(MAGIC, 1, MessageType.REQ_CREDIT, 7, 0, 5000) + b"\0" * 5000)
+        self.connection.send(encode_frame(MessageType.REQ_CREDIT, 7, b"\x01"))
+        self.connection.send(encode_credit(7, 100))
+        frames = [f for f in self.connection.received() if f.req_id == 7]
+        self.assertEqual([f.type for f in frames], [MessageType.RESP_CHUNK, MessageType.RESP_ERR])
+        self.assertEqual(error_code(frames[-1]), ErrorCode.UNKNOWN_TYPE)
         self.assertStillServing()
 
     def test_oversizedFrameIsRefusedWithoutBuffering(self) -> None:
