@@ -95,20 +95,36 @@ class CC50Receiver(Protocol):
             return
         self._deliver(data)
 
+    def setMaxLength(self, maxLength: int) -> None:
+        """Change the frame limit, effective from the next frame (frames of the same read included)."""
+        self.MAX_LENGTH = maxLength
+        if self._decoder is not None:
+            self._decoder.max_payload = maxLength
+            self._limitChanged = True
+
+    _limitChanged = False
+
     def _deliver(self, data: bytes) -> None:
         decoder = self._decoder
         if decoder is None:
             decoder = self._decoder = FrameDecoder(self.MAX_LENGTH)
         try:
-            for item in decoder.feed(data, self._chunkReceiver):
-                if self.transport is None or self.transport.disconnecting:  # type: ignore[attr-defined]
-                    return
-                if type(item) is Frame:
-                    self.frameReceived(item)
+            while True:
+                for item in decoder.feed(data, self._chunkReceiver):
+                    if self.transport is None or self.transport.disconnecting:  # type: ignore[attr-defined]
+                        return
+                    if type(item) is Frame:
+                        self.frameReceived(item)
+                    else:
+                        self.lengthLimitExceeded(item)  # type: ignore[arg-type]
+                    if self.readingPaused:
+                        return  # the rest stays in the decoder until resumeReading
+                    if self._limitChanged:
+                        break  # the decoder read its limit once per feed: start a new one
                 else:
-                    self.lengthLimitExceeded(item)  # type: ignore[arg-type]
-                if self.readingPaused:
-                    return  # the rest stays in the decoder until resumeReading
+                    return
+                self._limitChanged = False
+                data = b""
         except ProtocolError as error:
             self.streamCorrupted(error)
 

@@ -332,9 +332,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
                 self._failConnection(frame.req_id, ErrorCode.UNAUTHORIZED, "authentication failed: wrong token")
                 return
             self.authenticated = True
-            self.MAX_LENGTH = self.factory.config.max_frame_bytes
-            if self._decoder is not None:
-                self._decoder.max_payload = self.MAX_LENGTH
+            self.setMaxLength(self.factory.config.max_frame_bytes)
         self.sendUnsolicited(encode_frame(MessageType.HELLO, frame.req_id, SERVER_NAME))
 
     def _infer(self, frame: Frame) -> None:

@@ -270,6 +270,8 @@ class RequestStream:
     def _fail(self, code: ErrorCode, message: str, fromBackend: bool = False) -> None:
         if self.state is ENDED:
             return
+        # Upstream text may hold lone surrogates: one clean copy for the frame and the log alike.
+        message = message.encode("utf-8", "replace").decode("utf-8")
         self._finish(_errorFrame(self.reqId, code, message), code.name.lower(), None, fromBackend, message)
 
     def _done(self, result: GenerationResult) -> None:

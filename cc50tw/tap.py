@@ -42,8 +42,18 @@ def _count(name: str) -> Callable[[str], int]:
 def _seconds(name: str) -> Callable[[str], float]:
     def parse(value: str) -> float:
         number = float(value)
-        if number <= 0:
+        if not 0 < number < float("inf"):
             raise ValueError(f"--{name} must be a positive number of seconds, got {value}")
+        return number
+
+    return parse
+
+
+def _nonNegativeSeconds(name: str) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        number = float(value)
+        if not number >= 0 or number == float("inf"):
+            raise ValueError(f"--{name} must be 0 (off) or a positive number of seconds, got {value}")
         return number
 
     return parse
@@ -59,7 +69,8 @@ _SERVER_OPTIONS: list[list[Any]] = [
     ["max-concurrency", None, 1024, "Backend calls running at once, server-wide.", _count("max-concurrency")],
     ["max-queue", None, 4096, "Requests waiting for a backend slot; beyond it, OVERLOADED.", _count("max-queue")],
     ["idle-timeout", None, 300.0, "Seconds before a connection with nothing in flight is closed.", _seconds("idle-timeout")],
-    ["stall-timeout", None, 60.0, "Seconds a request may wait for REQ_CREDIT before it is ended.", _seconds("stall-timeout")],
+    ["stall-timeout", None, 60.0, "Seconds a request may be blocked by its client (no credit, unread socket) before CREDIT_STALL.", _seconds("stall-timeout")],
+    ["max-request-seconds", None, 0.0, "Hard cap on one request's life in seconds (TIMEOUT past it); 0 = none.", _nonNegativeSeconds("max-request-seconds")],
     ["drain-timeout", None, 30.0, "On shutdown, seconds in-flight requests may take to finish.", _seconds("drain-timeout")],
     ["metrics", None, None, "Endpoint for /metrics, /healthz and /readyz over HTTP, e.g. tcp:9100:interface=127.0.0.1 (off by default)."],
     ["health-interval", None, 5.0, "Seconds between backend health checks.", _seconds("health-interval")],
@@ -191,6 +202,7 @@ class Options(usage.Options):
             max_queue=self["max-queue"],
             idle_timeout=self["idle-timeout"],
             stall_timeout=self["stall-timeout"],
+            max_request_seconds=self["max-request-seconds"],
             max_tokens_limit=self["max-tokens-limit"],
             auth_token=self.authToken,
             log_requests=not self["quiet-requests"],

@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cc50tw.codec import (
@@ -94,6 +96,136 @@ class ManualBackend:
         return None
 
 
+class BoundedTransport(StringTransport):
+    """
+    A ``StringTransport`` that does what Twisted's ``FileDescriptor`` does
+    where flow control is concerned, which the plain one does not:
+
+    - past ``bufferSize`` unread bytes it pauses its registered streaming
+      producer, and resumes it once the peer has read everything;
+    - ``loseConnection`` waits for the buffer to drain, and when it drains a
+      paused producer that is still registered is resumed *instead of*
+      closing (the trap a protocol must avoid by unregistering first);
+    - while paused (``pauseProducing``) it delivers nothing it receives; what
+      the peer sends is kept and delivered on ``resumeProducing``.
+
+    The peer is driven by ``peerSends`` and ``peerReads``; ``closedCleanly``
+    and ``aborted`` tell how the connection ended.
+    """
+
+    def __init__(self, bufferSize: int = 65536) -> None:
+        super().__init__()
+        self.bufferSize = bufferSize
+        self.protocol: Any = None
+        self.readingPaused = False
+        self.producerPaused = False
+        self.closedCleanly = False
+        self.aborted = False
+        self._inbound: list[bytes] = []
+
+    def attach(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self)
+
+    @property
+    def lost(self) -> bool:
+        return self.closedCleanly or self.aborted
+
+    # The server's side ------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.lost:
+            return
+        super().write(data)
+        self._maybePauseProducer()
+
+    def writeSequence(self, data: Any) -> None:
+        if self.lost:
+            return
+        super().writeSequence(data)
+        self._maybePauseProducer()
+
+    def _maybePauseProducer(self) -> None:
+        if self.producer is not None and self.streaming and not self.producerPaused and len(self.io.getvalue()) > self.bufferSize:
+            self.producerPaused = True
+            self.producer.pauseProducing()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        super().registerProducer(producer, streaming)
+        self.producerPaused = False
+
+    def unregisterProducer(self) -> None:
+        super().unregisterProducer()
+        if self.disconnecting:
+            self._drained()
+
+    def loseConnection(self) -> None:
+        if self.lost or self.disconnecting:
+            return
+        super().loseConnection()
+        self.readingPaused = True
+        self._drained()
+
+    def abortConnection(self) -> None:
+        if self.lost:
+            return
+        self.aborted = True
+        self._lose()
+
+    def pauseProducing(self) -> None:
+        super().pauseProducing()
+        self.readingPaused = True
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        if self.disconnecting or self.lost:
+            return
+        self.readingPaused = False
+        while self._inbound and not self.readingPaused and not self.lost:
+            self.protocol.dataReceived(self._inbound.pop(0))
+
+    # The peer's side --------------------------------------------------------
+
+    def peerSends(self, data: bytes) -> None:
+        """Bytes from the peer: delivered now, or kept while reading is paused."""
+        if self.lost or self.disconnecting:
+            return
+        if self.readingPaused or self._inbound:
+            self._inbound.append(data)
+        else:
+            self.protocol.dataReceived(data)
+
+    @property
+    def inboundBytes(self) -> int:
+        return sum(map(len, self._inbound))
+
+    def peerReads(self, size: int | None = None) -> bytes:
+        """The peer reads ``size`` bytes (default: all) of what the server wrote."""
+        buffered = self.io.getvalue()
+        taken, rest = (buffered, b"") if size is None else (buffered[:size], buffered[size:])
+        self.io.seek(0)
+        self.io.truncate()
+        self.io.write(rest)
+        if not rest:
+            self._drained()
+        return taken
+
+    def _drained(self) -> None:
+        if self.lost or self.io.getvalue():
+            return
+        if self.producer is not None and (not self.streaming or self.producerPaused):
+            self.producerPaused = False
+            self.producer.resumeProducing()
+        elif self.disconnecting:
+            self.closedCleanly = True
+            self._lose()
+
+    def _lose(self) -> None:
+        protocol, self.protocol = self.protocol, None
+        if protocol is not None:
+            protocol.connectionLost(Failure(ConnectionDone()))
+
+
 class Connection:
     """A server protocol on a StringTransport, with the frames it sent decoded."""
 
@@ -140,6 +272,7 @@ def error_code(frame: Frame) -> ErrorCode:
 
 
 __all__ = [
+    "BoundedTransport",
     "Connection",
     "ManualBackend",
     "ManualStream",
