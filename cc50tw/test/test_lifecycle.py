@@ -46,7 +46,7 @@ class Served:
         self.transport = BoundedTransport(bufferSize)
         protocol = factory.buildProtocol(None)
         assert isinstance(protocol, CC50ServerProtocol)
-        self.protocol = protocol
+        self.protocol: CC50ServerProtocol = protocol
         self.transport.attach(protocol)
 
     def readAll(self) -> list[Frame]:
