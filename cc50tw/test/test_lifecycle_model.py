@@ -125,7 +125,7 @@ class OneConnection(RuleBasedStateMachine):
             max_inflight_per_connection=4,
             max_concurrency=2,
             max_queue=2,
-            idle_timeout=50.0,
+            idle_timeout=15.0,
             stall_timeout=10.0,
         )
         self.factory = CC50ServerFactory(self.backend, config, self.reactor, clock=lambda: self.monotonic)  # type: ignore[arg-type]
