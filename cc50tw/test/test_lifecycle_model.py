@@ -134,13 +134,13 @@ class OneConnection(RuleBasedStateMachine):
         assert isinstance(protocol, CC50ServerProtocol)
         self.protocol: CC50ServerProtocol = protocol
         self.transport.attach(protocol)
-        self.decoder = FrameDecoder(1 << 30)
-        self.nextId = 1
+        self.decoder: FrameDecoder = FrameDecoder(1 << 30)
+        self.nextId: int = 1
         #: req_id -> REQ_INFERs sent on it that have not been answered yet.
         self.open: dict[int, int] = {}
         self.everSent: set[int] = set()
         self.terminals: dict[int, int] = {}
-        self.closedAfterError = False
+        self.closedAfterError: bool = False
 
     # The client ---------------------------------------------------------------
 
