@@ -158,6 +158,7 @@ def encode_chunk(req_id: int, text: bytes) -> bytes:
 
 def _fit(value: int, limit: int) -> int:
     """A count in range for its field: negative (a clock stepped back) is 0, too large is the field's maximum."""
+    value = int(value)
     return 0 if value < 0 else limit if value > limit else value
 
 

@@ -79,6 +79,11 @@ class CC50Receiver(Protocol):
             if resume is not None and not getattr(self.transport, "disconnecting", False):
                 resume()
 
+    def discardInput(self) -> None:
+        """Nothing more will be read (the connection is closing): free what is buffered."""
+        self._decoder = FrameDecoder(0)
+        self._held, self._heldSize = None, 0
+
     @property
     def heldBytes(self) -> int:
         """Bytes received while paused and not yet parsed."""

@@ -159,7 +159,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         if not self.factory.connectionOpened(self):
             self.rejected = True
             limit = config.max_connections
-            self._failConnection(0, ErrorCode.OVERLOADED, f"server has {limit} connections open (--max-connections); retry later")
+            self._failConnection(ErrorCode.OVERLOADED, f"server has {limit} connections open (--max-connections); retry later")
             return
         self.setTimeout(config.idle_timeout)
 
@@ -200,6 +200,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
             return
         self.state = ConnectionState.CLOSING
         self.setTimeout(None)
+        self.discardInput()
         self._abandonStreams()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
@@ -220,16 +221,23 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
     def _abandonStreams(self) -> None:
         streams, self.streams = self.streams, {}
         for stream in streams.values():
-            stream.abandon()
+            try:
+                stream.abandon()
+            except Exception:  # one request's teardown must not leave the others (or the connection) behind
+                self.log.failure("abandoning request {req_id} from {peer} failed", req_id=stream.reqId, peer=self.peer)
         if streams:
             self.factory.checkQuiet()
 
-    def _failConnection(self, reqId: int, code: ErrorCode, message: str) -> None:
-        """A connection-level error: one RESP_ERR, then an orderly close; nothing follows it."""
+    def _failConnection(self, code: ErrorCode, message: str) -> None:
+        """
+        A connection-level error: one RESP_ERR on req_id 0 (so it is never
+        mistaken for a request's terminal frame), then an orderly close;
+        nothing follows it.
+        """
         if self.state is not ConnectionState.OPEN:
             return
         self.log.info("closing connection from {peer}: {message}", peer=self.peer, message=message)
-        self.sendFrame(encode_error(reqId, code, message))
+        self.sendFrame(encode_error(0, code, message))
         self.close()
 
     @property
@@ -252,7 +260,9 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         if self.state is not ConnectionState.OPEN:
             return
         self.bytesReceived += len(data)
-        if not self.streams:
+        if not self.streams and self.authenticated:
+            # Unauthenticated, the idle timeout runs from the connection's
+            # start: a peer trickling a byte at a time cannot keep it open.
             self.resetTimeout()
         super().dataReceived(data)
         if self.heldBytes > self.MAX_LENGTH + MAX_UNSOLICITED_REPLY_BYTES:
@@ -262,7 +272,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         if self.state is not ConnectionState.OPEN:
             return
         if not self.authenticated and frame.type != MessageType.HELLO:
-            self._failConnection(frame.req_id, ErrorCode.UNAUTHORIZED, "authentication required: send HELLO with the shared token first")
+            self._failConnection(ErrorCode.UNAUTHORIZED, "authentication required: send HELLO with the shared token first")
             return
         handler = self._handlers.get(frame.type)
         if handler is None:
@@ -275,7 +285,6 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
     def lengthLimitExceeded(self, header: Oversized) -> None:
         if not self.authenticated:
             self._failConnection(
-                header.req_id,
                 ErrorCode.UNAUTHORIZED,
                 f"authentication required: a frame of {header.length} bytes before HELLO (at most {self.MAX_LENGTH})",
             )
@@ -289,9 +298,9 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
 
     def streamCorrupted(self, error: ProtocolError) -> None:
         if not self.authenticated:
-            self._failConnection(error.req_id, ErrorCode.UNAUTHORIZED, f"authentication required: {error.message}")
+            self._failConnection(ErrorCode.UNAUTHORIZED, f"authentication required: {error.message}")
             return
-        self._failConnection(error.req_id, error.code, error.message + "; closing the connection")
+        self._failConnection(error.code, error.message + "; closing the connection")
 
     def frameRefused(self, reqId: int, code: ErrorCode, message: str, startsRequest: bool = False) -> None:
         """
@@ -329,7 +338,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         expected = self.factory.config.auth_token
         if expected is not None and not self.authenticated:
             if not hmac.compare_digest(frame.payload, expected):
-                self._failConnection(frame.req_id, ErrorCode.UNAUTHORIZED, "authentication failed: wrong token")
+                self._failConnection(ErrorCode.UNAUTHORIZED, "authentication failed: wrong token")
                 return
             self.authenticated = True
             self.setMaxLength(self.factory.config.max_frame_bytes)
@@ -337,6 +346,10 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
 
     def _infer(self, frame: Frame) -> None:
         req_id = frame.req_id
+        if req_id == 0:
+            self._failConnection(ErrorCode.BAD_REQUEST, "REQ_INFER on req_id 0, which is reserved for connection-level errors"
+            )
+            return
         if req_id in self.streams:
             self.frameRefused(
                 req_id,
@@ -461,6 +474,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
             return
         self.log.info("aborting connection from {peer}: {why}", peer=self.peer, why=why)
         self.state = ConnectionState.CLOSING
+        self.discardInput()
         self._abandonStreams()
         self.transport.abortConnection()
 

@@ -25,6 +25,7 @@ A backend slot is held exactly while the state is ``Running``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -36,7 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cc50tw.admission import Admission
-from cc50tw.codec import MAX_U32, DoneStats, ErrorCode, encode_done, encode_error, utf8_prefix_length
+from cc50tw.codec import DoneStats, ErrorCode, encode_done, encode_error, utf8_prefix_length
 from cc50tw.errors import RequestFailed
 from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest, ITokenSink
 
@@ -222,10 +223,21 @@ class RequestStream:
         running = Running()
         self.state = running
         try:
-            generation = self.services.backend.generate(self.request, self)
+            returned: object = self.services.backend.generate(self.request, self)
         except Exception as e:  # a backend bug must not take the connection down
             log.failure("backend.generate raised for request {req_id}", req_id=self.reqId)
             self._fail(ErrorCode.BACKEND_ERROR, f"backend failed to start: {e}", fromBackend=True)
+            return
+        if isinstance(returned, Deferred):
+            generation: Deferred[GenerationResult] = returned
+        elif inspect.iscoroutine(returned):  # an ``async def generate``
+            generation = Deferred.fromCoroutine(returned)
+        else:
+            self._fail(
+                ErrorCode.BACKEND_ERROR,
+                f"backend bug: generate() returned {type(returned).__name__}, not a Deferred",
+                fromBackend=True,
+            )
             return
         if self.state is not running:
             # The request ended while generate() ran (its own writes can end
@@ -239,6 +251,13 @@ class RequestStream:
 
     def _generated(self, result: GenerationResult, running: Running) -> None:
         if self.state is not running:
+            return
+        if not isinstance(result, tuple) or len(result) != 2:
+            self._fail(
+                ErrorCode.BACKEND_ERROR,
+                f"backend bug: its Deferred fired with {type(result).__name__}, not a GenerationResult",
+                fromBackend=True,
+            )
             return
         self.state = Flushing(result)
         self.services.admission.release()
@@ -267,24 +286,35 @@ class RequestStream:
         """The connection is going: stop the work and write nothing."""
         self._finish(None, "disconnected")
 
-    def _fail(self, code: ErrorCode, message: str, fromBackend: bool = False) -> None:
+    def _fail(self, code: ErrorCode | int, message: object, fromBackend: bool = False) -> None:
         if self.state is ENDED:
             return
+        try:
+            known = ErrorCode(code)
+        except (ValueError, TypeError):  # a backend's own number: keep it on the wire, name it for the log
+            known = ErrorCode.BACKEND_ERROR
+            wire = code if isinstance(code, int) and not isinstance(code, bool) else int(known)
+        else:
+            wire = int(known)
         # Upstream text may hold lone surrogates: one clean copy for the frame and the log alike.
-        message = message.encode("utf-8", "replace").decode("utf-8")
-        self._finish(_errorFrame(self.reqId, code, message), code.name.lower(), None, fromBackend, message)
+        text = str(message).encode("utf-8", "replace").decode("utf-8")
+        self._finish(_errorFrame(self.reqId, wire, text), known.name.lower(), None, fromBackend, text)
 
     def _done(self, result: GenerationResult) -> None:
         now = self.services.clock()
         first = self.firstChunkAt if self.firstChunkAt is not None else now
-        generated = result.generated_tokens
-        stats = DoneStats(
-            tokens=generated,
-            elapsed_us=int((now - self.startedAt) * 1e6),
-            prompt_tokens=result.prompt_tokens,
-            generated_tokens=generated,
-            ttft_us=int((first - self.startedAt) * 1e6),
-        )
+        try:
+            generated = _count(result.generated_tokens)
+            stats = DoneStats(
+                tokens=generated,
+                elapsed_us=int((now - self.startedAt) * 1e6),
+                prompt_tokens=_count(result.prompt_tokens),
+                generated_tokens=generated,
+                ttft_us=int((first - self.startedAt) * 1e6),
+            )
+        except Exception:  # counts a backend got wrong must not cost the request its DONE
+            log.failure("request {req_id}: unusable counts in {result!r}", req_id=self.reqId, result=result)
+            stats = DoneStats(0, 0, 0, 0, 0)
         self._finish(_doneFrame(self.reqId, stats), "done", result)
 
     def _finish(
@@ -313,14 +343,19 @@ class RequestStream:
             if timer is not None and timer.active():
                 timer.cancel()
         self._stallTimer = self._deadline = None
-        if type(state) is Queued:
-            if state.admission is not None:
-                state.admission.cancel()
-        elif type(state) is Running:
-            generation = state.generation
-            if generation is not None and not generation.called:
-                generation.cancel()
-            self.services.admission.release()
+        try:
+            if type(state) is Queued:
+                if state.admission is not None:
+                    state.admission.cancel()
+            elif type(state) is Running:
+                generation = state.generation
+                if generation is not None and not generation.called:
+                    generation.cancel()
+        except Exception:  # a backend's canceller raised: its work is its own problem now
+            log.failure("cancelling the backend work of request {req_id} raised", req_id=self.reqId)
+        finally:
+            if type(state) is Running:
+                self.services.admission.release()
         self.connection.streamEnded(self)
         try:
             self.services.requestEnded(self, outcome, result, fromBackend, message)
@@ -516,15 +551,20 @@ class RequestStream:
         self.fail(ErrorCode.CREDIT_STALL, message)
 
 
+def _count(value: object) -> int:
+    """A token count as an int, whatever a backend handed over (2.0, a numpy integer)."""
+    return int(value)  # type: ignore[call-overload]
+
+
 def _doneFrame(reqId: int, stats: DoneStats) -> bytes:
     try:
         return encode_done(reqId, stats)
     except Exception:  # the codec clamps every field; this is the last line of defence
         log.failure("encoding RESP_DONE for request {req_id} failed", req_id=reqId)
-        return encode_done(reqId, DoneStats(min(max(stats.tokens, 0), MAX_U32), 0, 0, 0, 0))
+        return encode_done(reqId, DoneStats(0, 0, 0, 0, 0))
 
 
-def _errorFrame(reqId: int, code: ErrorCode, message: str) -> bytes:
+def _errorFrame(reqId: int, code: int, message: str) -> bytes:
     try:
         return encode_error(reqId, code, message)
     except Exception:

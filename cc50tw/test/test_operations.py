@@ -140,7 +140,7 @@ class AuthenticationTests(SynchronousTestCase):
     def test_requestBeforeHelloIsRefused(self) -> None:
         self.connection.send(encode_infer(4, "sneaky"))
         [frame] = self.connection.received()
-        self.assertEqual((frame.req_id, error_code(frame)), (4, ErrorCode.UNAUTHORIZED))
+        self.assertEqual((frame.req_id, error_code(frame)), (0, ErrorCode.UNAUTHORIZED))
         self.assertTrue(self.connection.transport.disconnecting)
         self.assertEqual(self.backend.streams, {})
 

@@ -119,7 +119,7 @@ class ProtocolErrorTests(SynchronousTestCase):
     def test_wrongVersionErrorsAndCloses(self) -> None:
         self.connection.send(HEADER.pack(MAGIC, 2, MessageType.REQ_INFER, 5, 0, 0))
         [frame] = self.connection.received()
-        self.assertEqual((frame.req_id, error_code(frame)), (5, ErrorCode.UNSUPPORTED_VERSION))
+        self.assertEqual((frame.req_id, error_code(frame)), (0, ErrorCode.UNSUPPORTED_VERSION))
         self.assertTrue(self.connection.transport.disconnecting)
 
     def test_nothingIsProcessedAfterCorruption(self) -> None:
