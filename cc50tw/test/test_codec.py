@@ -11,8 +11,6 @@ from collections.abc import Callable, Iterable, Sequence
 from itertools import pairwise
 from typing import Any
 
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -50,6 +48,7 @@ from cc50tw.codec import (
     encode_infer,
     utf8_prefix_length,
 )
+from cc50tw.test.optional import HYPOTHESIS
 
 DATA = FilePath(__file__).sibling("data")
 VECTORS_PATH = DATA.child("cc50-v1-captured.json")
@@ -60,16 +59,6 @@ SHARED_VECTORS_PATH = (
 
 #: A small limit so generated streams exercise the oversized path.
 SMALL_MAX = 64
-
-req_ids = st.integers(min_value=0, max_value=MAX_REQ_ID)
-u32s = st.integers(min_value=0, max_value=MAX_U32)
-u64s = st.integers(min_value=0, max_value=(1 << 64) - 1)
-prompts = st.text()
-# Any header ``type``, known or not (it is a u16 on the wire).
-u16s = st.integers(min_value=0, max_value=0xFFFF)
-
-FAST = settings(deadline=None, max_examples=200)
-SLOW = settings(deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 
 
 def load_vectors() -> dict[str, Any]:
@@ -104,88 +93,6 @@ def expected_item(encoded: bytes, max_payload: int) -> DecodedItem:
     if length > max_payload:
         return Oversized(type, req_id, length)
     return Frame(type, req_id, flags, encoded[HEADER_SIZE:])
-
-
-@st.composite
-def encoded_frames(draw: st.DrawFn) -> bytes:
-    """One frame of any message type, encoded by the codec, or a raw frame of any type."""
-    req_id = draw(req_ids)
-    kind = draw(
-        st.sampled_from(["infer", "chunk", "done", "done+", "error", "cancel", "credit", "hello", "raw", "big"])
-    )
-    if kind == "infer":
-        return encode_infer(req_id, draw(st.text(max_size=20)), draw(u32s), draw(u32s))
-    if kind == "chunk":
-        return encode_chunk(req_id, draw(st.binary(max_size=80)))
-    if kind == "done":
-        return encode_done(req_id, DoneStats(draw(u32s), draw(u64s)))
-    if kind == "done+":
-        return encode_done(req_id, DoneStats(draw(u32s), draw(u64s), draw(u32s), draw(u32s), draw(u64s)))
-    if kind == "error":
-        return encode_error(req_id, draw(st.sampled_from(ErrorCode)), draw(st.text(max_size=20)))
-    if kind == "cancel":
-        return encode_cancel(req_id)
-    if kind == "credit":
-        return encode_credit(req_id, draw(u32s))
-    if kind == "hello":
-        return encode_hello(draw(st.binary(max_size=40)))
-    if kind == "raw":
-        return encode_frame(draw(u16s), req_id, draw(st.binary(max_size=40)), draw(u32s))
-    # Larger than SMALL_MAX, so an Oversized item where that is the limit.
-    return encode_frame(draw(u16s), req_id, draw(st.binary(min_size=SMALL_MAX + 1, max_size=100)), draw(u32s))
-
-
-streams = st.lists(encoded_frames(), min_size=1, max_size=5)
-
-
-def mutate(draw: st.DrawFn, data: bytearray, most: int) -> None:
-    """Flip, replace, delete, insert or cut off bytes of ``data`` in place."""
-    for _ in range(draw(st.integers(min_value=1, max_value=most))):
-        if not data:
-            return
-        op = draw(st.sampled_from(["flip", "replace", "delete", "insert", "truncate"]))
-        at = draw(st.integers(min_value=0, max_value=len(data) - 1))
-        if op == "flip":
-            data[at] ^= 1 << draw(st.integers(min_value=0, max_value=7))
-        elif op == "replace":
-            data[at] = draw(st.sampled_from([0, 1, 0x7F, 0x80, 0xC0, 0xED, 0xFF]) | st.integers(0, 255))
-        elif op == "delete":
-            del data[at]
-        elif op == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-        else:
-            del data[at:]
-
-
-@st.composite
-def mutated_streams(draw: st.DrawFn) -> bytes:
-    """
-    Valid frames with some bytes flipped, replaced, deleted, inserted or cut
-    off: anywhere in the stream, or only in one frame's payload (re-framed with
-    the right length, so the payload decoders see the damage).
-    """
-    frames = [bytearray(f) for f in draw(streams)]
-    if draw(st.booleans()):
-        data = bytearray(b"".join(frames))
-        mutate(draw, data, 4)
-        return bytes(data)
-    which = draw(st.integers(min_value=0, max_value=len(frames) - 1))
-    type, req_id, flags = draw(st.sampled_from(MessageType)), draw(req_ids), draw(u32s)
-    payload = frames[which][HEADER_SIZE:]
-    mutate(draw, payload, 3)
-    if type == MessageType.REQ_INFER and len(payload) >= INFER_PREFIX.size and draw(st.booleans()):
-        # A consistent prompt_len, so the prompt's bytes reach the UTF-8 check.
-        payload[8:12] = (len(payload) - INFER_PREFIX.size).to_bytes(4, "little")
-    frames[which] = bytearray(encode_frame(type, req_id, bytes(payload), flags))
-    return b"".join(frames)
-
-
-@st.composite
-def random_pieces(draw: st.DrawFn, data: bytes) -> list[bytes]:
-    if not data:
-        return [data]
-    cuts = draw(st.lists(st.integers(min_value=0, max_value=len(data)), max_size=12))
-    return split_at(data, cuts)
 
 
 class CapturedVectorsTests(SynchronousTestCase):
@@ -298,8 +205,8 @@ class CapturedVectorsTests(SynchronousTestCase):
         self.assertEqual(encode_done(0x1234567890ABCDEF, DoneStats(0, 0)).hex(), done)
 
 
-class RoundTripTests(SynchronousTestCase):
-    """encode -> FrameDecoder -> decode_* gives back what went in."""
+class RoundTripCase(SynchronousTestCase):
+    """Helpers shared by the example and property tests below."""
 
     def decode_one(self, data: bytes) -> Frame:
         decoder = FrameDecoder(1 << 20)
@@ -313,56 +220,18 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(len(data), HEADER_SIZE + length)
         return frame
 
-    @FAST
-    @given(req_ids, prompts, u32s, u32s)
-    def test_infer(self, req_id: int, prompt: str, max_tokens: int, credit_bytes: int) -> None:
-        frame = self.decode_one(encode_infer(req_id, prompt, max_tokens, credit_bytes))
-        self.assertEqual((frame.type, frame.req_id, frame.flags), (MessageType.REQ_INFER, req_id, 0))
-        self.assertEqual(decode_infer(frame), InferRequest(max_tokens, credit_bytes, prompt))
+
+class RoundTripTests(RoundTripCase):
+    """encode -> FrameDecoder -> decode_* gives back what went in."""
 
     def test_infer_defaults(self) -> None:
         frame = self.decode_one(encode_infer(3, "hi"))
         self.assertEqual(decode_infer(frame), InferRequest(0, 0, "hi"))
 
-    @FAST
-    @given(req_ids, st.binary())
-    def test_chunk(self, req_id: int, text: bytes) -> None:
-        frame = self.decode_one(encode_chunk(req_id, text))
-        self.assertEqual(frame, Frame(MessageType.RESP_CHUNK, req_id, 0, text))
-
-    @FAST
-    @given(req_ids, u32s, u64s)
-    def test_done_short(self, req_id: int, tokens: int, elapsed_us: int) -> None:
-        stats = DoneStats(tokens, elapsed_us)
-        frame = self.decode_one(encode_done(req_id, stats))
-        self.assertEqual((frame.type, frame.req_id, frame.flags), (MessageType.RESP_DONE, req_id, 0))
-        self.assertEqual(len(frame.payload), 16)
-        self.assertEqual(decode_done(frame), stats)
-
-    @FAST
-    @given(req_ids, u32s, u64s, u32s, u32s, u64s)
-    def test_done_extended(
-        self, req_id: int, tokens: int, elapsed_us: int, prompt_tokens: int, generated: int, ttft_us: int
-    ) -> None:
-        stats = DoneStats(tokens, elapsed_us, prompt_tokens, generated, ttft_us)
-        frame = self.decode_one(encode_done(req_id, stats))
-        self.assertEqual((frame.type, frame.req_id, frame.flags), (MessageType.RESP_DONE, req_id, 0))
-        self.assertEqual(len(frame.payload), 32)
-        self.assertEqual(decode_done(frame), stats)
-
     def test_done_extended_defaults(self) -> None:
         """Missing generated_tokens/ttft_us in an extended DONE encode as tokens and 0."""
         frame = self.decode_one(encode_done(1, DoneStats(7, 100, prompt_tokens=3)))
         self.assertEqual(decode_done(frame), DoneStats(7, 100, 3, 7, 0))
-
-    @FAST
-    @given(req_ids, st.sampled_from(ErrorCode), prompts)
-    def test_error(self, req_id: int, code: ErrorCode, message: str) -> None:
-        frame = self.decode_one(encode_error(req_id, code, message))
-        self.assertEqual((frame.type, frame.req_id, frame.flags), (MessageType.RESP_ERR, req_id, int(code)))
-        reply = decode_error(frame)
-        self.assertEqual(reply, ErrorReply(code, message))
-        self.assertEqual(ErrorCode(reply.code), code)
 
     def test_error_every_code(self) -> None:
         for code in ErrorCode:
@@ -398,25 +267,6 @@ class RoundTripTests(SynchronousTestCase):
         frame = Frame(MessageType.RESP_ERR, 1, 7, b"bad \xff text")
         self.assertEqual(decode_error(frame), ErrorReply(7, "bad \ufffd text"))
 
-    @FAST
-    @given(req_ids)
-    def test_cancel(self, req_id: int) -> None:
-        frame = self.decode_one(encode_cancel(req_id))
-        self.assertEqual(frame, Frame(MessageType.REQ_CANCEL, req_id, 0, b""))
-
-    @FAST
-    @given(req_ids, u32s)
-    def test_credit(self, req_id: int, credit: int) -> None:
-        frame = self.decode_one(encode_credit(req_id, credit))
-        self.assertEqual((frame.type, frame.req_id, frame.flags), (MessageType.REQ_CREDIT, req_id, 0))
-        self.assertEqual(decode_credit(frame), credit)
-
-    @FAST
-    @given(st.binary())
-    def test_hello(self, token: bytes) -> None:
-        frame = self.decode_one(encode_hello(token))
-        self.assertEqual(frame, Frame(MessageType.HELLO, 0, 0, token))
-
     def test_hello_default(self) -> None:
         self.assertEqual(self.decode_one(encode_hello()), Frame(MessageType.HELLO, 0, 0, b""))
 
@@ -426,13 +276,6 @@ class RoundTripTests(SynchronousTestCase):
             self.assertEqual(error.code, ErrorCode.BAD_REQUEST)
             self.assertEqual(error.req_id, 44)
 
-    @FAST
-    @given(u16s, req_ids, st.binary(max_size=100), u32s)
-    def test_header(self, type: int, req_id: int, payload: bytes, flags: int) -> None:
-        header = encode_header(type, req_id, len(payload), flags)
-        self.assertEqual(header + payload, encode_frame(type, req_id, payload, flags))
-        self.assertEqual(self.decode_one(header + payload), Frame(type, req_id, flags, payload))
-
     def test_header_layout(self) -> None:
         """``<IHHQII``, little-endian, no padding, spelled out byte by byte."""
         self.assertEqual(
@@ -441,7 +284,9 @@ class RoundTripTests(SynchronousTestCase):
         )
 
 
-class DecodePayloadErrorTests(SynchronousTestCase):
+class DecodePayloadErrorCase(SynchronousTestCase):
+    """Helpers shared by the example and property tests below."""
+
     def assertBadRequest(self, frame: Frame) -> ProtocolError:
         error = self.assertRaises(ProtocolError, decode_infer, frame)
         self.assertEqual(error.code, ErrorCode.BAD_REQUEST)
@@ -449,18 +294,8 @@ class DecodePayloadErrorTests(SynchronousTestCase):
         self.assertEqual(str(error), error.message)
         return error
 
-    @FAST
-    @given(req_ids, st.binary(max_size=11))
-    def test_infer_short_payload(self, req_id: int, payload: bytes) -> None:
-        self.assertBadRequest(Frame(MessageType.REQ_INFER, req_id, 0, payload))
 
-    @FAST
-    @given(req_ids, u32s, st.binary(max_size=40))
-    def test_infer_prompt_len_mismatch(self, req_id: int, prompt_len: int, prompt: bytes) -> None:
-        assume(prompt_len != len(prompt))
-        payload = INFER_PREFIX.pack(64, 0, prompt_len) + prompt
-        self.assertBadRequest(Frame(MessageType.REQ_INFER, req_id, 0, payload))
-
+class DecodePayloadErrorTests(DecodePayloadErrorCase):
     def test_infer_prompt_len_examples(self) -> None:
         good = encode_infer(5, "hello")[HEADER_SIZE:]
         decode_infer(Frame(MessageType.REQ_INFER, 5, 0, good))
@@ -472,19 +307,6 @@ class DecodePayloadErrorTests(SynchronousTestCase):
             payload = INFER_PREFIX.pack(0, 0, len(prompt)) + prompt
             error = self.assertBadRequest(Frame(MessageType.REQ_INFER, MAX_REQ_ID, 0, payload))
             self.assertIn("UTF-8", error.message)
-
-    @FAST
-    @given(req_ids, st.binary(min_size=16, max_size=64))
-    def test_done_accepts_16_and_more(self, req_id: int, payload: bytes) -> None:
-        stats = decode_done(Frame(MessageType.RESP_DONE, req_id, 0, payload))
-        self.assertEqual(stats.tokens, int.from_bytes(payload[0:4], "little"))
-        self.assertEqual(stats.elapsed_us, int.from_bytes(payload[8:16], "little"))
-        if len(payload) < 32:
-            self.assertEqual(stats[2:], (None, None, None))
-        else:
-            self.assertEqual(stats.prompt_tokens, int.from_bytes(payload[16:20], "little"))
-            self.assertEqual(stats.generated_tokens, int.from_bytes(payload[20:24], "little"))
-            self.assertEqual(stats.ttft_us, int.from_bytes(payload[24:32], "little"))
 
     def test_done_ignores_trailing_bytes(self) -> None:
         base = encode_done(1, DoneStats(5, 6, 7, 8, 9))[HEADER_SIZE:]
@@ -508,20 +330,6 @@ def char_starts(text: str) -> list[int]:
 
 
 class UTF8PrefixTests(SynchronousTestCase):
-    @settings(deadline=None, max_examples=300)
-    @given(st.data())
-    def test_never_splits_a_character(self, data: st.DataObject) -> None:
-        text = data.draw(st.text(), label="text")
-        encoded = text.encode("utf-8")
-        limit = data.draw(st.integers(min_value=0, max_value=len(encoded) + 4), label="limit")
-        n = utf8_prefix_length(encoded, limit)
-        starts = char_starts(text)
-        self.assertIn(n, starts)
-        self.assertLessEqual(n, min(limit, len(encoded)))
-        encoded[:n].decode("utf-8")
-        # Longest such prefix: the next character would not fit.
-        self.assertEqual(n, max(s for s in starts if s <= limit))
-
     def test_examples(self) -> None:
         self.assertEqual(utf8_prefix_length(b"", 0), 0)
         self.assertEqual(utf8_prefix_length(b"", 5), 0)
@@ -551,65 +359,17 @@ def held_after(frames: list[bytes], cut: int, max_payload: int) -> int:
     return 0
 
 
-class StreamSplittingTests(SynchronousTestCase):
-    """A stream of frames decodes the same however it is cut into pieces."""
+class StreamSplittingCase(SynchronousTestCase):
+    """Helpers shared by the example and property tests below."""
 
     def assertDecodesAs(self, max_payload: int, pieces: Sequence[bytes], expected: list[DecodedItem]) -> None:
         decoder = FrameDecoder(max_payload)
         self.assertEqual(feed_all(decoder, pieces), expected)
         self.assertEqual(decoder.buffered, 0)
 
-    @SLOW
-    @given(streams)
-    def test_every_split_point(self, frames: list[bytes]) -> None:
-        stream = b"".join(frames)
-        for max_payload in [1 << 20, SMALL_MAX]:
-            expected = [expected_item(f, max_payload) for f in frames]
-            self.assertEqual(decode_stream(stream, max_payload), expected)
-            for cut in range(len(stream) + 1):
-                self.assertDecodesAs(max_payload, [stream[:cut], stream[cut:]], expected)
-                decoder = FrameDecoder(max_payload)
-                list(decoder.feed(stream[:cut]))
-                self.assertEqual(decoder.buffered, held_after(frames, cut, max_payload))
 
-    @SLOW
-    @given(st.data())
-    def test_random_pieces(self, data: st.DataObject) -> None:
-        frames = data.draw(streams, label="frames")
-        stream = b"".join(frames)
-        pieces = data.draw(random_pieces(stream), label="pieces")
-        max_payload = data.draw(st.sampled_from([0, 16, SMALL_MAX, 1 << 20]), label="max_payload")
-        self.assertEqual(b"".join(pieces), stream)
-        self.assertDecodesAs(max_payload, pieces, [expected_item(f, max_payload) for f in frames])
-
-    @FAST
-    @given(streams)
-    def test_one_byte_at_a_time(self, frames: list[bytes]) -> None:
-        stream = b"".join(frames)
-        pieces = [stream[i : i + 1] for i in range(len(stream))]
-        self.assertDecodesAs(SMALL_MAX, pieces, [expected_item(f, SMALL_MAX) for f in frames])
-
-    @FAST
-    @given(st.data())
-    def test_consumer_stops_after_each_item(self, data: st.DataObject) -> None:
-        """Items a consumer did not take stay buffered and come out of the next feed."""
-        frames = data.draw(streams, label="frames")
-        stream = b"".join(frames)
-        pieces = data.draw(random_pieces(stream), label="pieces")
-        decoder = FrameDecoder(SMALL_MAX)
-        items: list[DecodedItem] = []
-        for piece in pieces:
-            for item in decoder.feed(piece):
-                items.append(item)
-                break
-        for _ in frames:  # at most one left per frame; a stuck decoder would repeat one forever
-            more = next(iter(decoder.feed(b"")), None)
-            if more is None:
-                break
-            items.append(more)
-        self.assertEqual(list(decoder.feed(b"")), [])
-        self.assertEqual(items, [expected_item(f, SMALL_MAX) for f in frames])
-        self.assertEqual(decoder.buffered, 0)
+class StreamSplittingTests(StreamSplittingCase):
+    """A stream of frames decodes the same however it is cut into pieces."""
 
     def test_empty_feeds(self) -> None:
         frame = encode_chunk(1, b"x")
@@ -720,118 +480,6 @@ class FrameDecoderErrorTests(SynchronousTestCase):
         self.assertEqual(list(decoder.feed(frame[1000:])), [Frame(2, 1, 0, b"x" * 1024)])
         self.assertEqual(decoder.buffered, 0)
 
-    @FAST
-    @given(st.data())
-    def test_buffering_is_bounded(self, data: st.DataObject) -> None:
-        """Valid headers with any length, then anything: never more than max_payload + 24 held."""
-        max_payload = data.draw(st.sampled_from([0, 1, 16, SMALL_MAX, 1000]), label="max_payload")
-        parts = data.draw(
-            st.lists(
-                st.tuples(
-                    u16s, req_ids, st.integers(min_value=0, max_value=2 * max_payload + 50), st.binary(max_size=80)
-                ),
-                min_size=1,
-                max_size=6,
-            ),
-            label="parts",
-        )
-        stream = b"".join(encode_header(t, r, length) + body for t, r, length, body in parts)
-        pieces = data.draw(random_pieces(stream), label="pieces")
-        decoder = FrameDecoder(max_payload)
-        try:
-            items = feed_all(decoder, pieces)  # checks the bound after every feed
-        except ProtocolError:
-            return
-        for item in items:
-            if isinstance(item, Frame):
-                self.assertLessEqual(len(item.payload), max_payload)
-            else:
-                self.assertGreater(item.length, max_payload)
-
-
-class DecoderFuzzTests(SynchronousTestCase):
-    """
-    Issue 8's decoder fuzzing: whatever arrives, the decoder yields frames or
-    oversized headers, or raises ProtocolError; never another exception, never
-    unbounded buffering.
-    """
-
-    def fuzz(self, stream: bytes, pieces: list[bytes], max_payload: int) -> None:
-        self.assertEqual(b"".join(pieces), stream)
-        decoder = FrameDecoder(max_payload)
-        error = None
-        for piece in pieces:
-            try:
-                for item in decoder.feed(piece):
-                    self.checkItem(item, max_payload)
-            except ProtocolError as e:
-                error = e
-                break
-            finally:
-                self.assertLessEqual(decoder.buffered, max_payload + HEADER_SIZE)
-        if error is not None:
-            self.assertIn(error.code, (ErrorCode.BAD_FRAME, ErrorCode.UNSUPPORTED_VERSION))
-            self.assertEqual(decoder.buffered, 0)
-            again = self.assertRaises(ProtocolError, list, decoder.feed(encode_cancel(1)))
-            self.assertEqual(again.code, error.code)
-
-    def checkItem(self, item: object, max_payload: int) -> None:
-        if isinstance(item, Oversized):
-            self.assertGreater(item.length, max_payload)
-            return
-        if not isinstance(item, Frame):
-            self.fail(f"decoder yielded {item!r}")
-        self.assertLessEqual(len(item.payload), max_payload)
-        # The payload decoders either decode or raise ProtocolError, too.
-        decoders: dict[int, Callable[[Frame], object]] = {
-            MessageType.REQ_INFER: decode_infer,
-            MessageType.RESP_DONE: decode_done,
-            MessageType.RESP_ERR: decode_error,
-            MessageType.REQ_CREDIT: decode_credit,
-        }
-        payload_decoder = decoders.get(item.type)
-        if payload_decoder is not None:
-            try:
-                payload_decoder(item)
-            except ProtocolError as e:
-                self.assertEqual(e.req_id, item.req_id)
-
-    @settings(deadline=None, max_examples=300)
-    @given(st.data())
-    def test_arbitrary_bytes(self, data: st.DataObject) -> None:
-        stream = data.draw(
-            st.one_of(st.binary(max_size=300), st.binary(max_size=300).map(lambda b: b"CC50\x01\x00" + b)),
-            label="stream",
-        )
-        pieces = data.draw(random_pieces(stream), label="pieces")
-        self.fuzz(stream, pieces, data.draw(st.sampled_from([0, 16, SMALL_MAX, 1 << 20]), label="max_payload"))
-
-    @settings(deadline=None, max_examples=400)
-    @given(st.data())
-    def test_mutated_frames(self, data: st.DataObject) -> None:
-        stream = data.draw(mutated_streams(), label="stream")
-        pieces = data.draw(random_pieces(stream), label="pieces")
-        self.fuzz(stream, pieces, data.draw(st.sampled_from([0, 16, SMALL_MAX, 1 << 20]), label="max_payload"))
-
-    @FAST
-    @given(req_ids, u32s, u32s, st.binary(max_size=40))
-    def test_infer_prompt_bytes(self, req_id: int, max_tokens: int, credit: int, prompt: bytes) -> None:
-        """Any prompt bytes with a consistent prompt_len: the request, or BAD_REQUEST if not UTF-8."""
-        frame = Frame(MessageType.REQ_INFER, req_id, 0, INFER_PREFIX.pack(max_tokens, credit, len(prompt)) + prompt)
-        try:
-            text = prompt.decode("utf-8")
-        except UnicodeDecodeError:
-            error = self.assertRaises(ProtocolError, decode_infer, frame)
-            self.assertEqual((error.code, error.req_id), (ErrorCode.BAD_REQUEST, req_id))
-        else:
-            self.assertEqual(decode_infer(frame), InferRequest(max_tokens, credit, text))
-
-    @FAST
-    @given(st.sampled_from(MessageType), req_ids, u32s, st.binary(max_size=60))
-    def test_payload_decoders(self, type: MessageType, req_id: int, flags: int, payload: bytes) -> None:
-        """Every payload decoder takes any payload: a result or ProtocolError for that req_id."""
-        self.checkItem(Frame(type, req_id, flags, payload), max_payload=60)
-
 
 class ChunkFastPathTests(SynchronousTestCase):
     """``FrameDecoder.feed(data, on_chunk)``: chunk frames to a callable, the rest yielded, in order."""
@@ -844,7 +492,12 @@ class ChunkFastPathTests(SynchronousTestCase):
             seen.append(item)
         self.assertEqual(
             seen,
-            [(1, b"a"), decode_stream(encode_done(1, DoneStats(1, 1)))[0], (2, b"bc"), decode_stream(encode_cancel(3))[0]],
+            [
+                (1, b"a"),
+                decode_stream(encode_done(1, DoneStats(1, 1)))[0],
+                (2, b"bc"),
+                decode_stream(encode_cancel(3))[0],
+            ],
         )
         self.assertEqual(decoder.buffered, 0)
 
@@ -862,15 +515,387 @@ class ChunkFastPathTests(SynchronousTestCase):
         self.assertEqual(decoder.buffered, 2 * (HEADER_SIZE + 1))
         self.assertEqual([f.payload for f in decoder.feed(b"")], [b"C", b"D"])  # type: ignore[union-attr]
 
-    @given(st.lists(st.binary(max_size=40), max_size=20), st.integers(1, 64))
-    def test_sameFramesAsWithoutTheCallable(self, payloads: list[bytes], piece: int) -> None:
-        stream = b"".join(encode_chunk(n % 3, p) + encode_cancel(n) for n, p in enumerate(payloads))
-        plain: list[Any] = []
-        fast: list[Any] = []
-        plainDecoder, fastDecoder = FrameDecoder(1 << 20), FrameDecoder(1 << 20)
-        for start in range(0, len(stream), piece):
-            data = stream[start : start + piece]
-            plain.extend((f.type, f.req_id, f.payload) for f in plainDecoder.feed(data))  # type: ignore[union-attr]
-            for item in fastDecoder.feed(data, lambda req_id, payload: fast.append((2, req_id, payload))):
-                fast.append((item.type, item.req_id, item.payload))  # type: ignore[union-attr]
-        self.assertEqual(fast, plain)
+
+# The property tests and their strategies need hypothesis, so they are
+# defined only where it imports (cc50tw.test.optional says why).
+if HYPOTHESIS.available:
+    from hypothesis import HealthCheck, assume, given, settings
+    from hypothesis import strategies as st
+
+    req_ids = st.integers(min_value=0, max_value=MAX_REQ_ID)
+    u32s = st.integers(min_value=0, max_value=MAX_U32)
+    u64s = st.integers(min_value=0, max_value=(1 << 64) - 1)
+    prompts = st.text()
+    # Any header ``type``, known or not (it is a u16 on the wire).
+    u16s = st.integers(min_value=0, max_value=0xFFFF)
+
+    FAST = settings(deadline=None, max_examples=200)
+    SLOW = settings(deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+
+    @st.composite
+    def encoded_frames(draw: st.DrawFn) -> bytes:
+        """One frame of any message type, encoded by the codec, or a raw frame of any type."""
+        req_id = draw(req_ids)
+        kind = draw(
+            st.sampled_from(["infer", "chunk", "done", "done+", "error", "cancel", "credit", "hello", "raw", "big"])
+        )
+        if kind == "infer":
+            return encode_infer(req_id, draw(st.text(max_size=20)), draw(u32s), draw(u32s))
+        if kind == "chunk":
+            return encode_chunk(req_id, draw(st.binary(max_size=80)))
+        if kind == "done":
+            return encode_done(req_id, DoneStats(draw(u32s), draw(u64s)))
+        if kind == "done+":
+            return encode_done(req_id, DoneStats(draw(u32s), draw(u64s), draw(u32s), draw(u32s), draw(u64s)))
+        if kind == "error":
+            return encode_error(req_id, draw(st.sampled_from(ErrorCode)), draw(st.text(max_size=20)))
+        if kind == "cancel":
+            return encode_cancel(req_id)
+        if kind == "credit":
+            return encode_credit(req_id, draw(u32s))
+        if kind == "hello":
+            return encode_hello(draw(st.binary(max_size=40)))
+        if kind == "raw":
+            return encode_frame(draw(u16s), req_id, draw(st.binary(max_size=40)), draw(u32s))
+        # Larger than SMALL_MAX, so an Oversized item where that is the limit.
+        return encode_frame(draw(u16s), req_id, draw(st.binary(min_size=SMALL_MAX + 1, max_size=100)), draw(u32s))
+
+    streams = st.lists(encoded_frames(), min_size=1, max_size=5)
+
+    def mutate(draw: st.DrawFn, data: bytearray, most: int) -> None:
+        """Flip, replace, delete, insert or cut off bytes of ``data`` in place."""
+        for _ in range(draw(st.integers(min_value=1, max_value=most))):
+            if not data:
+                return
+            op = draw(st.sampled_from(["flip", "replace", "delete", "insert", "truncate"]))
+            at = draw(st.integers(min_value=0, max_value=len(data) - 1))
+            if op == "flip":
+                data[at] ^= 1 << draw(st.integers(min_value=0, max_value=7))
+            elif op == "replace":
+                data[at] = draw(st.sampled_from([0, 1, 0x7F, 0x80, 0xC0, 0xED, 0xFF]) | st.integers(0, 255))
+            elif op == "delete":
+                del data[at]
+            elif op == "insert":
+                data[at:at] = draw(st.binary(min_size=1, max_size=8))
+            else:
+                del data[at:]
+
+    @st.composite
+    def mutated_streams(draw: st.DrawFn) -> bytes:
+        """
+        Valid frames with some bytes flipped, replaced, deleted, inserted or cut
+        off: anywhere in the stream, or only in one frame's payload (re-framed with
+        the right length, so the payload decoders see the damage).
+        """
+        frames = [bytearray(f) for f in draw(streams)]
+        if draw(st.booleans()):
+            data = bytearray(b"".join(frames))
+            mutate(draw, data, 4)
+            return bytes(data)
+        which = draw(st.integers(min_value=0, max_value=len(frames) - 1))
+        type, req_id, flags = draw(st.sampled_from(MessageType)), draw(req_ids), draw(u32s)
+        payload = frames[which][HEADER_SIZE:]
+        mutate(draw, payload, 3)
+        if type == MessageType.REQ_INFER and len(payload) >= INFER_PREFIX.size and draw(st.booleans()):
+            # A consistent prompt_len, so the prompt's bytes reach the UTF-8 check.
+            payload[8:12] = (len(payload) - INFER_PREFIX.size).to_bytes(4, "little")
+        frames[which] = bytearray(encode_frame(type, req_id, bytes(payload), flags))
+        return b"".join(frames)
+
+    @st.composite
+    def random_pieces(draw: st.DrawFn, data: bytes) -> list[bytes]:
+        if not data:
+            return [data]
+        cuts = draw(st.lists(st.integers(min_value=0, max_value=len(data)), max_size=12))
+        return split_at(data, cuts)
+
+    class RoundTripPropertyTests(RoundTripCase):
+        @FAST
+        @given(req_ids, prompts, u32s, u32s)
+        def test_infer(self, req_id: int, prompt: str, max_tokens: int, credit_bytes: int) -> None:
+            frame = self.decode_one(encode_infer(req_id, prompt, max_tokens, credit_bytes))
+            self.assertEqual((frame.type, frame.req_id, frame.flags), (MessageType.REQ_INFER, req_id, 0))
+            self.assertEqual(decode_infer(frame), InferRequest(max_tokens, credit_bytes, prompt))
+
+        @FAST
+        @given(req_ids, st.binary())
+        def test_chunk(self, req_id: int, text: bytes) -> None:
+            frame = self.decode_one(encode_chunk(req_id, text))
+            self.assertEqual(frame, Frame(MessageType.RESP_CHUNK, req_id, 0, text))
+
+        @FAST
+        @given(req_ids, u32s, u64s)
+        def test_done_short(self, req_id: int, tokens: int, elapsed_us: int) -> None:
+            stats = DoneStats(tokens, elapsed_us)
+            frame = self.decode_one(encode_done(req_id, stats))
+            self.assertEqual((frame.type, frame.req_id, frame.flags), (MessageType.RESP_DONE, req_id, 0))
+            self.assertEqual(len(frame.payload), 16)
+            self.assertEqual(decode_done(frame), stats)
+
+        @FAST
+        @given(req_ids, u32s, u64s, u32s, u32s, u64s)
+        def test_done_extended(
+            self, req_id: int, tokens: int, elapsed_us: int, prompt_tokens: int, generated: int, ttft_us: int
+        ) -> None:
+            stats = DoneStats(tokens, elapsed_us, prompt_tokens, generated, ttft_us)
+            frame = self.decode_one(encode_done(req_id, stats))
+            self.assertEqual((frame.type, frame.req_id, frame.flags), (MessageType.RESP_DONE, req_id, 0))
+            self.assertEqual(len(frame.payload), 32)
+            self.assertEqual(decode_done(frame), stats)
+
+        @FAST
+        @given(req_ids, st.sampled_from(ErrorCode), prompts)
+        def test_error(self, req_id: int, code: ErrorCode, message: str) -> None:
+            frame = self.decode_one(encode_error(req_id, code, message))
+            self.assertEqual((frame.type, frame.req_id, frame.flags), (MessageType.RESP_ERR, req_id, int(code)))
+            reply = decode_error(frame)
+            self.assertEqual(reply, ErrorReply(code, message))
+            self.assertEqual(ErrorCode(reply.code), code)
+
+        @FAST
+        @given(req_ids)
+        def test_cancel(self, req_id: int) -> None:
+            frame = self.decode_one(encode_cancel(req_id))
+            self.assertEqual(frame, Frame(MessageType.REQ_CANCEL, req_id, 0, b""))
+
+        @FAST
+        @given(req_ids, u32s)
+        def test_credit(self, req_id: int, credit: int) -> None:
+            frame = self.decode_one(encode_credit(req_id, credit))
+            self.assertEqual((frame.type, frame.req_id, frame.flags), (MessageType.REQ_CREDIT, req_id, 0))
+            self.assertEqual(decode_credit(frame), credit)
+
+        @FAST
+        @given(st.binary())
+        def test_hello(self, token: bytes) -> None:
+            frame = self.decode_one(encode_hello(token))
+            self.assertEqual(frame, Frame(MessageType.HELLO, 0, 0, token))
+
+        @FAST
+        @given(u16s, req_ids, st.binary(max_size=100), u32s)
+        def test_header(self, type: int, req_id: int, payload: bytes, flags: int) -> None:
+            header = encode_header(type, req_id, len(payload), flags)
+            self.assertEqual(header + payload, encode_frame(type, req_id, payload, flags))
+            self.assertEqual(self.decode_one(header + payload), Frame(type, req_id, flags, payload))
+
+    class DecodePayloadErrorPropertyTests(DecodePayloadErrorCase):
+        @FAST
+        @given(req_ids, st.binary(max_size=11))
+        def test_infer_short_payload(self, req_id: int, payload: bytes) -> None:
+            self.assertBadRequest(Frame(MessageType.REQ_INFER, req_id, 0, payload))
+
+        @FAST
+        @given(req_ids, u32s, st.binary(max_size=40))
+        def test_infer_prompt_len_mismatch(self, req_id: int, prompt_len: int, prompt: bytes) -> None:
+            assume(prompt_len != len(prompt))
+            payload = INFER_PREFIX.pack(64, 0, prompt_len) + prompt
+            self.assertBadRequest(Frame(MessageType.REQ_INFER, req_id, 0, payload))
+
+        @FAST
+        @given(req_ids, st.binary(min_size=16, max_size=64))
+        def test_done_accepts_16_and_more(self, req_id: int, payload: bytes) -> None:
+            stats = decode_done(Frame(MessageType.RESP_DONE, req_id, 0, payload))
+            self.assertEqual(stats.tokens, int.from_bytes(payload[0:4], "little"))
+            self.assertEqual(stats.elapsed_us, int.from_bytes(payload[8:16], "little"))
+            if len(payload) < 32:
+                self.assertEqual(stats[2:], (None, None, None))
+            else:
+                self.assertEqual(stats.prompt_tokens, int.from_bytes(payload[16:20], "little"))
+                self.assertEqual(stats.generated_tokens, int.from_bytes(payload[20:24], "little"))
+                self.assertEqual(stats.ttft_us, int.from_bytes(payload[24:32], "little"))
+
+    class UTF8PrefixPropertyTests(SynchronousTestCase):
+        @settings(deadline=None, max_examples=300)
+        @given(st.data())
+        def test_never_splits_a_character(self, data: st.DataObject) -> None:
+            text = data.draw(st.text(), label="text")
+            encoded = text.encode("utf-8")
+            limit = data.draw(st.integers(min_value=0, max_value=len(encoded) + 4), label="limit")
+            n = utf8_prefix_length(encoded, limit)
+            starts = char_starts(text)
+            self.assertIn(n, starts)
+            self.assertLessEqual(n, min(limit, len(encoded)))
+            encoded[:n].decode("utf-8")
+            # Longest such prefix: the next character would not fit.
+            self.assertEqual(n, max(s for s in starts if s <= limit))
+
+    class StreamSplittingPropertyTests(StreamSplittingCase):
+        @SLOW
+        @given(streams)
+        def test_every_split_point(self, frames: list[bytes]) -> None:
+            stream = b"".join(frames)
+            for max_payload in [1 << 20, SMALL_MAX]:
+                expected = [expected_item(f, max_payload) for f in frames]
+                self.assertEqual(decode_stream(stream, max_payload), expected)
+                for cut in range(len(stream) + 1):
+                    self.assertDecodesAs(max_payload, [stream[:cut], stream[cut:]], expected)
+                    decoder = FrameDecoder(max_payload)
+                    list(decoder.feed(stream[:cut]))
+                    self.assertEqual(decoder.buffered, held_after(frames, cut, max_payload))
+
+        @SLOW
+        @given(st.data())
+        def test_random_pieces(self, data: st.DataObject) -> None:
+            frames = data.draw(streams, label="frames")
+            stream = b"".join(frames)
+            pieces = data.draw(random_pieces(stream), label="pieces")
+            max_payload = data.draw(st.sampled_from([0, 16, SMALL_MAX, 1 << 20]), label="max_payload")
+            self.assertEqual(b"".join(pieces), stream)
+            self.assertDecodesAs(max_payload, pieces, [expected_item(f, max_payload) for f in frames])
+
+        @FAST
+        @given(streams)
+        def test_one_byte_at_a_time(self, frames: list[bytes]) -> None:
+            stream = b"".join(frames)
+            pieces = [stream[i : i + 1] for i in range(len(stream))]
+            self.assertDecodesAs(SMALL_MAX, pieces, [expected_item(f, SMALL_MAX) for f in frames])
+
+        @FAST
+        @given(st.data())
+        def test_consumer_stops_after_each_item(self, data: st.DataObject) -> None:
+            """Items a consumer did not take stay buffered and come out of the next feed."""
+            frames = data.draw(streams, label="frames")
+            stream = b"".join(frames)
+            pieces = data.draw(random_pieces(stream), label="pieces")
+            decoder = FrameDecoder(SMALL_MAX)
+            items: list[DecodedItem] = []
+            for piece in pieces:
+                for item in decoder.feed(piece):
+                    items.append(item)
+                    break
+            for _ in frames:  # at most one left per frame; a stuck decoder would repeat one forever
+                more = next(iter(decoder.feed(b"")), None)
+                if more is None:
+                    break
+                items.append(more)
+            self.assertEqual(list(decoder.feed(b"")), [])
+            self.assertEqual(items, [expected_item(f, SMALL_MAX) for f in frames])
+            self.assertEqual(decoder.buffered, 0)
+
+    class FrameDecoderErrorPropertyTests(SynchronousTestCase):
+        @FAST
+        @given(st.data())
+        def test_buffering_is_bounded(self, data: st.DataObject) -> None:
+            """Valid headers with any length, then anything: never more than max_payload + 24 held."""
+            max_payload = data.draw(st.sampled_from([0, 1, 16, SMALL_MAX, 1000]), label="max_payload")
+            parts = data.draw(
+                st.lists(
+                    st.tuples(
+                        u16s, req_ids, st.integers(min_value=0, max_value=2 * max_payload + 50), st.binary(max_size=80)
+                    ),
+                    min_size=1,
+                    max_size=6,
+                ),
+                label="parts",
+            )
+            stream = b"".join(encode_header(t, r, length) + body for t, r, length, body in parts)
+            pieces = data.draw(random_pieces(stream), label="pieces")
+            decoder = FrameDecoder(max_payload)
+            try:
+                items = feed_all(decoder, pieces)  # checks the bound after every feed
+            except ProtocolError:
+                return
+            for item in items:
+                if isinstance(item, Frame):
+                    self.assertLessEqual(len(item.payload), max_payload)
+                else:
+                    self.assertGreater(item.length, max_payload)
+
+    class DecoderFuzzTests(SynchronousTestCase):
+        """
+        Issue 8's decoder fuzzing: whatever arrives, the decoder yields frames or
+        oversized headers, or raises ProtocolError; never another exception, never
+        unbounded buffering.
+        """
+
+        def fuzz(self, stream: bytes, pieces: list[bytes], max_payload: int) -> None:
+            self.assertEqual(b"".join(pieces), stream)
+            decoder = FrameDecoder(max_payload)
+            error = None
+            for piece in pieces:
+                try:
+                    for item in decoder.feed(piece):
+                        self.checkItem(item, max_payload)
+                except ProtocolError as e:
+                    error = e
+                    break
+                finally:
+                    self.assertLessEqual(decoder.buffered, max_payload + HEADER_SIZE)
+            if error is not None:
+                self.assertIn(error.code, (ErrorCode.BAD_FRAME, ErrorCode.UNSUPPORTED_VERSION))
+                self.assertEqual(decoder.buffered, 0)
+                again = self.assertRaises(ProtocolError, list, decoder.feed(encode_cancel(1)))
+                self.assertEqual(again.code, error.code)
+
+        def checkItem(self, item: object, max_payload: int) -> None:
+            if isinstance(item, Oversized):
+                self.assertGreater(item.length, max_payload)
+                return
+            if not isinstance(item, Frame):
+                self.fail(f"decoder yielded {item!r}")
+            self.assertLessEqual(len(item.payload), max_payload)
+            # The payload decoders either decode or raise ProtocolError, too.
+            decoders: dict[int, Callable[[Frame], object]] = {
+                MessageType.REQ_INFER: decode_infer,
+                MessageType.RESP_DONE: decode_done,
+                MessageType.RESP_ERR: decode_error,
+                MessageType.REQ_CREDIT: decode_credit,
+            }
+            payload_decoder = decoders.get(item.type)
+            if payload_decoder is not None:
+                try:
+                    payload_decoder(item)
+                except ProtocolError as e:
+                    self.assertEqual(e.req_id, item.req_id)
+
+        @settings(deadline=None, max_examples=300)
+        @given(st.data())
+        def test_arbitrary_bytes(self, data: st.DataObject) -> None:
+            stream = data.draw(
+                st.one_of(st.binary(max_size=300), st.binary(max_size=300).map(lambda b: b"CC50\x01\x00" + b)),
+                label="stream",
+            )
+            pieces = data.draw(random_pieces(stream), label="pieces")
+            self.fuzz(stream, pieces, data.draw(st.sampled_from([0, 16, SMALL_MAX, 1 << 20]), label="max_payload"))
+
+        @settings(deadline=None, max_examples=400)
+        @given(st.data())
+        def test_mutated_frames(self, data: st.DataObject) -> None:
+            stream = data.draw(mutated_streams(), label="stream")
+            pieces = data.draw(random_pieces(stream), label="pieces")
+            self.fuzz(stream, pieces, data.draw(st.sampled_from([0, 16, SMALL_MAX, 1 << 20]), label="max_payload"))
+
+        @FAST
+        @given(req_ids, u32s, u32s, st.binary(max_size=40))
+        def test_infer_prompt_bytes(self, req_id: int, max_tokens: int, credit: int, prompt: bytes) -> None:
+            """Any prompt bytes with a consistent prompt_len: the request, or BAD_REQUEST if not UTF-8."""
+            frame = Frame(MessageType.REQ_INFER, req_id, 0, INFER_PREFIX.pack(max_tokens, credit, len(prompt)) + prompt)
+            try:
+                text = prompt.decode("utf-8")
+            except UnicodeDecodeError:
+                error = self.assertRaises(ProtocolError, decode_infer, frame)
+                self.assertEqual((error.code, error.req_id), (ErrorCode.BAD_REQUEST, req_id))
+            else:
+                self.assertEqual(decode_infer(frame), InferRequest(max_tokens, credit, text))
+
+        @FAST
+        @given(st.sampled_from(MessageType), req_ids, u32s, st.binary(max_size=60))
+        def test_payload_decoders(self, type: MessageType, req_id: int, flags: int, payload: bytes) -> None:
+            """Every payload decoder takes any payload: a result or ProtocolError for that req_id."""
+            self.checkItem(Frame(type, req_id, flags, payload), max_payload=60)
+
+    class ChunkFastPathPropertyTests(SynchronousTestCase):
+        @given(st.lists(st.binary(max_size=40), max_size=20), st.integers(1, 64))
+        def test_sameFramesAsWithoutTheCallable(self, payloads: list[bytes], piece: int) -> None:
+            stream = b"".join(encode_chunk(n % 3, p) + encode_cancel(n) for n, p in enumerate(payloads))
+            plain: list[Any] = []
+            fast: list[Any] = []
+            plainDecoder, fastDecoder = FrameDecoder(1 << 20), FrameDecoder(1 << 20)
+            for start in range(0, len(stream), piece):
+                data = stream[start : start + piece]
+                plain.extend((f.type, f.req_id, f.payload) for f in plainDecoder.feed(data))  # type: ignore[union-attr]
+                for item in fastDecoder.feed(data, lambda req_id, payload: fast.append((2, req_id, payload))):
+                    fast.append((item.type, item.req_id, item.payload))  # type: ignore[union-attr]
+            self.assertEqual(fast, plain)
+else:
+    HypothesisTests = HYPOTHESIS.standIn(__name__)

@@ -18,8 +18,6 @@ fuzzing, slow clients and soak against a real ``twistd cc50`` are in
 
 from __future__ import annotations
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -39,7 +37,8 @@ from cc50tw.codec import (
 )
 from cc50tw.server import CC50ServerFactory, ServerConfig
 from cc50tw.test.fakes import Connection, ManualBackend, make_factory
-from cc50tw.test.test_codec import SMALL_MAX, mutated_streams, random_pieces
+from cc50tw.test.optional import HYPOTHESIS
+from cc50tw.test.test_codec import SMALL_MAX
 from cc50tw.testing import TerminalFrameChecker
 
 SERVER_TYPES = {MessageType.RESP_CHUNK, MessageType.RESP_DONE, MessageType.RESP_ERR, MessageType.HELLO}
@@ -51,54 +50,6 @@ def decode_all(data: bytes) -> list[Frame]:
         assert isinstance(item, Frame), item
         frames.append(item)
     return frames
-
-
-class ServerProtocolFuzzTests(SynchronousTestCase):
-    def fuzz(self, pieces: list[bytes], max_frame: int) -> None:
-        clock = MemoryReactorClock()
-        backend = ToyBackend(clock, CPUEngine(clock, None), iters=0)  # type: ignore[arg-type]
-        config = ServerConfig(max_frame_bytes=max_frame, default_max_tokens=8, max_tokens_limit=64, stall_timeout=5.0)
-        factory = CC50ServerFactory(backend, config, clock)
-        connection = Connection(factory)
-        protocol, transport = connection.protocol, connection.transport
-        closedAt: int | None = None
-        for piece in pieces:
-            connection.send(piece)  # must not raise, whatever the bytes
-            clock.advance(0)
-            self.assertLessEqual(protocol.bufferedBytes, max_frame + HEADER_SIZE)
-            if transport.disconnecting and closedAt is None:
-                closedAt = len(transport.value())
-        clock.advance(10)  # stall timeouts fire for requests left waiting on credit
-        output = transport.value()
-        if closedAt is not None:
-            # Nothing is written once the server has decided to close, but
-            # the terminal frames of requests it ends on the way out.
-            for frame in decode_all(output[closedAt:]):
-                self.assertEqual(frame.type, MessageType.RESP_ERR)
-        for frame in decode_all(output):
-            self.assertIn(frame.type, SERVER_TYPES)
-            if frame.type == MessageType.RESP_ERR:
-                frame.payload.decode("utf-8")  # text for people, never binary
-                self.assertIn(frame.flags, set(ErrorCode))
-        protocol.connectionLost(None)  # type: ignore[arg-type]
-        self.assertEqual(factory.connections, set())
-        self.assertEqual(factory.admission.running, 0)
-        self.assertEqual(factory.inFlight, 0)
-
-    @settings(deadline=None, max_examples=300)
-    @given(st.data())
-    def test_arbitrary_bytes(self, data: st.DataObject) -> None:
-        stream = data.draw(
-            st.one_of(st.binary(max_size=300), st.binary(max_size=300).map(lambda b: b"CC50\x01\x00" + b)),
-            label="stream",
-        )
-        self.fuzz(data.draw(random_pieces(stream), label="pieces"), data.draw(st.sampled_from([16, SMALL_MAX, 4096])))
-
-    @settings(deadline=None, max_examples=400)
-    @given(st.data())
-    def test_mutated_frames(self, data: st.DataObject) -> None:
-        stream = data.draw(mutated_streams(), label="stream")
-        self.fuzz(data.draw(random_pieces(stream), label="pieces"), data.draw(st.sampled_from([16, SMALL_MAX, 4096])))
 
 
 class UnreadIdleConnectionTests(SynchronousTestCase):
@@ -197,3 +148,68 @@ class TerminalFrameCheckerTests(SynchronousTestCase):
         self.checker.sent(1, 1)
         self.feed(encode_infer(1, "echo"))
         self.assertIn("unexpected frame type 1", self.checker.problems[0])
+
+
+# The fuzz tests need hypothesis, so they are defined only where it imports
+# (cc50tw.test.optional says why).
+if HYPOTHESIS.available:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from cc50tw.test.test_codec import mutated_streams, random_pieces
+
+    class ServerProtocolFuzzTests(SynchronousTestCase):
+        def fuzz(self, pieces: list[bytes], max_frame: int) -> None:
+            clock = MemoryReactorClock()
+            backend = ToyBackend(clock, CPUEngine(clock, None), iters=0)  # type: ignore[arg-type]
+            config = ServerConfig(
+                max_frame_bytes=max_frame, default_max_tokens=8, max_tokens_limit=64, stall_timeout=5.0
+            )
+            factory = CC50ServerFactory(backend, config, clock)
+            connection = Connection(factory)
+            protocol, transport = connection.protocol, connection.transport
+            closedAt: int | None = None
+            for piece in pieces:
+                connection.send(piece)  # must not raise, whatever the bytes
+                clock.advance(0)
+                self.assertLessEqual(protocol.bufferedBytes, max_frame + HEADER_SIZE)
+                if transport.disconnecting and closedAt is None:
+                    closedAt = len(transport.value())
+            clock.advance(10)  # stall timeouts fire for requests left waiting on credit
+            output = transport.value()
+            if closedAt is not None:
+                # Nothing is written once the server has decided to close, but
+                # the terminal frames of requests it ends on the way out.
+                for frame in decode_all(output[closedAt:]):
+                    self.assertEqual(frame.type, MessageType.RESP_ERR)
+            for frame in decode_all(output):
+                self.assertIn(frame.type, SERVER_TYPES)
+                if frame.type == MessageType.RESP_ERR:
+                    frame.payload.decode("utf-8")  # text for people, never binary
+                    self.assertIn(frame.flags, set(ErrorCode))
+            protocol.connectionLost(None)  # type: ignore[arg-type]
+            self.assertEqual(factory.connections, set())
+            self.assertEqual(factory.admission.running, 0)
+            self.assertEqual(factory.inFlight, 0)
+
+        @settings(deadline=None, max_examples=300)
+        @given(st.data())
+        def test_arbitrary_bytes(self, data: st.DataObject) -> None:
+            stream = data.draw(
+                st.one_of(st.binary(max_size=300), st.binary(max_size=300).map(lambda b: b"CC50\x01\x00" + b)),
+                label="stream",
+            )
+            self.fuzz(
+                data.draw(random_pieces(stream), label="pieces"), data.draw(st.sampled_from([16, SMALL_MAX, 4096]))
+            )
+
+        @settings(deadline=None, max_examples=400)
+        @given(st.data())
+        def test_mutated_frames(self, data: st.DataObject) -> None:
+            stream = data.draw(mutated_streams(), label="stream")
+            self.fuzz(
+                data.draw(random_pieces(stream), label="pieces"), data.draw(st.sampled_from([16, SMALL_MAX, 4096]))
+            )
+
+else:
+    HypothesisTests = HYPOTHESIS.standIn(__name__)

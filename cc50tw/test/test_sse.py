@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import given
-from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from cc50tw.sse import SSEError, SSEEvent, SSEParser, TextAssembler
+from cc50tw.test.optional import HYPOTHESIS
 
 # What llama-server build 11434 sent for a /completion request with
 # n_predict 3 (trimmed timings), byte for byte.
@@ -143,28 +142,6 @@ class SSEParserTests(SynchronousTestCase):
         for _ in range(100):
             self.assertEqual(parser.feed(b"data: 0123456789\n\n"), [SSEEvent("0123456789")])
 
-    @given(
-        st.lists(
-            st.tuples(
-                st.sampled_from([b"data", b"event", b"id", b":", b"retry", b"other"]),
-                st.text(alphabet=st.characters(blacklist_characters="\r\n\x00", blacklist_categories=["Cs"])),
-            ),
-            max_size=12,
-        ),
-        st.sampled_from([b"\n", b"\r\n", b"\r"]),
-        st.lists(st.integers(min_value=0, max_value=400), max_size=8),
-    )
-    def test_splittingNeverChangesTheEvents(
-        self, lines: list[tuple[bytes, str]], newline: bytes, cuts: list[int]
-    ) -> None:
-        data = b""
-        for index, (field, value) in enumerate(lines):
-            data += field + b": " + value.encode() + newline
-            if index % 3 == 2:
-                data += newline
-        data += newline
-        self.assertEqual(parseSplit(data, [c for c in cuts if c <= len(data)]), parseWhole(data))
-
 
 class TextAssemblerTests(SynchronousTestCase):
     def test_bytesSplitMidCharacter(self) -> None:
@@ -223,16 +200,50 @@ class TextAssemblerTests(SynchronousTestCase):
         self.assertEqual(assembler.text(""), "")
         self.assertEqual(assembler.text("\ude42"), "🙂")
 
-    @given(st.text(), st.lists(st.integers(min_value=0, max_value=200), max_size=6))
-    def test_anyCutOfAnyText(self, text: str, cuts: list[int]) -> None:
-        data = text.encode("utf-8", "surrogatepass")
-        assembler = TextAssembler()
-        out = []
-        previous = 0
-        for cut in sorted(c for c in cuts if c <= len(data)) + [len(data)]:
-            out.append(assembler.decode(data[previous:cut]))
-            previous = cut
-        out.append(assembler.finish())
-        for piece in out:
-            piece.encode("utf-8")
-        self.assertEqual("".join(out), data.decode("utf-8", "replace"))
+
+# Property tests need hypothesis, so they are defined only where it imports
+# (cc50tw.test.optional says why).
+if HYPOTHESIS.available:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    class SSEParserPropertyTests(SynchronousTestCase):
+        @given(
+            st.lists(
+                st.tuples(
+                    st.sampled_from([b"data", b"event", b"id", b":", b"retry", b"other"]),
+                    st.text(alphabet=st.characters(blacklist_characters="\r\n\x00", blacklist_categories=["Cs"])),
+                ),
+                max_size=12,
+            ),
+            st.sampled_from([b"\n", b"\r\n", b"\r"]),
+            st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+        )
+        def test_splittingNeverChangesTheEvents(
+            self, lines: list[tuple[bytes, str]], newline: bytes, cuts: list[int]
+        ) -> None:
+            data = b""
+            for index, (field, value) in enumerate(lines):
+                data += field + b": " + value.encode() + newline
+                if index % 3 == 2:
+                    data += newline
+            data += newline
+            self.assertEqual(parseSplit(data, [c for c in cuts if c <= len(data)]), parseWhole(data))
+
+    class TextAssemblerPropertyTests(SynchronousTestCase):
+        @given(st.text(), st.lists(st.integers(min_value=0, max_value=200), max_size=6))
+        def test_anyCutOfAnyText(self, text: str, cuts: list[int]) -> None:
+            data = text.encode("utf-8", "surrogatepass")
+            assembler = TextAssembler()
+            out = []
+            previous = 0
+            for cut in sorted(c for c in cuts if c <= len(data)) + [len(data)]:
+                out.append(assembler.decode(data[previous:cut]))
+                previous = cut
+            out.append(assembler.finish())
+            for piece in out:
+                piece.encode("utf-8")
+            self.assertEqual("".join(out), data.decode("utf-8", "replace"))
+
+else:
+    HypothesisTests = HYPOTHESIS.standIn(__name__)

@@ -98,6 +98,7 @@ class EchoBackend:
 
 
 def _yes_no(value: str) -> bool:
+    """Coerces --echo-reverse's value (only a value given on the command line: never the default)."""
     if value.lower() not in ("yes", "no"):
         raise ValueError(f"must be yes or no, not {value!r}")
     return value.lower() == "yes"
@@ -118,7 +119,10 @@ SPEC = BackendSpec(
     name="echo",
     description="streams the prompt back, one word per chunk (example third-party plugin)",
     options=[
-        ["echo-reverse", None, "no", "yes: send the words in reverse order", _yes_no],
+        # twisted.python.usage never passes a default through the coerce
+        # function, so each default is written as the value build expects:
+        # False, not "no" (a non-empty string, which is true).
+        ["echo-reverse", None, False, "yes: send the words in reverse order", _yes_no],
         ["echo-delay", None, 0.0, "seconds between words", _delay],
     ],
     build=build,
