@@ -20,6 +20,7 @@ terminal progress bar (tqdm) and the latency picture (matplotlib).
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -27,8 +28,10 @@ from contextlib import contextmanager
 from typing import IO, Any, NamedTuple, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, gatherResults
+from twisted.internet.error import ConnectError
+from twisted.python.failure import Failure
 
-from cc50tw.client import CC50ClientProtocol, connect
+from cc50tw.client import CC50ClientProtocol, ClientTimeout, connect
 from cc50tw.errors import ClientError
 from cc50tw.stats import cpp_summary_line, summarize
 
@@ -96,6 +99,7 @@ async def run_bench(
     keep_text: int = 0,
     credit_bytes: int = 0,
     token: bytes | None = None,
+    timeout: float | None = None,
     progress: Callable[[], object] | None = None,
     on_connected: Callable[[], object] | None = None,
 ) -> BenchResult:
@@ -104,27 +108,43 @@ async def run_bench(
     connections.  ``progress`` is called as each request ends (well or not);
     ``on_connected`` once every connection is up, just before the first
     request (the multi-process runner waits there for the other processes).
+
+    ``timeout`` (seconds) bounds each connection attempt and each request.
+    A request that runs out of it ends the whole run with ``ClientTimeout``:
+    the server is stuck or far slower than the load asks, and the figures of
+    a run whose slowest requests were cut off would mislead, while waiting
+    out ``iters`` timeouts one by one could take hours.  A connection that
+    cannot be made raises its own error (``ConnectionRefusedError``, ...),
+    after the connections that were made are closed.
     """
     raise_open_file_limit(connections + 64)
-    burst = DeferredSemaphore(CONNECT_BURST)
-    clients: list[CC50ClientProtocol] = list(
-        await gatherResults([burst.run(connect, reactor, server, token) for _ in range(max(1, connections))])
-    )
+    clients = await _connectAll(reactor, server, token, max(1, connections), timeout)
     if on_connected is not None:
-        on_connected()
+        try:
+            on_connected()
+        except BaseException:
+            await gatherResults([client.close() for client in clients])
+            raise
     records: list[RequestRecord] = []
     errors: list[str] = []
     issued = 0
+    abandoned: list[ClientTimeout] = []
 
     async def worker(index: int) -> None:
         nonlocal issued
         client = clients[index % len(clients)]
-        while issued < iters:
+        while issued < iters and not abandoned:
             number = issued
             issued += 1
-            response = client.infer(prompt, max_tokens, credit_bytes)
+            response = client.infer(prompt, max_tokens, credit_bytes, timeout)
             try:
                 completion = await response.collect()
+            except ClientTimeout as e:
+                if not abandoned:
+                    abandoned.append(ClientTimeout(e.req_id, e.seconds, f"request {number}: {e.message}"))
+                    for other in clients:  # every request still in flight ends now, as an error
+                        other.transport.abortConnection()  # type: ignore[union-attr]
+                continue
             except ClientError as e:
                 errors.append(str(e))
                 continue
@@ -150,7 +170,29 @@ async def run_bench(
     await DeferredList(workers, consumeErrors=True)
     ended, cpu = time.perf_counter(), time.process_time() - cpu
     await gatherResults([client.close() for client in clients])
+    if abandoned:
+        raise abandoned[0]
     return BenchResult(records, errors, ended - started, started, ended, cpu_s=cpu)
+
+
+async def _connectAll(
+    reactor: Any, server: str, token: bytes | None, count: int, timeout: float | None
+) -> list[CC50ClientProtocol]:
+    """
+    ``count`` connections, ``CONNECT_BURST`` at a time.  If any fails, the
+    others are closed and the first failure is raised as itself (not wrapped
+    in a ``FirstError``), so the command can say what went wrong in one line.
+    """
+    burst = DeferredSemaphore(CONNECT_BURST)
+    outcomes = await DeferredList(
+        [burst.run(connect, reactor, server, token, timeout) for _ in range(count)], consumeErrors=True
+    )
+    clients: list[CC50ClientProtocol] = [result for ok, result in outcomes if ok]
+    failures = [result for _, result in outcomes if isinstance(result, Failure)]
+    if failures:
+        await gatherResults([client.close() for client in clients])
+        failures[0].raiseException()
+    return clients
 
 
 def merge_results(results: Sequence[BenchResult]) -> BenchResult:
@@ -199,6 +241,7 @@ class BenchShare(NamedTuple):
     keep_text: int
     credit_bytes: int
     token: bytes | None
+    timeout: float | None = None
 
 
 def shares(
@@ -212,6 +255,7 @@ def shares(
     keep_text: int = 0,
     credit_bytes: int = 0,
     token: bytes | None = None,
+    timeout: float | None = None,
 ) -> list[BenchShare]:
     """Split a run over ``processes``: requests, workers and connections alike."""
     if processes < 1:
@@ -222,7 +266,7 @@ def shares(
             f"and workers (--concurrency={concurrency})"
         )
     return [
-        BenchShare(server, prompt, max_tokens, n, c, k, keep_text if index == 0 else 0, credit_bytes, token)
+        BenchShare(server, prompt, max_tokens, n, c, k, keep_text if index == 0 else 0, credit_bytes, token, timeout)
         for index, (n, c, k) in enumerate(
             zip(split(iters, processes), split(concurrency, processes), split(connections, processes))
         )
@@ -270,9 +314,15 @@ def _child(share: BenchShare, index: int, barrier: Any, counters: Any, pipe: Any
         result = run_on_reactor(
             lambda reactor: run_bench(reactor, *share, progress=tick, on_connected=connected)
         )
-    except BaseException:
+    except threading.BrokenBarrierError:
+        # Another process failed first and said why; this one only stopped waiting.
+        pipe.send(("aborted", "another load-generating process failed", None))
+    except BaseException as e:
         barrier.abort()  # the others stop waiting for this one
-        pipe.send(("error", traceback.format_exc()))
+        if isinstance(e, (ClientError, ConnectError, OSError)):
+            pipe.send(("error", str(e), None))  # an expected failure: its message says it all
+        else:
+            pipe.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
     else:
         pipe.send(("ok", result))
     finally:
@@ -322,20 +372,37 @@ def run_processes_blocking(bench_shares: Sequence[BenchShare], counters: Any = N
             send.close()
             children.append((process, receive))
     results: list[BenchResult] = []
-    failures: list[str] = []
+    failures: list[tuple[str, str | None]] = []
+    aborted = False
     for process, receive in children:
         try:
-            status, payload = receive.recv()
+            status, *payload = receive.recv()
         except EOFError:
-            status, payload = "error", "the process ended without a result"
+            status, payload = "error", ["the process ended without a result", None]
         process.join()
         if status == "ok":
-            results.append(payload)
+            results.append(payload[0])
+        elif status == "aborted":
+            aborted = True
         else:
-            failures.append(payload)
+            failures.append((payload[0], payload[1]))
     if failures:
-        raise RuntimeError("a load-generating process failed:\n" + failures[0])
+        raise BenchProcessFailed(*failures[0])
+    if aborted:
+        raise BenchProcessFailed("a load-generating process stopped early")
     return merge_results(results)
+
+
+class BenchProcessFailed(RuntimeError):
+    """
+    A process of ``run_processes_blocking`` failed.  Its message is one line
+    (what a command prints); ``details`` holds the child's traceback when the
+    failure was unexpected, for a bug report.
+    """
+
+    def __init__(self, message: str, details: str | None = None) -> None:
+        super().__init__(f"a load-generating process failed: {message}")
+        self.details = details
 
 
 def run_bench_processes(

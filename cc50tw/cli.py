@@ -7,36 +7,65 @@ so existing scripts keep working.  Beyond them, bench takes ``--processes N``
 (load from several client processes, merged), ``--json [PATH]`` (every
 figure, for machines), ``--plot PNG`` (matplotlib, optional) and shows a
 progress bar (tqdm, optional) when standard error is a terminal.
+
+Failures are one line on standard error, never a traceback: exit status 2 for
+a bad option value (checked by argparse before anything runs: ranges of the
+numeric options, the endpoint and its port), 1 for what goes wrong while
+running (refused connection, timeout, server error).  ``--timeout`` keeps
+either command from waiting forever on a server that does not answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError
 from twisted.internet.task import react
 
+from cc50tw import __version__
 from cc50tw.bench import PlotUnavailable
+from cc50tw.client import ClientTimeout
+from cc50tw.endpoints import client_description
 from cc50tw.errors import ClientError
 from cc50tw.stats import describe
 
 DEFAULT_SERVER = "tcp:127.0.0.1:9199"
 
+#: ``cc50 infer --timeout``: generous for one answer, yet a silent server is noticed.
+DEFAULT_INFER_TIMEOUT = 60.0
+
+U32_MAX = 0xFFFFFFFF
+
+
+class _Parser(argparse.ArgumentParser):
+    """
+    Usage errors in one line (``cc50 infer: error: ...``) instead of the
+    usage text and then the error: the line is what a person or a log needs,
+    and ``--help`` is one command away.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cc50", description="CC50 client: stream answers and benchmark servers.")
+    parser = _Parser(prog="cc50", description="CC50 client: stream answers and benchmark servers.")
+    parser.add_argument("--version", action="version", version=f"cc50tw {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--server", default=DEFAULT_SERVER, help="endpoint (tcp:HOST:PORT, unix:PATH) or HOST:PORT")
+        sub.add_argument(
+            "--server", type=_server, default=DEFAULT_SERVER, help="endpoint (tcp:HOST:PORT, unix:PATH) or HOST:PORT"
+        )
         sub.add_argument("--prompt", default="Hello", help="prompt text")
-        sub.add_argument("--max-tokens", type=int, default=0, help="tokens to generate (0 = server default)")
-        sub.add_argument("--credit-bytes", type=int, default=0, help="initial credit window (0 = 262144)")
+        sub.add_argument("--max-tokens", type=_u32, default=0, help="tokens to generate (0 = server default)")
+        sub.add_argument("--credit-bytes", type=_u32, default=0, help="initial credit window (0 = 262144)")
         sub.add_argument("--auth-token-file", help="file holding the server's shared token (sent in HELLO)")
 
     commands.add_parser(
@@ -44,13 +73,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     infer = commands.add_parser("infer", help="stream one answer to stdout")
     common(infer)
+    infer.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_INFER_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up (exit 1) when connecting plus the whole answer take longer; 0 = no limit "
+        f"(default {DEFAULT_INFER_TIMEOUT:g})",
+    )
 
     bench = commands.add_parser("bench", help="measure latency, TTFT and tokens/s")
     common(bench)
-    bench.add_argument("--iters", type=int, default=100, help="requests to send")
-    bench.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
-    bench.add_argument("--connections", type=int, default=1, help="connections to spread them over")
-    bench.add_argument("--print", type=int, default=0, dest="print_count", help="print the text of the first N answers")
+    bench.add_argument("--iters", type=_positive, default=100, help="requests to send")
+    bench.add_argument("--concurrency", type=_positive, default=1, help="requests in flight at once")
+    bench.add_argument("--connections", type=_positive, default=1, help="connections to spread them over")
+    bench.add_argument(
+        "--print", type=_nonNegative, default=0, dest="print_count", help="print the text of the first N answers"
+    )
+    bench.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="per connection attempt and per request: the first request over it ends the run (exit 1); "
+        "0 = no limit (the default)",
+    )
     bench.add_argument(
         "--metrics-url", help="the server's /metrics URL: print its own TTFT for this run beside the client's"
     )
@@ -74,11 +121,66 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+def _integer(value: str, low: int, high: int | None = None) -> int:
+    """An integer in ``[low, high]``, checked here so a bad value is a usage error, not a traceback later."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if number < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {number}")
+    if high is not None and number > high:
+        raise argparse.ArgumentTypeError(f"must be at most {high}, got {number}")
     return number
+
+
+def _positive(value: str) -> int:
+    return _integer(value, 1)
+
+
+def _nonNegative(value: str) -> int:
+    return _integer(value, 0)
+
+
+def _u32(value: str) -> int:
+    """The wire's u32 fields (``max_tokens``, ``credit_bytes``): anything else cannot be encoded."""
+    return _integer(value, 0, U32_MAX)
+
+
+def _seconds(value: str) -> float:
+    """A timeout: finite, not negative; 0 means none."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more (0 = no limit), got {value}")
+    return seconds
+
+
+def _server(value: str) -> str:
+    """
+    Build the endpoint now (nothing connects yet), so an unknown endpoint
+    type, a bad keyword or a port outside 1-65535 is a usage error rather
+    than a traceback from deep in the reactor once it runs.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import clientFromString
+
+    try:
+        endpoint: Any = clientFromString(reactor, client_description(value))
+    except Exception as e:  # ValueError, TypeError, a TLS trust directory that is not there...
+        raise argparse.ArgumentTypeError(
+            f"not an endpoint (tcp:HOST:PORT, unix:PATH, tls:HOST:PORT:trustRoots=DIR or HOST:PORT): {value!r}: "
+            f"{str(e) or type(e).__name__}"
+        ) from None
+    # TLS endpoints wrap the TCP one; Twisted keeps the port in a private attribute.
+    while getattr(endpoint, "_wrappedEndpoint", None) is not None:
+        endpoint = endpoint._wrappedEndpoint
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"port {port} of {value!r} is outside 1-65535")
+    return value
 
 
 def _token(args: argparse.Namespace) -> bytes | None:
@@ -91,15 +193,26 @@ def _token(args: argparse.Namespace) -> bytes | None:
 async def _infer(reactor: Any, args: argparse.Namespace) -> int:
     from cc50tw.client import connect
 
-    client = await connect(reactor, args.server, _token(args))
-    response = client.infer(args.prompt, args.max_tokens, args.credit_bytes)
+    timeout: float | None = args.timeout or None
+    deadline = reactor.seconds() + timeout if timeout is not None else None
+    client = await connect(reactor, args.server, _token(args), timeout)
+    # One budget for connecting and the answer: what is left of it after connecting.
+    left = None if deadline is None else max(deadline - reactor.seconds(), 1e-3)
+    response = client.infer(args.prompt, args.max_tokens, args.credit_bytes, left)
+    wrote = False
     try:
         async for text in response:
             sys.stdout.write(text)
             sys.stdout.flush()
+            wrote = True
         stats = await response.done
+    except ClientTimeout as e:
+        if wrote:
+            sys.stdout.write("\n")
+        raise ClientTimeout(e.req_id, e.seconds, f"no answer within {timeout:g} s (--timeout)") from None
     except ClientError as e:
-        sys.stdout.write("\n")
+        if wrote:
+            sys.stdout.write("\n")
         sys.stderr.write(f"cc50: error {e.code.name} ({e.raw_code}): {e.message}\n")
         return 1
     finally:
@@ -137,6 +250,7 @@ async def _bench(reactor: Any, args: argparse.Namespace) -> int:
         args.print_count,
         args.credit_bytes,
         _token(args),
+        args.timeout or None,
     )
     TTFT = "cc50_time_to_first_token_seconds"
     before = parse_histogram(await scrape(args.metrics_url), TTFT) if args.metrics_url else None
@@ -224,6 +338,11 @@ def _tls_errors() -> tuple[type[Exception], ...]:
     return (Error, VerificationError)
 
 
+def _oneLine(error: BaseException) -> str:
+    """An error's text on one line: some (TLS, a child process's failure) span several."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["make-test-model"]:
@@ -248,11 +367,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                 sys.stderr.write(f"cc50: {e}\n")
                 code = 2
             except (ConnectError, ClientError, OSError, RuntimeError) as e:
-                sys.stderr.write(f"cc50: {args.command} against {args.server} failed: {e}\n")
-                code = 2
+                sys.stderr.write(f"cc50: {args.command} against {args.server} failed: {_oneLine(e)}\n")
+                code = 1
             except _tls_errors() as e:
-                sys.stderr.write(f"cc50: {args.command} against {args.server} failed: TLS: {e}\n")
-                code = 2
+                sys.stderr.write(f"cc50: {args.command} against {args.server} failed: TLS: {_oneLine(e)}\n")
+                code = 1
+            except Exception as e:
+                # Nothing else is expected; still one line, not a traceback, for the person at the terminal.
+                sys.stderr.write(
+                    f"cc50: {args.command} against {args.server} failed: {type(e).__name__}: {_oneLine(e)}\n"
+                )
+                code = 1
             if code:
                 raise SystemExit(code)
 

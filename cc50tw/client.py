@@ -10,6 +10,12 @@ and the DONE statistics.  Many requests run concurrently on one connection.
 Credit is granted back to the server as the application consumes text, so a
 consumer that stops reading stops the server's backend for that request, and
 nothing piles up in the client without bound.
+
+Nothing waits forever unless asked to: ``connect(..., timeout=)`` bounds the
+connection (and the HELLO), ``infer(..., timeout=)`` one request's whole life;
+a request that runs out of time is cancelled on the wire (REQ_CANCEL) and
+fails with ``ClientTimeout``.  ``response.cancel()`` stops the request at once
+on this side too: text already buffered is dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
@@ -46,6 +53,26 @@ from cc50tw.errors import ClientError
 from cc50tw.receiver import CC50Receiver, setTcpNoDelay
 
 _utf8Decoder = codecs.getincrementaldecoder("utf-8")
+
+
+class ClientTimeout(ClientError):
+    """
+    No answer in time: raised by this library, not sent by the server, so it
+    carries the TIMEOUT code (for code that handles every ``ClientError``
+    alike) and reads as what happened.  ``req_id`` is 0 for a connection
+    that timed out.
+    """
+
+    def __init__(self, req_id: int, seconds: float, message: str) -> None:
+        super().__init__(req_id, ErrorCode.TIMEOUT, message)
+        self.seconds = seconds
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _cancelledByClient(req_id: int) -> ClientError:
+    return ClientError(req_id, ErrorCode.CANCELLED, "cancelled by the client")
 
 
 class Completion(NamedTuple):
@@ -76,6 +103,9 @@ class Response:
         self._finished = False
         self._failure: Failure | None = None
         self._onChunk: Callable[[str], object] | None = None
+        #: Set by ``cancel()``: nothing more is delivered, iteration raises.
+        self._cancelled = False
+        self._timeoutCall: IDelayedCall | None = None
 
     # Consumption -----------------------------------------------------------
 
@@ -121,6 +151,8 @@ class Response:
 
     async def __anext__(self) -> str:
         while not self._queue:
+            if self._cancelled:
+                self._raiseCancelled()
             if self._finished:
                 if self._failure is not None:
                     self._failure.raiseException()
@@ -131,23 +163,58 @@ class Response:
         self._consumed(size)
         return text
 
+    def _raiseCancelled(self) -> None:
+        """After ``cancel()``: the request's own error if it had one (a timeout, say), else CANCELLED."""
+        if self._failure is not None:
+            self._failure.raiseException()
+        raise _cancelledByClient(self.req_id)
+
     def cancel(self) -> None:
-        """Ask the server to stop; the request ends with CANCELLED (or DONE if it won the race)."""
+        """
+        Stop the request.  The server is asked to stop its work (REQ_CANCEL);
+        on this side it stops at once: text already buffered is dropped,
+        nothing more reaches ``onChunk``, and iterating raises ``ClientError``
+        CANCELLED.  ``done`` still gives the server's verdict: CANCELLED, or
+        the DONE statistics if the request finished before the cancel arrived.
+        """
+        if self._cancelled:
+            return
+        self._cancelled = True
+        self._queue.clear()
         if not self._finished:
             self._client.sendFrame(encode_cancel(self.req_id))
+        self._wake()
+
+    def _timedOut(self, seconds: float) -> None:
+        """
+        The request's ``timeout`` ran out: cancel it on the wire (the server
+        frees its slot), and fail it here now, without waiting for the
+        server's reply, which may never come.
+        """
+        self._timeoutCall = None
+        if self._finished:
+            return
+        if not self._cancelled:  # else the REQ_CANCEL is already on its way
+            self._client.sendFrame(encode_cancel(self.req_id))
+        self._client._forget(self.req_id)
+        self._cancelled = True  # anything still queued is dropped; iteration raises the timeout
+        self._queue.clear()
+        self._finish(None, Failure(ClientTimeout(self.req_id, seconds, f"no answer within {seconds:g} s")))
 
     # From the protocol -----------------------------------------------------
 
     def _consumed(self, size: int) -> None:
         """Return credit in batches of half a window, so grants stay rare."""
         self._ungranted += size
-        if self._ungranted >= self._window // 2 and not self._finished:
+        if self._ungranted >= self._window // 2 and not self._finished and not self._cancelled:
             self._client.sendFrame(encode_credit(self.req_id, self._ungranted))
             self._ungranted = 0
 
     def _chunkReceived(self, payload: bytes) -> None:
         # Called once per chunk frame, so written for speed: see the work log
         # in benchmarks/README.md for what each shortcut measured.
+        if self._cancelled:
+            return  # the application asked to stop: nothing more for it
         if self.firstChunkAt is None:
             self.firstChunkAt = time.perf_counter()
         size = len(payload)
@@ -183,8 +250,11 @@ class Response:
     def _finish(self, stats: DoneStats | None, failure: Failure | None) -> None:
         self._finished = True
         self.finishedAt = time.perf_counter()
+        timeoutCall, self._timeoutCall = self._timeoutCall, None
+        if timeoutCall is not None and timeoutCall.active():
+            timeoutCall.cancel()
         tail = self._decoder.decode(b"", final=True) if self._decoder is not None else ""
-        if tail:
+        if tail and not self._cancelled:
             self._queue.append((tail, 0))
             if self._onChunk is not None:
                 self._onChunk(tail)
@@ -209,7 +279,12 @@ class CC50ClientProtocol(CC50Receiver):
 
     MAX_LENGTH = 16 << 20
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime | None = None) -> None:
+        """
+        ``clock`` schedules request timeouts (``connect`` passes its reactor);
+        without one, the global reactor is used when a timeout is asked for.
+        """
+        self.clock = clock
         self._chunkReceiver = self._chunkArrived
         self._responses: dict[int, Response] = {}
         self._ids = itertools.count(1)
@@ -226,7 +301,13 @@ class CC50ClientProtocol(CC50Receiver):
         self.sendFrame(encode_hello(token))
         return self._hello
 
-    def infer(self, prompt: str, max_tokens: int = 0, credit_bytes: int = 0) -> Response:
+    def infer(self, prompt: str, max_tokens: int = 0, credit_bytes: int = 0, timeout: float | None = None) -> Response:
+        """
+        Start a request.  With ``timeout`` (seconds), a request not finished
+        by then is cancelled on the wire and fails with ``ClientTimeout``.
+        """
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
         req_id = next(self._ids)
         response = Response(self, req_id, credit_bytes or DEFAULT_CREDIT_BYTES)
         if self._closed is not None:
@@ -234,7 +315,21 @@ class CC50ClientProtocol(CC50Receiver):
             return response
         self._responses[req_id] = response
         self.transport.write(encode_infer(req_id, prompt, max_tokens, credit_bytes))  # type: ignore[union-attr]
+        if timeout is not None:
+            response._timeoutCall = self._clock().callLater(timeout, response._timedOut, timeout)
         return response
+
+    def _clock(self) -> IReactorTime:
+        if self.clock is None:
+            from twisted.internet import reactor
+
+            self.clock = reactor  # type: ignore[assignment]
+        assert self.clock is not None
+        return self.clock
+
+    def _forget(self, req_id: int) -> None:
+        """Stop tracking a request: frames that still arrive for it are dropped."""
+        self._responses.pop(req_id, None)
 
     def sendFrame(self, data: bytes) -> None:
         if self._closed is None:
@@ -325,21 +420,45 @@ CC50Client = CC50ClientProtocol
 
 async def _connect(reactor: Any, description: str, token: bytes | None) -> CC50ClientProtocol:
     endpoint = clientFromString(reactor, client_description(description))
-    protocol = await connectProtocol(endpoint, CC50ClientProtocol())
+    protocol = await connectProtocol(endpoint, CC50ClientProtocol(reactor))
     if token is not None:
-        await protocol.hello(token)
+        try:
+            await protocol.hello(token)
+        except BaseException:
+            # A wrong token, or the timeout cancelling the wait: the
+            # connection is of no use to anyone, and nobody else will close it.
+            protocol.transport.abortConnection()  # type: ignore[union-attr]
+            raise
     return protocol
 
 
-def connect(reactor: Any, description: str, token: bytes | None = None) -> Deferred[CC50ClientProtocol]:
+def connect(
+    reactor: Any, description: str, token: bytes | None = None, timeout: float | None = None
+) -> Deferred[CC50ClientProtocol]:
     """
     Connect to a CC50 server: ``tcp:HOST:PORT``, ``unix:PATH``, ``HOST:PORT``,
     or ``tls:HOST:PORT:trustRoots=CA_DIR`` (a directory whose ``*.pem`` files
     are the trusted CAs; add ``certificate=`` and ``privateKey=`` for a client
     certificate).  With ``token``, authenticate (HELLO) before returning, so a
-    wrong token fails here, not on a request.
+    wrong token fails here, not on a request.  With ``timeout`` (seconds),
+    a connection (and HELLO) not done by then is abandoned and the Deferred
+    fails with ``ClientTimeout``.
     """
-    return Deferred.fromCoroutine(_connect(reactor, description, token))
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
+    connecting = Deferred.fromCoroutine(_connect(reactor, description, token))
+    if timeout is not None:
+
+        def timedOut(result: Any, seconds: float) -> Any:
+            # Called only when the timeout fired; cancelling gives CancelledError,
+            # or ConnectingCancelledError from an endpoint still connecting.
+            if isinstance(result, Failure):
+                what = "connection" if token is None else "authenticated connection (HELLO answered)"
+                return Failure(ClientTimeout(0, seconds, f"no {what} to {description} within {seconds:g} s"))
+            return result
+
+        connecting.addTimeout(timeout, reactor, onTimeoutCancel=timedOut)
+    return connecting
 
 
-__all__ = ["CC50Client", "CC50ClientProtocol", "Completion", "Response", "connect"]
+__all__ = ["CC50Client", "CC50ClientProtocol", "ClientTimeout", "Completion", "Response", "connect"]

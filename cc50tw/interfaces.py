@@ -36,6 +36,9 @@ class GenerationResult(NamedTuple):
 
     prompt_tokens: int
     generated_tokens: int
+    #: Why generation stopped, where the backend knows ("stop", "length",
+    #: a stop string...); logged with the request.
+    finish_reason: str | None = None
 
 
 class ITokenSink(Interface):

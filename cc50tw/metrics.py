@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.logger import Logger
@@ -62,10 +62,21 @@ class ServerState(Protocol):
     @property
     def counters(self) -> _Counters: ...
 
-#: Latency buckets from 100 µs (a toy round trip) to a minute (a long answer).
 log = Logger()
 
+#: Latency buckets from 100 µs (a toy round trip) to a minute (a long answer).
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+#: Time-to-first-token buckets: as ``LATENCY_BUCKETS`` outside 10 ms - 1 s,
+#: and inside it about 20% apart (the E12 series), where real TTFTs fall.
+#: With 25/50/100 ms bounds alone, a steady 51 ms TTFT read as p50 ~75 ms;
+#: ``histogram_quantile`` now lands within a few per cent.
+TTFT_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075,
+    0.01, 0.012, 0.015, 0.018, 0.022, 0.027, 0.033, 0.039, 0.047, 0.056, 0.068, 0.082,
+    0.1, 0.12, 0.15, 0.18, 0.22, 0.27, 0.33, 0.39, 0.47, 0.56, 0.68, 0.82,
+    1, 1.5, 2.5, 5, 10, 30, 60,
+)  # fmt: skip
 
 
 class _FactoryCollector(Collector):
@@ -118,7 +129,7 @@ class ServerMetrics:
             "cc50_backend_errors", "Requests the backend failed, by error code's name.", ["kind"], registry=self.registry
         )
         self.ttft = Histogram(
-            "cc50_time_to_first_token_seconds", "From REQ_INFER to the first chunk sent.", buckets=LATENCY_BUCKETS,
+            "cc50_time_to_first_token_seconds", "From REQ_INFER to the first chunk sent.", buckets=TTFT_BUCKETS,
             registry=self.registry,
         )
         self.inter_token = Histogram(
@@ -135,6 +146,7 @@ class ServerMetrics:
         self.generated_tokens = Counter("cc50_generated_tokens", "Tokens generated.", registry=self.registry)
         self.prompt_tokens = Counter("cc50_prompt_tokens", "Prompt tokens processed.", registry=self.registry)
         self.registry.register(_FactoryCollector(factory))
+        registerRuntimeCollectors(self.registry)
         registerBackendCollectors(self.registry, factory.backend)
 
     def requestsEnded(self, outcome: str) -> Any:
@@ -142,6 +154,20 @@ class ServerMetrics:
         if child is None:
             child = self._outcomes[outcome] = self.requests.labels(outcome)
         return child
+
+
+def registerRuntimeCollectors(registry: CollectorRegistry) -> None:
+    """
+    The standard ``process_*`` (CPU, memory, open files) and ``python_*`` (version, GC) series.
+
+    prometheus_client registers these only in its global registry, which the
+    server does not export; every dashboard expects them next to the
+    application's own metrics.  ``ProcessCollector`` reads /proc, so on
+    other platforms it yields nothing.
+    """
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)  # on interpreters without gc.get_stats it yields nothing
 
 
 def registerBackendCollectors(registry: CollectorRegistry, backend: object) -> None:

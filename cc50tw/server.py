@@ -635,7 +635,8 @@ class CC50ServerFactory(Factory):
         if self.config.log_requests:
             self.log.info(
                 "request {req_id} from {peer}: {outcome} backend={backend} tokens={tokens} "
-                "prompt_tokens={prompt_tokens} bytes={bytes} latency_ms={latency_ms:.3f} ttft_ms={ttft_text}{detail}",
+                "prompt_tokens={prompt_tokens} bytes={bytes} latency_ms={latency_ms:.3f} ttft_ms={ttft_text}"
+                "{finish_text}{detail}",
                 req_id=stream.reqId,
                 peer=stream.peer,
                 outcome=outcome,
@@ -647,6 +648,8 @@ class CC50ServerFactory(Factory):
                 ttft_ms=ttft * 1e3 if ttft is not None else None,
                 ttft_text=f"{ttft * 1e3:.3f}" if ttft is not None else "none",
                 detail=f" ({message})" if message else "",
+                finish_reason=result.finish_reason if result else None,
+                finish_text=f" finish={result.finish_reason}" if result is not None and result.finish_reason else "",
             )
 
     def connectionOpened(self, protocol: CC50ServerProtocol) -> bool:

@@ -72,6 +72,7 @@ class SSEParser:
         self._lastId: str | None = None
         self._retry: int | None = None
         self._eventBytes = 0
+        self._errorField: list[str] = []
 
     @property
     def lastEventId(self) -> str | None:
@@ -81,7 +82,7 @@ class SSEParser:
     @property
     def pending(self) -> bool:
         """Whether bytes of an event that has not been dispatched yet are held."""
-        return bool(self._buffer) or self._hasData or bool(self._eventType)
+        return bool(self._buffer) or self._hasData or bool(self._eventType) or bool(self._errorField)
 
     def feed(self, data: bytes) -> list[SSEEvent]:
         """Parse ``data``, the next bytes of the stream; return the events it completes."""
@@ -143,6 +144,12 @@ class SSEParser:
         elif field == "retry":
             if value.isascii() and value.isdigit():
                 self._retry = int(value)
+        elif field == "error":
+            # Not a field of the specification: older llama-server builds
+            # report a failure mid-stream as ``error: {json}``.  Kept, and
+            # dispatched as an event named "error" if no data comes with it,
+            # so the upstream's own message is not lost.
+            self._errorField.append(value)
         # Any other field is ignored, as the specification requires.
         return None
 
@@ -154,9 +161,26 @@ class SSEParser:
         self._eventType = ""
         self._eventBytes = 0
         retry, self._retry = self._retry, None
+        errorField, self._errorField = self._errorField, []
         if not hasData:
+            if errorField:
+                return SSEEvent("\n".join(errorField), "error", self._lastId, retry)
             return None
         return SSEEvent(data, eventType or "message", self._lastId, retry)
+
+    def finish(self) -> SSEEvent | None:
+        """
+        At the end of the body: an ``error:`` line of an event the stream
+        never completed, as an "error" event (its message is worth more than
+        the rule that discards a partial event); otherwise nothing.
+        """
+        if self._buffer:
+            self._line(self._buffer)
+            self._buffer = b""
+        if self._errorField:
+            self._data, self._hasData = [], False
+            return self._dispatch()
+        return None
 
 
 class TextAssembler:

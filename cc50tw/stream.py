@@ -252,7 +252,9 @@ class RequestStream:
     def _generated(self, result: GenerationResult, running: Running) -> None:
         if self.state is not running:
             return
-        if not isinstance(result, tuple) or len(result) != 2:
+        if isinstance(result, tuple) and not isinstance(result, GenerationResult) and len(result) == 2:
+            result = GenerationResult(*result)
+        if not isinstance(result, GenerationResult):
             self._fail(
                 ErrorCode.BACKEND_ERROR,
                 f"backend bug: its Deferred fired with {type(result).__name__}, not a GenerationResult",

@@ -8,30 +8,49 @@ kernel, checking its upstream), then one ``StreamServerEndpointService`` per
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import signal
-from collections.abc import Callable
+import sys
+import textwrap
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from cc50tw.backends import Repeatable, installed_backends, repeatableOptions
+from cc50tw.backends import Repeatable, discoverBackends, optionNames, repeatableOptions
 from cc50tw.endpoints import server_description
 from cc50tw.interfaces import IBackend, IBackendFactory
 from cc50tw.server import CC50ServerFactory, ServerConfig
 
 DEFAULT_LISTEN = "tcp:9199"
 
+#: cc50tw's own backends, in the order ``--help`` lists their options.
+_BUILTIN_ORDER = ("toy", "llama_server", "openai")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cc50tw")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
 
 def _count(name: str) -> Callable[[str], int]:
     def parse(value: str) -> int:
-        number = int(value)
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"--{name} must be a whole number, got {value!r}") from None
         if number < 1:
             raise ValueError(f"--{name} must be at least 1, got {number}")
         return number
@@ -39,9 +58,16 @@ def _count(name: str) -> Callable[[str], int]:
     return parse
 
 
+def _float(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"--{name} must be a number of seconds, got {value!r}") from None
+
+
 def _seconds(name: str) -> Callable[[str], float]:
     def parse(value: str) -> float:
-        number = float(value)
+        number = _float(name, value)
         if not 0 < number < float("inf"):
             raise ValueError(f"--{name} must be a positive number of seconds, got {value}")
         return number
@@ -51,7 +77,7 @@ def _seconds(name: str) -> Callable[[str], float]:
 
 def _nonNegativeSeconds(name: str) -> Callable[[str], float]:
     def parse(value: str) -> float:
-        number = float(value)
+        number = _float(name, value)
         if not number >= 0 or number == float("inf"):
             raise ValueError(f"--{name} must be 0 (off) or a positive number of seconds, got {value}")
         return number
@@ -87,6 +113,36 @@ def _backend_help(specs: dict[str, IBackendFactory]) -> str:
     return "\n".join(f"  {name:<14}{spec.description}" for name, spec in sorted(specs.items()))
 
 
+def _badValue(parameterName: str, value: str, error: ValueError) -> usage.UsageError:
+    """
+    A usage error that names the option and the value given.
+
+    ``usage.CoerceParameter`` says only "Parameter type enforcement failed:
+    must be >= 0, got -5", which leaves the user to guess which of a dozen
+    options was wrong.
+    """
+    text = str(error)
+    if f"--{parameterName}" in text:
+        return usage.UsageError(text)
+    if text.startswith("invalid literal for int()"):
+        text = "must be a whole number"
+    elif text.startswith("could not convert string to float"):
+        text = "must be a number"
+    return usage.UsageError(f"--{parameterName}={value}: {text}")
+
+
+class _NamedParameter(usage.CoerceParameter):
+    """A coerced option whose errors name the option (``--toy-iters=-5: must be >= 0``)."""
+
+    def dispatch(self, parameterName: str, value: str) -> None:
+        if value is None:
+            raise usage.UsageError(f"--{parameterName} requires a value")
+        try:
+            self.options.opts[parameterName] = self.coerce(value)
+        except ValueError as e:
+            raise _badValue(parameterName, value, e) from None
+
+
 class _RepeatedParameter(usage.CoerceParameter):
     """Dispatches a ``Repeatable`` option: the first use replaces the default, each later one appends."""
 
@@ -96,11 +152,11 @@ class _RepeatedParameter(usage.CoerceParameter):
 
     def dispatch(self, parameterName: str, value: str) -> None:
         if value is None:
-            raise usage.UsageError(f"Parameter '{parameterName}' requires an argument.")
+            raise usage.UsageError(f"--{parameterName} requires a value")
         try:
             coerced = self.coerce(value)
         except ValueError as e:
-            raise usage.UsageError(f"Parameter type enforcement failed: {e}") from None
+            raise _badValue(parameterName, value, e) from None
         if parameterName not in self.given:
             self.given.add(parameterName)
             self.options.opts[parameterName] = []
@@ -110,9 +166,10 @@ class _RepeatedParameter(usage.CoerceParameter):
 class Options(usage.Options):
     """Command-line options of ``twistd cc50``."""
 
-    backends = installed_backends(
+    discovery = discoverBackends(
         {option[0] for option in _SERVER_OPTIONS} | {flag[0] for flag in _SERVER_FLAGS} | {"listen", "l", "help", "version"}
     )
+    backends = discovery.backends
     optParameters = _SERVER_OPTIONS + [option for spec in backends.values() for option in spec.options]
     optFlags = _SERVER_FLAGS + [flag for spec in backends.values() for flag in getattr(spec, "flags", ())]
     #: Backend options that may repeat, with their defaults: their values are lists.
@@ -127,12 +184,87 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
-        for name in self.repeatable:
-            coerce = self._dispatch[name].coerce
-            self._dispatch[name] = _RepeatedParameter(self, coerce)
+        for name, dispatcher in list(self._dispatch.items()):
+            if name in self.repeatable:
+                self._dispatch[name] = _RepeatedParameter(self, dispatcher.coerce)
+            elif type(dispatcher) is usage.CoerceParameter:
+                self._dispatch[name] = _NamedParameter(self, dispatcher.coerce)
+
+    def opt_version(self) -> None:
+        """Display cc50tw's version (and Twisted's) and exit."""
+        from twisted import copyright
+
+        print(f"cc50tw {_version()} (Twisted {copyright.version})")
+        sys.exit(0)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Under twistd (or twist), report a usage error in three lines on stderr and exit 2.
+
+        twistd's own handling prints the whole ``--help`` text first, on
+        stdout, and then the error after the name of its first argument;
+        the one line that matters was buried under a hundred others.
+        Parsed on its own (tests, tools), the ``UsageError`` is raised as usual.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            command = f"{self._programName()} cc50"
+            sys.stderr.write(f"usage: {command} [options]\n{command}: error: {e}\nRun '{command} --help' for every option.\n")
+            sys.stderr.flush()
+            raise SystemExit(2) from None
+
+    @staticmethod
+    def _programName() -> str:
+        name = os.path.basename(sys.argv[0]) if sys.argv else ""
+        return "twist" if name == "twist" else "twistd"
+
+    def _optionDicts(self) -> dict[str, dict[str, Any]]:
+        """Each option as ``usage.docMakeChunks`` wants it, by long name (as ``Options.getUsage`` builds them)."""
+        shortNames = {long: short for short, long in self.synonyms.items() if short != long and len(short) == 1}
+        dicts: dict[str, dict[str, Any]] = {}
+        for opt in self.longOpt:
+            parameter = opt.endswith("=")
+            name = opt[:-1] if parameter else opt
+            dicts[name] = {
+                "long": name,
+                "short": shortNames.get(name),
+                "doc": self.docs[name],
+                "optType": "parameter" if parameter else "flag",
+                "default": self.defaults.get(name, None),
+                "dispatch": self._dispatch.get(name, None),
+            }
+        return dicts
+
+    def _orderedBackends(self) -> list[IBackendFactory]:
+        builtin = [self.backends[name] for name in _BUILTIN_ORDER if name in self.backends]
+        return builtin + [spec for name, spec in sorted(self.backends.items()) if name not in _BUILTIN_ORDER]
 
     def getUsage(self, width: int | None = None) -> str:
-        return super().getUsage(width) + "\nBackends (--backend):\n" + _backend_help(self.backends) + "\n"
+        """
+        The options grouped: the server's, then each backend's under its name.
+
+        One alphabetical list of ~60 options mixed ``--llama-backoff`` with
+        ``--max-queue``; only the server's options and the chosen backend's
+        matter to a given run.
+        """
+        width = width or int(os.environ.get("COLUMNS", "80"))
+        dicts = self._optionDicts()
+
+        def section(title: str, names: Iterable[str]) -> str:
+            chosen = [dicts.pop(name) for name in sorted(names) if name in dicts]
+            return f"{title}:\n" + ("".join(usage.docMakeChunks(chosen, width)) if chosen else "  (none)\n")
+
+        serverNames = {option[0] for option in _SERVER_OPTIONS} | {flag[0] for flag in _SERVER_FLAGS}
+        parts = [section("Server options", serverNames | {"listen", "help", "version"})]
+        for spec in self._orderedBackends():
+            parts.append(section(f"{spec.name} backend options (--backend={spec.name})", optionNames(spec)))
+        if dicts:  # anything no group claimed, so that --help never hides an option
+            parts.append(section("Other options", list(dicts)))
+        longdesc = "\n".join(textwrap.wrap(self.longdesc, width))
+        return "\n".join(parts) + "\n" + longdesc + "\n\nBackends (--backend):\n" + _backend_help(self.backends) + "\n"
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on (repeatable): tcp:PORT, unix:PATH, ssl:..., or HOST:PORT."""
@@ -142,8 +274,9 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self["backend"] not in self.backends:
+            problems = "".join(f"; {problem}" for problem in self.discovery.problems)
             raise usage.UsageError(
-                f"unknown backend {self['backend']!r}; installed backends: {', '.join(sorted(self.backends))}"
+                f"unknown backend {self['backend']!r}; installed backends: {', '.join(sorted(self.backends))}{problems}"
             )
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
@@ -188,9 +321,32 @@ class Options(usage.Options):
         for option, descriptions in (("listen", self["listen"]), ("metrics", [self["metrics"]] if self["metrics"] else [])):
             for description in descriptions:
                 try:
-                    serverFromString(reactor, description)
+                    endpoint = serverFromString(reactor, description)
                 except Exception as e:
                     raise usage.UsageError(f"bad --{option} {description!r}: {e}") from None
+                port = getattr(_innermost(endpoint), "_port", None)
+                if isinstance(port, int) and not 0 <= port <= 65535:
+                    raise usage.UsageError(f"bad --{option} {description!r}: port {port} is not between 0 and 65535")
+
+    def startupReport(self) -> tuple[int | None, str | None]:
+        """
+        Where ``CC50Service`` reports a failure to start: a copy of stderr, and the pidfile.
+
+        A daemonizing twistd points stderr at /dev/null before the service
+        starts, and its status pipe only carries an ``Exception``'s first 100
+        bytes; stderr is copied here, while it is still the terminal, so the
+        failure's own message reaches the person who ran the command.
+        """
+        parent = self.parent
+        if parent is None:
+            return None, None
+        pidfile = parent.get("pidfile") or None
+        if parent.get("nodaemon", True):
+            return None, pidfile
+        try:
+            return os.dup(2), pidfile
+        except OSError:
+            return None, pidfile
 
     def serverConfig(self) -> ServerConfig:
         return ServerConfig(
@@ -207,6 +363,48 @@ class Options(usage.Options):
             auth_token=self.authToken,
             log_requests=not self["quiet-requests"],
         )
+
+
+def _innermost(endpoint: object) -> object:
+    """The endpoint under wrappers such as ``haproxy:``."""
+    for _ in range(8):
+        inner = getattr(endpoint, "_wrappedEndpoint", None)
+        if inner is None:
+            break
+        endpoint = inner
+    return endpoint
+
+
+def exposedWithoutProtection(endpoint: object) -> str | None:
+    """
+    The address a plain-TCP ``endpoint`` serves beyond this host, or ``None``.
+
+    TLS endpoints (``ssl:``, ``mtls:``) and Unix sockets are not "exposed" in
+    this sense, nor is an interface on the loopback network.
+    """
+    endpoint = _innermost(endpoint)
+    if isinstance(endpoint, SSL4ServerEndpoint) or not isinstance(endpoint, TCP4ServerEndpoint | TCP6ServerEndpoint):
+        return None
+    interface = str(getattr(endpoint, "_interface", "") or "")
+    if interface.lower() == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(interface.split("%", 1)[0]).is_loopback:
+            return None
+    except ValueError:  # "" (every interface), or a host name
+        pass
+    port = getattr(endpoint, "_port", "?")
+    return f"{interface or ('::' if isinstance(endpoint, TCP6ServerEndpoint) else '0.0.0.0')}:{port}"
+
+
+class StartupError(Exception):
+    """
+    The service could not start (a port in use).
+
+    An ``Exception``, not ``SystemExit``: a daemonizing twistd reports only
+    exceptions through its status pipe (and removes its pidfile); a
+    ``SystemExit`` left the waiting parent blocked for ever.
+    """
 
 
 def raiseFileLimit(log: Logger) -> None:
@@ -247,16 +445,25 @@ class CC50Service(MultiService):
         drainTimeout: float = 30.0,
         metricsDescription: str | None = None,
         healthInterval: float = 5.0,
+        authenticated: bool = False,
+        startupStderr: int | None = None,
+        pidfile: str | None = None,
     ) -> None:
         super().__init__()
         self.backend = backend
+        self.metricsDescription = metricsDescription
+        self.authenticated = authenticated
+        #: A copy of the terminal's stderr when twistd daemonizes (see ``Options.startupReport``).
+        self.startupStderr = startupStderr
+        self.pidfile = pidfile
         self.factory = factory
         self.descriptions = descriptions
         self.drainTimeout = drainTimeout
         self.reactor = reactor
         self.listeners: list[StreamServerEndpointService] = []
-        for description in descriptions:
-            listener = StreamServerEndpointService(serverFromString(reactor, description), factory)
+        self.endpoints = [serverFromString(reactor, description) for description in descriptions]
+        for listener_endpoint in self.endpoints:
+            listener = StreamServerEndpointService(listener_endpoint, factory)
             # Fail twistd at start (non-zero exit) when a port cannot be bound,
             # rather than logging and serving nothing.
             listener._raiseSynchronously = True
@@ -305,16 +512,76 @@ class CC50Service(MultiService):
                 self.operations.privilegedStartService()
             super().privilegedStartService()
         except CannotListenError as e:
-            # One clear line and a non-zero exit, not a traceback.
-            raise SystemExit(f"cc50: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}") from None
+            self._failToStart(f"cc50: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}")
+
+    def _failToStart(self, message: str) -> None:
+        """
+        End a start that cannot succeed: one clear line, a non-zero exit, no stale pidfile.
+
+        In the foreground that is the line on stderr (and in the log) and a
+        ``SystemExit`` (no traceback), after removing the pidfile, which
+        twistd removes only for an ``Exception``.
+        Daemonizing, the line goes to the saved stderr and a ``StartupError``
+        goes to twistd, which sends it down its status pipe to the waiting
+        parent (exit 1) and removes the pidfile itself.
+        """
+        self.log.error("{message}", message=message)
+        result = self.backend.stopBackend()  # no worker thread may keep the failed process alive
+        if isinstance(result, Deferred):
+            result.addErrback(lambda f: None)
+        if self.startupStderr is not None:
+            try:
+                os.write(self.startupStderr, (message + "\n").encode("utf-8", "replace"))
+                os.close(self.startupStderr)
+            except OSError:
+                pass
+            self.startupStderr = None
+            raise StartupError(message)
+        if self.pidfile:
+            try:
+                os.unlink(self.pidfile)
+            except OSError:
+                pass
+        # twistd has pointed sys.stderr at the log; the terminal should see this line too.
+        stderr = sys.__stderr__
+        if stderr is not None:
+            stderr.write(message + "\n")
+            stderr.flush()
+        raise SystemExit(1)
 
     def startService(self) -> None:
         super().startService()
         if self.operations is not None:
             self.operations.startService()
+        if self.startupStderr is not None:  # started: the failure report is not needed
+            os.close(self.startupStderr)
+            self.startupStderr = None
         self.log.info(
-            "cc50 serving backend {name!r} on {endpoints}", name=self.backend.name, endpoints=", ".join(self.descriptions)
+            "cc50 serving backend {name!r} on {endpoints}{metrics}",
+            name=self.backend.name,
+            endpoints=", ".join(self.descriptions),
+            metrics=f"; metrics on {self.metricsDescription}" if self.metricsDescription else "",
         )
+        self.warnIfExposed()
+
+    def warnIfExposed(self) -> None:
+        """
+        Warn when plain TCP on a non-loopback address has no authentication.
+
+        The default ``--listen=tcp:9199`` binds every interface: fine on a
+        private network or in a container, but then anyone who can reach the
+        port can spend the backend's GPU time.
+        """
+        if self.authenticated:
+            return
+        exposed = [address for address in map(exposedWithoutProtection, self.endpoints) if address is not None]
+        if exposed:
+            self.log.warn(
+                "cc50 is serving {addresses} beyond this host with no authentication: anyone who can reach "
+                "it can use the backend. Use --auth-token-file, TLS (ssl: or mtls:), or "
+                "--listen=tcp:9199:interface=127.0.0.1 for this host only.",
+                addresses=", ".join(exposed),
+            )
 
     async def _stop(self) -> None:
         # Stop accepting first, so no connection arrives during the drain.
@@ -342,6 +609,7 @@ def makeService(options: Options) -> IService:
 
     backend = options.backend
     factory = CC50ServerFactory(backend, options.serverConfig(), reactor)
+    startupStderr, pidfile = options.startupReport()
     return CC50Service(
         backend,
         factory,
@@ -350,4 +618,7 @@ def makeService(options: Options) -> IService:
         drainTimeout=options["drain-timeout"],
         metricsDescription=options["metrics"],
         healthInterval=options["health-interval"],
+        authenticated=options.authToken is not None,
+        startupStderr=startupStderr,
+        pidfile=pidfile,
     )

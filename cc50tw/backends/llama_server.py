@@ -1,8 +1,8 @@
 """
 The llama-server backend: CC50 requests bridged to llama.cpp's HTTP server.
 
-The HTTP streaming, the dialects, the error mapping and the pool of
-upstreams live in ``cc50tw.backends.upstream``, shared with the ``openai``
+The HTTP streaming, the dialects, the error taxonomy and the pool of
+upstreams live in ``cc50tw.backends.http``, shared with the ``openai``
 backend; this module is llama-server's options and defaults.
 ``--llama-endpoint`` picks llama.cpp's native ``/completion`` (the default)
 or its OpenAI-compatible ``/v1/completions`` and ``/v1/chat/completions``;
@@ -17,26 +17,15 @@ from typing import Any
 from twisted.web.client import HTTPConnectionPool
 
 from cc50tw.backends import BackendSpec, Repeatable
-from cc50tw.backends.pool import DEFAULT_BACKOFF
-from cc50tw.backends.upstream import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_FIRST_EVENT_TIMEOUT,
-    DEFAULT_HEALTH_INTERVAL,
-    DEFAULT_IDLE_TIMEOUT,
+from cc50tw.backends.http import (
     ENDPOINTS,
     Dialect,
     HTTPStreamingBackend,
-    UpstreamEndpoints,
     UpstreamHTTPClient,
-    UpstreamStream,
-    commonFlags,
+    UpstreamSettings,
     commonOptions,
-    commonSettings,
     dialectFor,
-    makeHTTPClient,
-    normalizeURL,
-    positiveSeconds,
-    upstreamAgent,
+    settingsFrom,
     urlList,
 )
 
@@ -56,31 +45,19 @@ class LlamaServerBackend(HTTPStreamingBackend):
         reactor: Any,
         url: str | Sequence[str] = DEFAULT_URL,
         endpoint: str = "/completion",
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        first_event_timeout: float = DEFAULT_FIRST_EVENT_TIMEOUT,
-        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        settings: UpstreamSettings | None = None,
+        *,
         http: UpstreamHTTPClient | None = None,
-        pool: HTTPConnectionPool | None = None,
         freshHTTP: UpstreamHTTPClient | None = None,
-        health_interval: float = DEFAULT_HEALTH_INTERVAL,
-        backoff: float = DEFAULT_BACKOFF,
-        preconnect: bool = False,
+        pool: HTTPConnectionPool | None = None,
+        **fields: Any,
     ) -> None:
+        """``fields``: ``UpstreamSettings`` fields, for callers that set one or two (tests)."""
         dialectFor(endpoint, "")  # raises ValueError for an unknown endpoint
         self.endpoint = endpoint
-        super().__init__(
-            reactor,
-            url,
-            connect_timeout=connect_timeout,
-            first_event_timeout=first_event_timeout,
-            idle_timeout=idle_timeout,
-            health_interval=health_interval,
-            backoff=backoff,
-            http=http,
-            pool=pool,
-            freshHTTP=freshHTTP,
-            preconnect=preconnect,
-        )
+        if settings is None:
+            settings = UpstreamSettings(**fields)
+        super().__init__(reactor, url, settings, http=http, freshHTTP=freshHTTP, pool=pool)
 
     def makeDialect(self, where: str) -> Dialect:
         return dialectFor(self.endpoint, where)
@@ -97,7 +74,7 @@ def build(options: Mapping[str, Any], reactor: Any) -> LlamaServerBackend:
         reactor,
         url=urlList(options["llama-url"]),
         endpoint=options["llama-endpoint"],
-        **commonSettings(options, "llama"),
+        settings=settingsFrom(options, "llama"),
     )
 
 
@@ -121,22 +98,7 @@ SPEC = BackendSpec(
         ],
         *commonOptions("llama", "llama_server"),
     ],
-    flags=commonFlags("llama", "llama_server"),
     build=build,
 )
 
-__all__ = [
-    "DEFAULT_CONNECT_TIMEOUT",
-    "DEFAULT_FIRST_EVENT_TIMEOUT",
-    "DEFAULT_IDLE_TIMEOUT",
-    "DEFAULT_URL",
-    "SPEC",
-    "LlamaServerBackend",
-    "UpstreamEndpoints",
-    "UpstreamHTTPClient",
-    "UpstreamStream",
-    "makeHTTPClient",
-    "normalizeURL",
-    "positiveSeconds",
-    "upstreamAgent",
-]
+__all__ = ["DEFAULT_URL", "SPEC", "LlamaServerBackend"]

@@ -3,8 +3,8 @@ The OpenAI-compatible backend: CC50 requests streamed from any server that
 speaks OpenAI's ``/v1/completions`` or ``/v1/chat/completions`` (vLLM, TGI,
 Ollama, llama-server, OpenAI itself).
 
-It is the machinery of ``cc50tw.backends.upstream`` (the same SSE parser,
-HTTP client, error mapping and pool of upstreams as the llama_server
+It is the machinery of ``cc50tw.backends.http`` (the same SSE parser,
+HTTP client, error taxonomy and pool of upstreams as the llama_server
 backend) with OpenAI's conventions: a ``model`` in every request, an
 ``Authorization: Bearer`` key read from a file, and no llama.cpp
 extensions in the body.  ``--openai-chat`` sends the prompt as one user
@@ -16,22 +16,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
 from twisted.web.client import HTTPConnectionPool
 
 from cc50tw.backends import BackendSpec, Repeatable
-from cc50tw.backends.pool import DEFAULT_BACKOFF
-from cc50tw.backends.upstream import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_FIRST_EVENT_TIMEOUT,
-    DEFAULT_HEALTH_INTERVAL,
-    DEFAULT_IDLE_TIMEOUT,
+from cc50tw.backends.http import (
     Dialect,
     HTTPStreamingBackend,
     OpenAICompletionsDialect,
     UpstreamHTTPClient,
-    commonFlags,
+    UpstreamSettings,
     commonOptions,
-    commonSettings,
+    settingsFrom,
     urlList,
 )
 
@@ -55,44 +51,30 @@ class OpenAIBackend(HTTPStreamingBackend):
         model: str | None = None,
         chat: bool = False,
         api_key: str | None = None,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        first_event_timeout: float = DEFAULT_FIRST_EVENT_TIMEOUT,
-        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-        health_interval: float = DEFAULT_HEALTH_INTERVAL,
-        health_path: str | None = DEFAULT_HEALTH_PATH,
-        backoff: float = DEFAULT_BACKOFF,
+        settings: UpstreamSettings | None = None,
+        *,
         http: UpstreamHTTPClient | None = None,
-        pool: HTTPConnectionPool | None = None,
         freshHTTP: UpstreamHTTPClient | None = None,
-        preconnect: bool = False,
+        pool: HTTPConnectionPool | None = None,
+        **fields: Any,
     ) -> None:
+        """``fields``: ``UpstreamSettings`` fields, for callers that set one or two (tests)."""
         self.model = model
         self.chat = chat
-        headers: dict[bytes, list[bytes]] = {}
+        fields.setdefault("health_path", DEFAULT_HEALTH_PATH)
+        if settings is None:
+            settings = UpstreamSettings(**fields)
         if api_key is not None:
-            headers[b"Authorization"] = [b"Bearer " + api_key.encode("utf-8")]
-        super().__init__(
-            reactor,
-            urls,
-            connect_timeout=connect_timeout,
-            first_event_timeout=first_event_timeout,
-            idle_timeout=idle_timeout,
-            health_interval=health_interval,
-            health_path=health_path,
-            backoff=backoff,
-            headers=headers,
-            http=http,
-            pool=pool,
-            freshHTTP=freshHTTP,
-            preconnect=preconnect,
-        )
+            headers = {**settings.headers, b"Authorization": (b"Bearer " + api_key.encode("utf-8"),)}
+            settings = attrs.evolve(settings, headers=headers)
+        super().__init__(reactor, urls, settings, http=http, freshHTTP=freshHTTP, pool=pool)
 
     def makeDialect(self, where: str) -> Dialect:
         return OpenAICompletionsDialect(where, chat=self.chat, llamaExtensions=False, model=self.model)
 
     def describe(self) -> str:
         model = f"model {self.model!r}" if self.model else "no model named"
-        key = "with an API key" if b"Authorization" in self.extraHeaders else "no API key"
+        key = "with an API key" if b"Authorization" in self.settings.headers else "no API key"
         return f"{super().describe()}; {model}, {key}"
 
 
@@ -132,8 +114,7 @@ def build(options: Mapping[str, Any], reactor: Any) -> OpenAIBackend:
         model=options["model"] or None,
         chat=bool(options["openai-chat"]),
         api_key=readAPIKey(options["api-key-file"]) if options["api-key-file"] else None,
-        health_path=options["openai-health-path"],
-        **commonSettings(options, "openai"),
+        settings=settingsFrom(options, "openai", health_path=options["openai-health-path"]),
     )
 
 
@@ -167,7 +148,6 @@ SPEC = BackendSpec(
     ],
     flags=[
         ["openai-chat", None, "Use /v1/chat/completions, the prompt as one user message (default: /v1/completions)."],
-        *commonFlags("openai", "openai"),
     ],
     build=build,
 )

@@ -39,8 +39,8 @@ DEFAULT_BACKOFF = 2.0
 MAX_BACKOFF_FACTOR = 8
 #: How an attempt on an upstream ended: the label values of
 #: ``cc50_upstream_requests_total{outcome}``.
-#: ``failed``: a connection failure or 5xx (passive health counts these);
-#: ``error``: any other error (4xx, a malformed stream, a timeout).
+#: ``failed``: a failure that says the upstream is unwell (passive health
+#: counts these; docs/backends.md has the table); ``error``: any other.
 OUTCOMES = ("done", "failed", "error", "cancelled")
 
 
@@ -67,6 +67,8 @@ class Upstream:
     backoffs: int = 0
     #: A health check is under way (the poller does not start another).
     probing: bool = False
+    #: Times it said it was overloaded (HTTP 429) and was held out of routing.
+    holdOffs: int = 0
 
     def counts(self) -> str:
         """Its figures, for log lines."""
@@ -181,6 +183,26 @@ class UpstreamPool:
                 counts=upstream.counts(),
             )
 
+    def holdOff(self, upstream: Upstream, seconds: float | None, reason: str) -> None:
+        """
+        The upstream is overloaded (HTTP 429): no requests for ``seconds``
+        (its Retry-After; the back-off when it gave none).  Not a failure:
+        its health and its failures in a row are untouched.
+        """
+        delay = self.backoff if seconds is None else seconds
+        upstream.holdOffs += 1
+        upstream.lastError = reason
+        upstream.downUntil = max(upstream.downUntil, self.clock.seconds() + delay)
+        self.log.info(
+            "{label} at {url} is overloaded: no requests for {delay:g}s ({reason}); {up}/{total} upstreams up",
+            label=self.label,
+            url=upstream.url,
+            delay=delay,
+            reason=reason,
+            up=self.upCount(),
+            total=len(self.members),
+        )
+
     def retried(self, upstream: Upstream) -> None:
         """A request that failed on ``upstream`` before streaming is moving to another one."""
         upstream.retries += 1
@@ -267,6 +289,11 @@ class UpstreamCollector(Collector):
         backoffs = CounterMetricFamily(
             "cc50_upstream_backoffs", "Times passive health took the upstream out of routing.", labels=["url"]
         )
+        holdOffs = CounterMetricFamily(
+            "cc50_upstream_hold_offs",
+            "Times the upstream said it was overloaded (HTTP 429) and got no requests for its Retry-After.",
+            labels=["url"],
+        )
         for upstream in pool.members:
             labels = [upstream.url]
             up.add_metric(labels, 1.0 if pool.isUp(upstream, now) else 0.0)
@@ -276,4 +303,5 @@ class UpstreamCollector(Collector):
                 requests.add_metric([upstream.url, outcome], count)
             retries.add_metric(labels, upstream.retries)
             backoffs.add_metric(labels, upstream.backoffs)
-        yield from (up, healthy, outstanding, requests, retries, backoffs)
+            holdOffs.add_metric(labels, upstream.holdOffs)
+        yield from (up, healthy, outstanding, requests, retries, backoffs, holdOffs)

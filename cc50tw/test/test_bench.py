@@ -15,6 +15,8 @@ from typing import Any
 from twisted.internet import reactor as globalReactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cc50tw import cli
@@ -30,9 +32,11 @@ from cc50tw.bench import (
     make_progress,
     merge_results,
     plot_latency,
+    run_bench,
     shares,
     split,
 )
+from cc50tw.client import ClientTimeout
 from cc50tw.server import CC50ServerFactory, ServerConfig
 from cc50tw.stats import cpp_summary_line, summarize
 
@@ -216,3 +220,99 @@ class CommandTests(TestCase):
             report = json.load(written)
         self.assertEqual(report["requests"], 10)
         self.assertEqual(out.splitlines()[-1], report["cpp_summary"])
+
+
+class FailureTests(TestCase):
+    """
+    Issue 16: ``cc50 bench`` against a server that is not there, or does not
+    answer, fails with one clear exception (the command prints it as one line).
+    """
+
+    async def listen(self, factory: Factory) -> int:
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        number: int = port.getHost().port
+        return number
+
+    async def test_refusedConnectionIsItself(self) -> None:
+        """Not a ``FirstError`` wrapping it, as ``gatherResults`` gave before."""
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Protocol))
+        number = port.getHost().port
+        await port.stopListening()  # nothing listens there now: connections are refused
+        try:
+            await run_bench(reactor, f"127.0.0.1:{number}", "hi", 1, 1, connections=3)
+        except ConnectionRefusedError:
+            pass
+        else:
+            self.fail("no ConnectionRefusedError")
+
+    async def test_silentServerEndsTheRunAtTheFirstTimeout(self) -> None:
+        closed: list[Deferred[None]] = []
+
+        class Silent(Protocol):
+            def connectionMade(self) -> None:
+                self.closed: Deferred[None] = Deferred()
+                closed.append(self.closed)
+
+            def connectionLost(self, reason: object = None) -> None:
+                self.closed.callback(None)
+
+        number = await self.listen(Factory.forProtocol(Silent))
+        started = reactor.seconds()
+        try:
+            await run_bench(reactor, f"127.0.0.1:{number}", "hi", 1, 1000, concurrency=4, connections=2, timeout=0.2)
+        except ClientTimeout as e:
+            self.assertRegex(str(e), r"^request \d+: no answer within 0.2 s$")
+        else:
+            self.fail("no ClientTimeout")
+        self.assertLess(reactor.seconds() - started, 5)
+        self.assertEqual(len(closed), 2)
+        for lost in closed:  # the run closed its connections
+            await lost
+
+
+class ParserTests(SynchronousTestCase):
+    """Bad option values are usage errors: exit 2 and one line, before anything runs."""
+
+    def parse(self, *argv: str) -> tuple[int, str]:
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        error = self.assertRaises(SystemExit, cli._parser().parse_args, list(argv))
+        return error.code, err.getvalue()  # type: ignore[return-value]
+
+    def test_numericOptionsAreChecked(self) -> None:
+        for argv, message in [
+            (("infer", "--max-tokens=-1"), "--max-tokens: must be at least 0, got -1"),
+            (("infer", "--credit-bytes=4294967296"), "--credit-bytes: must be at most 4294967295"),
+            (("infer", "--timeout=-1"), "--timeout: must be a number of seconds"),
+            (("infer", "--timeout=inf"), "--timeout: must be a number of seconds"),
+            (("bench", "--iters=0"), "--iters: must be at least 1, got 0"),
+            (("bench", "--concurrency=-3"), "--concurrency: must be at least 1"),
+            (("bench", "--connections=x"), "--connections: not an integer: 'x'"),
+            (("bench", "--print=-1"), "--print: must be at least 0"),
+            (("bench", "--processes=0"), "--processes: must be at least 1"),
+            (("bench", "--max-tokens=-5"), "--max-tokens: must be at least 0"),
+        ]:
+            code, err = self.parse(*argv)
+            self.assertEqual(code, 2, argv)
+            self.assertIn(message, err)
+            self.assertEqual(len(err.splitlines()), 1, err)
+
+    def test_serverIsChecked(self) -> None:
+        for server, message in [
+            ("garbage", "Unknown endpoint type: 'garbage'"),
+            ("127.0.0.1:99999", "port 99999 of '127.0.0.1:99999' is outside 1-65535"),
+            ("tcp:host=h:port=0", "port 0"),
+            ("tcp:h:1:nonsense=1", "nonsense"),
+        ]:
+            code, err = self.parse("infer", f"--server={server}")
+            self.assertEqual(code, 2, server)
+            self.assertIn(message, err)
+            self.assertEqual(len(err.splitlines()), 1, err)
+
+    def test_defaults(self) -> None:
+        infer = cli._parser().parse_args(["infer"])
+        bench = cli._parser().parse_args(["bench", "--server=unix:/nowhere", "--timeout=2.5"])
+        self.assertEqual((infer.timeout, infer.server), (cli.DEFAULT_INFER_TIMEOUT, cli.DEFAULT_SERVER))
+        self.assertEqual((bench.timeout, bench.server), (2.5, "unix:/nowhere"))
+        self.assertEqual(cli._parser().parse_args(["bench"]).timeout, 0.0)  # off unless asked for

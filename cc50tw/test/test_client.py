@@ -10,17 +10,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hypothesis import given
-from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from cc50tw.backends.lcg import CPUEngine
 from cc50tw.backends.toy import ToyBackend
-from cc50tw.client import CC50ClientProtocol, Completion
+from cc50tw.client import CC50ClientProtocol, ClientTimeout, Completion, Response, connect
 from cc50tw.codec import (
     DoneStats,
     ErrorCode,
@@ -30,9 +28,12 @@ from cc50tw.codec import (
     decode_credit,
     encode_chunk,
     encode_done,
+    encode_error,
+    encode_hello,
 )
 from cc50tw.errors import ClientError
 from cc50tw.test.fakes import ManualBackend, make_factory
+from cc50tw.test.optional import HYPOTHESIS
 
 VECTORS = Path(__file__).parent / "data" / "cc50-v1-captured.json"
 
@@ -44,7 +45,7 @@ class ClientOverIOSimTests(SynchronousTestCase):
         self.clock = clock
         factory.backend = backend if backend is not None else ToyBackend(clock, CPUEngine(clock, None), 0)  # type: ignore[arg-type]
         self.client, self.server, self.pump = iosim.connectedServerAndClient(
-            lambda: factory.buildProtocol(None), CC50ClientProtocol, clock=clock
+            lambda: factory.buildProtocol(None), lambda: CC50ClientProtocol(clock), clock=clock
         )
 
     def test_collectGivesTextAndStats(self) -> None:
@@ -204,18 +205,6 @@ class ReceivePathTests(SynchronousTestCase):
         self.client = CC50ClientProtocol()
         self.client.makeConnection(self.transport)
 
-    @given(st.lists(st.binary(max_size=12), max_size=30), st.integers(1, 80))
-    def test_textIsWhatAnIncrementalDecoderGives(self, payloads: list[bytes], piece: int) -> None:
-        """Any bytes (split characters, invalid UTF-8) cut anywhere: the same text, replacements included."""
-        self.setUp()
-        answer = self.client.infer("p").collect()
-        stream = b"".join(encode_chunk(1, p) for p in payloads) + encode_done(1, DoneStats(len(payloads), 1))
-        for start in range(0, len(stream), piece):
-            self.client.dataReceived(stream[start : start + piece])
-        reference = codecs.getincrementaldecoder("utf-8")("replace")
-        expected = "".join(reference.decode(p) for p in payloads) + reference.decode(b"", final=True)
-        self.assertEqual(self.successResultOf(answer).text, expected)
-
     def test_queuedTextIsDecodedAlike(self) -> None:
         response = self.client.infer("p")
         euro = "€".encode()
@@ -243,3 +232,212 @@ class ReceivePathTests(SynchronousTestCase):
         self.client.dataReceived(encode_done(1, DoneStats(1, 1)))
         self.assertEqual(self.successResultOf(answer).text, "hand")
         self.assertEqual((response.chunkFrames, response.chunkBytes), (1, 4))
+
+
+# Property tests need hypothesis, so they are defined only where it imports
+# (cc50tw.test.optional says why).
+if HYPOTHESIS.available:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    class ReceivePathPropertyTests(SynchronousTestCase):
+        """ReceivePathTests' fast path, for any bytes cut anywhere."""
+
+        @given(st.lists(st.binary(max_size=12), max_size=30), st.integers(1, 80))
+        def test_textIsWhatAnIncrementalDecoderGives(self, payloads: list[bytes], piece: int) -> None:
+            """Any bytes (split characters, invalid UTF-8) cut anywhere: the same text, replacements included."""
+            client = CC50ClientProtocol()  # a fresh one for each example
+            client.makeConnection(StringTransport())
+            answer = client.infer("p").collect()
+            stream = b"".join(encode_chunk(1, p) for p in payloads) + encode_done(1, DoneStats(len(payloads), 1))
+            for start in range(0, len(stream), piece):
+                client.dataReceived(stream[start : start + piece])
+            reference = codecs.getincrementaldecoder("utf-8")("replace")
+            expected = "".join(reference.decode(p) for p in payloads) + reference.decode(b"", final=True)
+            self.assertEqual(self.successResultOf(answer).text, expected)
+
+else:
+    HypothesisTests = HYPOTHESIS.standIn(__name__)
+
+
+def sentFrames(transport: StringTransport) -> list[Frame]:
+    frames = [f for f in FrameDecoder(1 << 20).feed(transport.value()) if isinstance(f, Frame)]
+    transport.clear()
+    return frames
+
+
+class CancelTests(SynchronousTestCase):
+    """
+    Issue 16, item 13: after ``cancel()`` the application gets nothing more.
+    Before, ``async for`` went on through every chunk already buffered (about
+    100 of them in the reported case) before CANCELLED arrived.
+    """
+
+    def setUp(self) -> None:
+        self.transport = StringTransport()
+        self.client = CC50ClientProtocol()
+        self.client.makeConnection(self.transport)
+
+    def bufferedResponse(self, chunks: int = 100) -> Response:
+        response = self.client.infer("p")
+        self.client.dataReceived(b"".join(encode_chunk(1, b" token") for _ in range(chunks)))
+        self.transport.clear()
+        return response
+
+    def test_iterationRaisesAtOnceAfterCancel(self) -> None:
+        response = self.bufferedResponse()
+        received: list[str] = []
+
+        async def consume() -> None:
+            async for text in response:
+                received.append(text)
+                response.cancel()
+
+        consumed = Deferred.fromCoroutine(consume())
+        error = self.failureResultOf(consumed, ClientError).value
+        self.assertEqual((error.code, error.req_id), (ErrorCode.CANCELLED, 1))
+        self.assertEqual(received, [" token"])  # the other 99 buffered chunks are dropped
+        self.assertEqual([(f.type, f.req_id) for f in sentFrames(self.transport)], [(MessageType.REQ_CANCEL, 1)])
+
+    def test_waitingIteratorWakesOnCancel(self) -> None:
+        """A consumer waiting for the next chunk is not left waiting for the server's reply."""
+        response = self.client.infer("p")
+        step = Deferred.fromCoroutine(response.__anext__())
+        self.assertNoResult(step)
+        response.cancel()
+        self.assertEqual(self.failureResultOf(step, ClientError).value.code, ErrorCode.CANCELLED)
+
+    def test_nothingMoreIsDeliveredOrGranted(self) -> None:
+        response = self.client.infer("p", credit_bytes=12)
+        seen: list[str] = []
+        response.onChunk = seen.append
+        self.client.dataReceived(encode_chunk(1, b"before"))
+        self.transport.clear()  # REQ_INFER, and the credit "before" earned back
+        response.cancel()
+        response.cancel()  # twice: one REQ_CANCEL
+        self.client.dataReceived(encode_chunk(1, b"after, in flight") * 3)
+        self.assertEqual(seen, ["before"])
+        self.assertEqual([f.type for f in sentFrames(self.transport)], [MessageType.REQ_CANCEL])
+
+    def test_doneIsTheServersVerdict(self) -> None:
+        """CANCELLED from the server fails ``done``; the request is then forgotten."""
+        response = self.bufferedResponse(3)
+        response.cancel()
+        done = response.done
+        self.assertNoResult(done)
+        self.client.dataReceived(encode_error(1, ErrorCode.CANCELLED, "cancelled"))
+        self.assertEqual(self.failureResultOf(done, ClientError).value.code, ErrorCode.CANCELLED)
+        self.assertEqual(self.client.inFlight, 0)
+
+    def test_doneThatWonTheRaceKeepsItsStats(self) -> None:
+        """The server finished before the cancel arrived: ``done`` has the statistics, iteration still stops."""
+        response = self.bufferedResponse(3)
+        response.cancel()
+        self.client.dataReceived(encode_done(1, DoneStats(3, 99)))
+        self.assertEqual(self.successResultOf(response.done).tokens, 3)
+        step = Deferred.fromCoroutine(response.__anext__())
+        self.assertEqual(self.failureResultOf(step, ClientError).value.code, ErrorCode.CANCELLED)
+
+    def test_cancelAfterDoneDropsTheBufferWithoutAFrame(self) -> None:
+        response = self.bufferedResponse(5)
+        self.client.dataReceived(encode_done(1, DoneStats(5, 1)))
+        response.cancel()
+        self.assertEqual(sentFrames(self.transport), [])
+        step = Deferred.fromCoroutine(response.__anext__())
+        self.failureResultOf(step, ClientError)
+
+
+class RequestTimeoutTests(SynchronousTestCase):
+    """Issue 16, item 4: ``infer(timeout=)`` on a fake clock, against the real server protocol."""
+
+    def setUp(self) -> None:
+        self.backend = ManualBackend()
+        factory, self.clock = make_factory(self.backend)
+        self.client, self.server, self.pump = iosim.connectedServerAndClient(
+            lambda: factory.buildProtocol(None), lambda: CC50ClientProtocol(self.clock), clock=self.clock
+        )
+
+    def requestTimers(self) -> list[object]:
+        """The client's timers (the server's idle timer runs on the same clock)."""
+        calls = self.clock.getDelayedCalls()
+        return [call for call in calls if isinstance(getattr(getattr(call, "func", None), "__self__", None), Response)]
+
+    def test_timeoutCancelsOnTheWireAndFails(self) -> None:
+        response = self.client.infer("p", timeout=5)
+        answer = response.done
+        self.pump.flush()
+        self.clock.advance(4.9)
+        self.assertNoResult(answer)
+        self.clock.advance(0.1)
+        error = self.failureResultOf(answer, ClientTimeout).value
+        self.assertIsInstance(error, ClientError)  # handlers of every ClientError see it too
+        self.assertEqual((error.code, error.req_id, error.seconds), (ErrorCode.TIMEOUT, 1, 5))
+        self.assertEqual(str(error), "no answer within 5 s")
+        self.assertEqual(self.client.inFlight, 0)
+        self.pump.flush()
+        self.assertTrue(self.backend.streams[1].cancelled)  # REQ_CANCEL reached the server
+        self.assertEqual(self.requestTimers(), [])
+
+    def test_iterationRaisesTheTimeout(self) -> None:
+        response = self.client.infer("p", timeout=2)
+        received: list[str] = []
+
+        async def consume() -> None:
+            async for text in response:
+                received.append(text)
+
+        consumed = Deferred.fromCoroutine(consume())
+        self.pump.flush()
+        self.backend.streams[1].write(" partial")
+        self.pump.flush()
+        self.clock.advance(2)
+        self.failureResultOf(consumed, ClientTimeout)
+        self.assertEqual(received, [" partial"])
+
+    def test_answerInTimeLeavesNoTimer(self) -> None:
+        answer = self.client.infer("p", timeout=5).collect()
+        self.pump.flush()
+        self.backend.streams[1].write(" ok")
+        self.backend.streams[1].finish(generated_tokens=1)
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(answer).text, " ok")
+        self.assertEqual(self.requestTimers(), [])
+        self.clock.advance(10)
+        self.assertEqual(self.backend.streams[1].cancelled, False)
+
+    def test_nonPositiveTimeoutIsRefused(self) -> None:
+        self.assertRaises(ValueError, self.client.infer, "p", timeout=0)
+
+
+class ConnectTimeoutTests(SynchronousTestCase):
+    """Issue 16, item 4: ``connect(timeout=)`` on a fake reactor."""
+
+    def test_connectingTimesOut(self) -> None:
+        reactor = MemoryReactorClock()
+        connecting = connect(reactor, "127.0.0.1:9", timeout=3)
+        self.assertNoResult(connecting)
+        reactor.advance(3)
+        error = self.failureResultOf(connecting, ClientTimeout).value
+        self.assertEqual(str(error), "no connection to 127.0.0.1:9 within 3 s")
+        self.assertTrue(reactor.connectors[0].stoppedConnecting)  # type: ignore[attr-defined]
+
+    def test_unansweredHelloTimesOutAndCloses(self) -> None:
+        reactor = MemoryReactorClock()
+        connecting = connect(reactor, "127.0.0.1:9", b"secret", timeout=3)
+        transport = StringTransport()
+        protocol = reactor.tcpClients[0][2].buildProtocol(None)
+        protocol.makeConnection(transport)
+        self.assertEqual(transport.value(), encode_hello(b"secret"))
+        reactor.advance(3)
+        self.failureResultOf(connecting, ClientTimeout)
+        self.assertTrue(transport.disconnecting)
+
+    def test_connectedInTimeLeavesNoTimer(self) -> None:
+        reactor = MemoryReactorClock()
+        connecting = connect(reactor, "127.0.0.1:9", b"secret", timeout=3)
+        protocol = reactor.tcpClients[0][2].buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(encode_hello(b"cc50tw/test"))
+        client = self.successResultOf(connecting)
+        self.assertIs(client.clock, reactor)  # request timeouts run on the same reactor
+        self.assertEqual(reactor.getDelayedCalls(), [])

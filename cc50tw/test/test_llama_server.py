@@ -34,17 +34,17 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from cc50tw.backends import installed_backends
-from cc50tw.backends.llama_server import (
+from cc50tw.backends.http import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_FIRST_EVENT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
-    LlamaServerBackend,
     UpstreamEndpoints,
     UpstreamHTTPClient,
-    UpstreamStream,
     makeHTTPClient,
     normalizeURL,
 )
+from cc50tw.backends.http.attempt import Attempt
+from cc50tw.backends.llama_server import LlamaServerBackend
 from cc50tw.codec import ErrorCode
 from cc50tw.errors import BackendError
 from cc50tw.interfaces import GenerationResult, InferenceRequest, ITokenSink
@@ -308,7 +308,7 @@ class CompletionStreamingTests(SynchronousTestCase):
         self.assertEqual(sink.writes, [" the", " café", " 日本"])
         self.assertEqual(h.results, [])
         h.upstream.send(chunk(completionEvents([" the", " café", " 日本"])[-1]))
-        self.assertEqual(h.result(), GenerationResult(4, 3))
+        self.assertEqual(h.result()[:2], (4, 3))
         self.assertEqual((sink.registrations, sink.unregistrations), (1, 1))
 
     def test_countsComeFromTheUpstreamNotFromEvents(self) -> None:
@@ -316,7 +316,7 @@ class CompletionStreamingTests(SynchronousTestCase):
         h = Harness()
         _, sink = h.generate()
         h.upstream.send(completionResponse(["ab", "cd"], prompt=9, predicted=5))
-        self.assertEqual(h.result(), GenerationResult(9, 5))
+        self.assertEqual(h.result()[:2], (9, 5))
         self.assertEqual(sink.text, "abcd")
 
     def test_everyByteInItsOwnRead(self) -> None:
@@ -325,14 +325,14 @@ class CompletionStreamingTests(SynchronousTestCase):
         for byte in completionResponse(["x", " é", "🙂", " end"]):
             h.upstream.send(bytes([byte]))
         self.assertEqual(sink.text, "x é🙂 end")
-        self.assertEqual(h.result(), GenerationResult(4, 4))
+        self.assertEqual(h.result()[:2], (4, 4))
 
     def test_severalEventsInOneRead(self) -> None:
         h = Harness()
         _, sink = h.generate(max_tokens=20)
         h.upstream.send(completionResponse([str(i) for i in range(20)]))
         self.assertEqual(sink.writes, [str(i) for i in range(20)])
-        self.assertEqual(h.result(), GenerationResult(4, 20))
+        self.assertEqual(h.result()[:2], (4, 20))
 
     def test_doneAtTheLastAllowedToken(self) -> None:
         """The answer is complete at max_tokens: the result does not wait for the final event."""
@@ -340,7 +340,7 @@ class CompletionStreamingTests(SynchronousTestCase):
         _, sink = h.generate(max_tokens=3)
         events = completionEvents(["a", "b", "c"], prompt=5)
         h.upstream.send(sseHead() + b"".join(chunk(e) for e in events[:3]))
-        self.assertEqual(h.result(), GenerationResult(5, 3))
+        self.assertEqual(h.result()[:2], (5, 3))
         self.assertEqual(sink.writes, ["a", "b", "c"])
         self.assertEqual((sink.registrations, sink.unregistrations), (1, 1))
         self.assertEqual(len(h.backend.draining), 1)
@@ -357,7 +357,7 @@ class CompletionStreamingTests(SynchronousTestCase):
         h = Harness()
         h.generate(max_tokens=2)
         h.upstream.send(sseHead() + b"".join(chunk(e) for e in completionEvents(["a", "b"])[:2]))
-        self.assertEqual(h.result(), GenerationResult(4, 2))
+        self.assertEqual(h.result()[:2], (4, 2))
         h.reactor.advance(h.backend.idle_timeout - 1)
         self.assertFalse(h.upstream.transport().disconnecting)
         h.reactor.advance(1)
@@ -368,7 +368,7 @@ class CompletionStreamingTests(SynchronousTestCase):
         h = Harness()
         h.generate(max_tokens=1)
         h.upstream.send(sseHead() + chunk(completionEvents(["a"])[0]))
-        self.assertEqual(h.result(), GenerationResult(4, 1))
+        self.assertEqual(h.result()[:2], (4, 1))
         h.backend.stopBackend()
         self.assertTrue(h.upstream.transport().disconnecting)
         self.assertEqual((h.backend.draining, h.reactor.getDelayedCalls()), (set(), []))
@@ -406,7 +406,7 @@ class CompletionStreamingTests(SynchronousTestCase):
         h.upstream.send(sseHead() + b"".join(chunk(e) for e in events[:3]))
         self.assertEqual(h.results, [])
         h.upstream.send(chunk(events[3]))
-        self.assertEqual(h.result(), GenerationResult(5, 3))
+        self.assertEqual(h.result()[:2], (5, 3))
 
     def test_surrogatePairSplitAcrossEvents(self) -> None:
         """A character escaped as a surrogate pair split over two events is written whole."""
@@ -425,7 +425,7 @@ class CompletionStreamingTests(SynchronousTestCase):
         body = b':\r\n\r\ndata: {"content":"x","stop":false}\r\n\r\n:\n\ndata: {"content":"","stop":true,"tokens_predicted":1,"tokens_evaluated":2}\r\n\r\n'
         h.upstream.send(sseHead() + chunk(body) + LAST_CHUNK)
         self.assertEqual(sink.text, "x")
-        self.assertEqual(h.result(), GenerationResult(2, 1))
+        self.assertEqual(h.result()[:2], (2, 1))
 
     def test_emptyContentIsNotWritten(self) -> None:
         h = Harness()
@@ -466,7 +466,7 @@ class OpenAIStreamingTests(SynchronousTestCase):
         ]
         h.upstream.send(sseHead() + b"".join(chunk(e) for e in events) + LAST_CHUNK)
         self.assertEqual(sink.text, " upon a")
-        self.assertEqual(h.result(), GenerationResult(2, 7))
+        self.assertEqual(h.result()[:2], (2, 7))
 
     def test_usageInAChunkWithoutChoices(self) -> None:
         """OpenAI and vLLM send usage in a last chunk whose choices are empty."""
@@ -478,7 +478,7 @@ class OpenAIStreamingTests(SynchronousTestCase):
             b"data: [DONE]\n\n",
         ]
         h.upstream.send(sseHead() + b"".join(chunk(e) for e in events) + LAST_CHUNK)
-        self.assertEqual(h.result(), GenerationResult(3, 1))
+        self.assertEqual(h.result()[:2], (3, 1))
 
     def test_chatCompletions(self) -> None:
         h = Harness("/v1/chat/completions")
@@ -496,7 +496,7 @@ class OpenAIStreamingTests(SynchronousTestCase):
         ]
         h.upstream.send(sseHead() + b"".join(chunk(e) for e in events) + LAST_CHUNK)
         self.assertEqual(sink.text, "Hello")
-        self.assertEqual(h.result(), GenerationResult(5, 2))
+        self.assertEqual(h.result()[:2], (5, 2))
 
     def test_endWithoutDoneAfterFinishReasonIsAccepted(self) -> None:
         h = Harness("/v1/completions")
@@ -544,7 +544,8 @@ class RequestErrorTests(SynchronousTestCase):
         self.assertIn("2.5s", h.error().message)
         self.assertIn("--llama-connect-timeout", h.error().message)
 
-    def test_contextOverflowIs400WithTheUpstreamMessage(self) -> None:
+    def test_contextOverflowIsTooLargeWithTheUpstreamMessage(self) -> None:
+        """The client's request does not fit: TOO_LARGE, the upstream's words, and no mark against it."""
         h = Harness()
         h.generate()
         body = json.dumps(
@@ -560,8 +561,9 @@ class RequestErrorTests(SynchronousTestCase):
         ).encode()
         h.upstream.send(errorResponse(400, b"Bad Request", body))
         error = h.error()
-        self.assertEqual(error.code, ErrorCode.BACKEND_ERROR)
+        self.assertEqual(error.code, ErrorCode.TOO_LARGE)
         self.assertIn("HTTP 400", error.message)
+        self.assertTrue(h.backend.pool.isUp(h.backend.pool.members[0]))
         self.assertIn("exceeds the available context size", error.message)
 
     def test_loadingIs503Unavailable(self) -> None:
@@ -605,7 +607,7 @@ class RequestErrorTests(SynchronousTestCase):
         self.assertEqual(len(h.upstream.connections), 2)
         h.upstream.send(completionResponse(["ok"]))
         self.assertEqual(sink.text, "ok")
-        self.assertEqual(h.result(), GenerationResult(4, 1))
+        self.assertEqual(h.result()[:2], (4, 1))
 
     def test_retryUsesABrandNewConnection(self) -> None:
         """Not the pool, which may hold more connections the upstream has closed."""
@@ -617,7 +619,7 @@ class RequestErrorTests(SynchronousTestCase):
         self.assertEqual((len(h.upstream.connections), len(fresh.connections)), (1, 1))
         fresh.send(completionResponse(["ok"]))
         self.assertEqual(sink.text, "ok")
-        self.assertEqual(h.result(), GenerationResult(4, 1))
+        self.assertEqual(h.result()[:2], (4, 1))
 
     def test_connectionLostDuringTheHeaders(self) -> None:
         h = Harness()
@@ -741,7 +743,7 @@ class StreamErrorTests(SynchronousTestCase):
 
         def ours() -> list[object]:
             functions = [getattr(call, "func", None) for call in h.reactor.getDelayedCalls()]
-            return [f for f in functions if isinstance(f, MethodType) and isinstance(f.__self__, UpstreamStream)]
+            return [f for f in functions if isinstance(f, MethodType) and isinstance(f.__self__, Attempt)]
 
         h.generate()
         self.assertEqual(len(ours()), 1)
@@ -797,7 +799,7 @@ class InMemoryHTTPErrorTests(SynchronousTestCase):
         )
         results, _ = self.generate(resource)
         error = self.failure(results)
-        self.assertEqual((error.code, "prompt too long" in error.message), (ErrorCode.BACKEND_ERROR, True))
+        self.assertEqual((error.code, "prompt too long" in error.message), (ErrorCode.BAD_REQUEST, True))
         self.assertEqual(resource.requests[0][0], b"/completion")
 
     def test_503(self) -> None:
@@ -820,7 +822,7 @@ class InMemoryHTTPErrorTests(SynchronousTestCase):
         resource = self.Upstream(200, b"".join(completionEvents(["x", "y"])), b"text/event-stream")
         results, sink = self.generate(resource)
         self.assertEqual(sink.text, "xy")
-        self.assertEqual(results, [GenerationResult(4, 2)])
+        self.assertEqual(results, [GenerationResult(4, 2, "limit")])
 
 
 # Cancellation --------------------------------------------------------------
@@ -930,7 +932,7 @@ class PauseResumeTests(SynchronousTestCase):
         self.assertEqual(sink.writes, ["a", "b", "c"])
         self.assertEqual(h.results, [])  # the final event is still queued
         sink.producer.resumeProducing()
-        self.assertEqual(h.result(), GenerationResult(4, 3))
+        self.assertEqual(h.result()[:2], (4, 3))
         h.upstream.send(LAST_CHUNK)
         self.assertEqual(len(h.results), 1)
 
@@ -971,7 +973,7 @@ class PauseResumeTests(SynchronousTestCase):
         assert sink.producer is not None
         self.assertEqual(h.upstream.transport().producerState, "paused")
         sink.producer.resumeProducing()
-        self.assertEqual(h.result(), GenerationResult(4, 1))
+        self.assertEqual(h.result()[:2], (4, 1))
         self.assertEqual(h.upstream.transport().producerState, "producing")
 
     def test_finalEventWithTextThatPausesStillReleasesTheConnection(self) -> None:
@@ -982,7 +984,7 @@ class PauseResumeTests(SynchronousTestCase):
         final = event(content="end", stop=True, tokens_predicted=1, tokens_evaluated=2)
         h.upstream.send(sseHead() + chunk(final))
         self.assertEqual(sink.writes, ["end"])
-        self.assertEqual(h.result(), GenerationResult(2, 1))
+        self.assertEqual(h.result()[:2], (2, 1))
         self.assertEqual(h.upstream.transport().producerState, "producing")
         h.upstream.send(LAST_CHUNK)
         h.generate()
@@ -996,7 +998,7 @@ class PauseResumeTests(SynchronousTestCase):
         sink.producer.pauseProducing()
         sink.producer.resumeProducing()
         sink.producer.stopProducing()
-        self.assertEqual(h.result(), GenerationResult(4, 1))
+        self.assertEqual(h.result()[:2], (4, 1))
 
 
 # Start-up check and options ------------------------------------------------
@@ -1130,7 +1132,7 @@ class ProbeLifetimeTests(SynchronousTestCase):
     def test_whatCountsAsCancelled(self) -> None:
         from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
 
-        from cc50tw.backends.upstream import _wasCancelled
+        from cc50tw.backends.http.faults import wasCancelled as _wasCancelled
 
         cancelled = Failure(CancelledError())
         self.assertTrue(_wasCancelled(cancelled))

@@ -76,7 +76,7 @@ class RequestTests(SynchronousTestCase):
         self.assertNotIn("authorization", headers)
         h.upstream.send(completionStream([" upon", " a"], {"prompt_tokens": 2, "completion_tokens": 7}))
         self.assertEqual(sink.text, " upon a")
-        self.assertEqual(h.results, [GenerationResult(2, 7)])
+        self.assertEqual(h.results, [GenerationResult(2, 7, "length")])
 
     def test_chatSendsThePromptAsOneUserMessage(self) -> None:
         h = Harness(model="m", chat=True)
@@ -93,7 +93,7 @@ class RequestTests(SynchronousTestCase):
         ]
         h.upstream.send(sseHead() + b"".join(chunk(e) for e in events) + LAST_CHUNK)
         self.assertEqual(sink.text, "Hey")
-        self.assertEqual(h.results, [GenerationResult(9, 1)])
+        self.assertEqual(h.results, [GenerationResult(9, 1, "stop")])
 
     def test_noModelOmitsIt(self) -> None:
         h = Harness()
@@ -180,7 +180,7 @@ class OptionsTests(SynchronousTestCase):
         assert isinstance(backend, OpenAIBackend)
         self.assertEqual(backend.urls, ["http://10.0.0.1:8000", "http://10.0.0.2:8000"])
         self.assertEqual((backend.model, backend.chat), ("qwen", True))
-        self.assertEqual(backend.extraHeaders, {b"Authorization": [b"Bearer sk-abc"]})
+        self.assertEqual(dict(backend.settings.headers), {b"Authorization": (b"Bearer sk-abc",)})
         self.assertEqual((backend.connect_timeout, backend.first_event_timeout, backend.idle_timeout), (1.5, 20, 7))
         self.assertEqual((backend.health_interval, backend.health_path, backend.pool.backoff), (2, "/v1/models", 3))
         self.assertEqual(backend.dialect.path, "/v1/chat/completions")
@@ -190,7 +190,7 @@ class OptionsTests(SynchronousTestCase):
         assert isinstance(backend, OpenAIBackend)
         self.assertEqual((backend.model, backend.chat, backend.health_path), (None, False, "/health"))
         self.assertEqual(backend.dialect.path, "/v1/completions")
-        self.assertEqual(backend.extraHeaders, {})
+        self.assertEqual(dict(backend.settings.headers), {})
 
     def test_urlIsRequired(self) -> None:
         with self.assertRaises(usage.UsageError) as caught:

@@ -245,3 +245,82 @@ class DrainOrderTests(SynchronousTestCase):
         self.assertNotIn("close-then-write", transport.events)
         protocol.connectionLost(None)  # type: ignore[arg-type]
         self.successResultOf(stopped)
+
+
+def quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """``histogram_quantile`` over cumulative ``(upper bound, count)`` pairs, as PromQL interpolates it."""
+    total = buckets[-1][1]
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    return lower
+
+
+class StandardMetricsTests(SynchronousTestCase):
+    """Issue #16: the series every dashboard expects, and TTFT buckets fine enough to read."""
+
+    def test_processAndPythonSeries(self) -> None:
+        factory, _ = make_factory(ManualBackend())
+        text = generate_latest(factory.metrics.registry).decode()
+        for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_info", "python_gc_objects_collected_total"):
+            self.assertIn(name, text)
+
+    def test_ttftQuantileOfA51msRequest(self) -> None:
+        backend = ManualBackend()
+        factory, clock = make_factory(backend)
+        connection = Connection(factory)
+        connection.send(encode_infer(1, "a"))
+        clock.advance(0.051)
+        backend.streams[1].write("x")
+        backend.streams[1].finish(prompt_tokens=1, generated_tokens=1)
+        registry = factory.metrics.registry
+        buckets = [
+            (float(s.labels["le"]), s.value)
+            for metric in registry.collect()
+            if metric.name == "cc50_time_to_first_token_seconds"
+            for s in metric.samples
+            if s.name.endswith("_bucket") and s.labels["le"] != "+Inf"
+        ]
+        p50 = quantile(buckets, 0.5)
+        self.assertLess(abs(p50 - 0.051) / 0.051, 0.1, p50)
+
+
+class StartupLineAndExposureTests(SynchronousTestCase):
+    """Issue #16: the start-up line names the metrics endpoint; plain TCP beyond loopback without auth warns."""
+
+    def service(self, descriptions: list[str], authenticated: bool = False, metrics: str | None = None) -> object:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from cc50tw.tap import CC50Service
+
+        reactor = MemoryReactorClock()
+        factory, _ = make_factory(ManualBackend())
+        return CC50Service(
+            factory.backend, factory, descriptions, reactor, metricsDescription=metrics, authenticated=authenticated
+        )
+
+    def start(self, service: object) -> str:
+        with capturedLogs() as events:
+            service.startService()  # type: ignore[attr-defined]
+        return "\n".join(formatEvent(event) for event in events)
+
+    def test_startLineNamesMetrics(self) -> None:
+        text = self.start(self.service(["tcp:9199:interface=127.0.0.1"], metrics="tcp:9100:interface=127.0.0.1"))
+        self.assertIn("on tcp:9199:interface=127.0.0.1; metrics on tcp:9100:interface=127.0.0.1", text)
+
+    def test_everyInterfaceWithoutAuthWarns(self) -> None:
+        for description, warned in [
+            ("tcp:9199", "0.0.0.0:9199"),
+            ("tcp:9199:interface=10.1.2.3", "10.1.2.3:9199"),
+            ("tcp6:9199", ":::9199"),
+            ("haproxy:tcp:9199", "0.0.0.0:9199"),
+        ]:
+            self.assertIn(f"cc50 is serving {warned} beyond this host", self.start(self.service([description])))
+
+    def test_loopbackUnixOrAuthDoNotWarn(self) -> None:
+        for description in ["tcp:9199:interface=127.0.0.1", r"tcp6:9199:interface=\:\:1", "unix:/tmp/cc50-test.sock"]:
+            self.assertNotIn("beyond this host", self.start(self.service([description])))
+        self.assertNotIn("beyond this host", self.start(self.service(["tcp:9199"], authenticated=True)))

@@ -26,9 +26,9 @@ from zope.interface import implementer
 
 import cc50tw.backends
 from cc50tw.backends import BackendSpec, Repeatable, installed_backends
+from cc50tw.backends.http import makeHTTPClient
 from cc50tw.backends.llama_server import LlamaServerBackend
 from cc50tw.backends.pool import MAX_BACKOFF_FACTOR, Upstream, UpstreamPool
-from cc50tw.backends.upstream import makeHTTPClient
 from cc50tw.codec import ErrorCode
 from cc50tw.errors import BackendError
 from cc50tw.interfaces import GenerationResult, IBackendMetrics, InferenceRequest
@@ -148,7 +148,7 @@ class RoutingTests(SynchronousTestCase):
         results, sink = p.generate()
         p.complete(A, ["x"])
         self.assertEqual(sink.text, "x")
-        self.assertEqual(results, [GenerationResult(4, 1)])
+        self.assertEqual(results, [GenerationResult(4, 1, "limit")])
 
     def test_duplicateURLsAreRefused(self) -> None:
         with self.assertRaises(ValueError) as caught:
@@ -175,7 +175,7 @@ class PassiveHealthTests(SynchronousTestCase):
         self.assertEqual(p.member(B).outstanding, 1)
         p.complete(B, ["fine"])
         self.assertEqual(sink.text, "fine")
-        self.assertEqual(results, [GenerationResult(4, 1)])
+        self.assertEqual(results, [GenerationResult(4, 1, "limit")])
         self.assertEqual((sink.registrations, sink.unregistrations), (1, 1))
         a = p.member(A)
         self.assertEqual((a.outcomes["failed"], a.retries, a.backoffs, a.outstanding), (1, 1, 1, 0))
@@ -230,28 +230,32 @@ class PassiveHealthTests(SynchronousTestCase):
         results, _ = p.generate()  # nothing is up: every upstream is a candidate
         self.assertEqual(p.member(A).outstanding, 1)
         p.complete(A)
-        self.assertEqual(results, [GenerationResult(4, 1)])
+        self.assertEqual(results, [GenerationResult(4, 1, "limit")])
         self.assertTrue(pool.isUp(p.member(A)))
         self.assertEqual(p.member(A).failures, 0)
         self.assertFalse(pool.isUp(p.member(B)))
 
     def test_5xxBeforeStreamingIsRetried(self) -> None:
-        for code, phrase in ((500, b"Internal Server Error"), (503, b"Service Unavailable")):
+        """
+        Both are tried elsewhere; a 503 (not ready) is held against the
+        upstream, a 500 is not: one request can cause it.
+        """
+        for code, phrase, unhealthy in ((500, b"Internal Server Error", False), (503, b"Service Unavailable", True)):
             p = Pool()
             results, sink = p.generate()
             p.upstreams[A].send(errorResponse(code, phrase, b'{"error":{"message":"boom"}}'))
             self.assertEqual(results, [])
             p.complete(B, ["saved"])
             self.assertEqual(sink.text, "saved")
-            self.assertEqual(results, [GenerationResult(4, 1)])
-            self.assertEqual(p.member(A).outcomes["failed"], 1)
-            self.assertFalse(p.backend.pool.isUp(p.member(A)))
+            self.assertEqual(results, [GenerationResult(4, 1, "limit")])
+            self.assertEqual(p.member(A).outcomes["failed" if unhealthy else "error"], 1)
+            self.assertEqual(p.backend.pool.isUp(p.member(A)), not unhealthy)
 
     def test_4xxIsTheRequestsFaultNotTheUpstreams(self) -> None:
         p = Pool()
         results, _ = p.generate()
         p.upstreams[A].send(errorResponse(400, b"Bad Request", b'{"error":{"message":"prompt too long"}}'))
-        self.assertEqual(error(results).code, ErrorCode.BACKEND_ERROR)
+        self.assertEqual(error(results).code, ErrorCode.BAD_REQUEST)
         self.assertIn("prompt too long", error(results).message)
         self.assertEqual(p.posts(B), 0)
         self.assertTrue(p.backend.pool.isUp(p.member(A)))
@@ -293,7 +297,7 @@ class PassiveHealthTests(SynchronousTestCase):
         self.assertEqual(results, [])
         p.complete(B, ["whole"])
         self.assertEqual(sink.writes, ["whole"])
-        self.assertEqual(results, [GenerationResult(4, 1)])
+        self.assertEqual(results, [GenerationResult(4, 1, "limit")])
 
     def test_lateBytesFromTheAbandonedAttemptAreIgnored(self) -> None:
         p = Pool()
@@ -303,7 +307,7 @@ class PassiveHealthTests(SynchronousTestCase):
         p.upstreams[A].send(chunk(completionEvents(["ghost"])[0]))
         p.complete(B, ["real"])
         self.assertEqual(sink.text, "real")
-        self.assertEqual(results, [GenerationResult(4, 1)])
+        self.assertEqual(results, [GenerationResult(4, 1, "limit")])
 
     def test_staleKeepAliveIsRetriedOnTheSameUpstreamFirst(self) -> None:
         """A pooled connection closed under us is not the upstream's fault: new connection, same upstream."""
@@ -313,7 +317,7 @@ class PassiveHealthTests(SynchronousTestCase):
         self.assertEqual(len(p.upstreams[A].connections), 2)
         self.assertEqual(len(p.upstreams[B].connections), 0)
         p.complete(A, ["ok"])
-        self.assertEqual(results, [GenerationResult(4, 1)])
+        self.assertEqual(results, [GenerationResult(4, 1, "limit")])
         self.assertTrue(p.backend.pool.isUp(p.member(A)))
 
     def test_cancelledWhileTheRetryConnects(self) -> None:
