@@ -34,15 +34,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import treq
+from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import react
 from twisted.web.client import HTTPConnectionPool, ResponseNeverReceived
 
-from cc50tw.backends.upstream import (
+from cc50tw.backends.http import (
     CACHED_CONNECTION_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
     MAX_PERSISTENT_PER_HOST,
-    makeHTTPClient,
     upstreamAgent,
 )
 from cc50tw.client import CC50ClientProtocol, connect
@@ -80,9 +80,9 @@ class DirectClient:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
         self.pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
-        self.http = makeHTTPClient(upstreamAgent(reactor, DEFAULT_CONNECT_TIMEOUT, self.pool))
+        self.http = HTTPClient(upstreamAgent(reactor, DEFAULT_CONNECT_TIMEOUT, self.pool))
         fresh = HTTPConnectionPool(reactor, persistent=False)
-        self.fresh = makeHTTPClient(upstreamAgent(reactor, DEFAULT_CONNECT_TIMEOUT, fresh))
+        self.fresh = HTTPClient(upstreamAgent(reactor, DEFAULT_CONNECT_TIMEOUT, fresh))
 
     async def stream(self, url: str, prompt: str, max_tokens: int, onText: Callable[[str], object]) -> int:
         """One streamed ``/completion``: ``onText`` for each non-empty piece; the tokens llama-server counted."""
@@ -283,7 +283,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--twistd-arg",
         action="append",
         default=[],
-        help="extra twistd cc50 option for the bridge, e.g. --twistd-arg=--llama-preconnect (repeatable)",
+        help="extra twistd cc50 option for the bridge, e.g. --twistd-arg=--llama-idle-timeout=30 (repeatable)",
     )
     parser.add_argument("--json", help="also write the figures here")
     return parser.parse_args(argv)

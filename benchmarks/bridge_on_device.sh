@@ -15,7 +15,6 @@
 #   trace       trace_llama_bridge.py, back to back, 20 ms apart, and 4 at once
 #   bench       bench_llama_bridge.py --preset small
 #   large       bench_llama_bridge.py --preset large (about 6 minutes there; needs gguf in .whl)
-#   preconnect  the bridge with and without --llama-preconnect, alternating, three rounds
 #   ab          this tree against another, alternating, three rounds: put the other in .baseline/
 #               (git-ignored; e.g. `git archive HEAD~1 | tar -x -C .baseline`) and carry it too
 #   profile     py-spy of the twistd bridge during a trace
@@ -60,15 +59,6 @@ for s in $STEPS; do
                 step "A/B round $round: $name"
                 (cd "$variant" && PYTHONPATH=$SITE:$variant $PY benchmarks/bench_llama_bridge.py --preset small \
                     --json "$OUT/ab-$name-$round.json" | grep -E "^concurrency|bridge/direct")
-            done
-        done
-        ;;
-    preconnect)
-        for round in 1 2 3; do
-            for flag in "" "--llama-preconnect"; do
-                step "round $round: bridge ${flag:-with defaults}"
-                $PY benchmarks/bench_llama_bridge.py --preset small ${flag:+--twistd-arg=$flag} \
-                    --json "$OUT/pre-${flag:-default}-$round.json" | grep -E "^concurrency|bridge/direct"
             done
         done
         ;;

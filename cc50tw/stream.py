@@ -304,7 +304,9 @@ class RequestStream:
 
     def _done(self, result: GenerationResult) -> None:
         now = self.services.clock()
-        first = self.firstChunkAt if self.firstChunkAt is not None else now
+        # No chunk, no time to first chunk: 0, as the log says "none" and the
+        # TTFT histogram records nothing.
+        first = self.firstChunkAt if self.firstChunkAt is not None else self.startedAt
         try:
             generated = _count(result.generated_tokens)
             stats = DoneStats(

@@ -37,13 +37,13 @@ def test_bench_llama_bridge_compares_both_paths(tmp_path: Path) -> None:
         "--concurrency",
         "1",
         "2",
-        "--twistd-arg=--llama-preconnect",
+        "--twistd-arg=--llama-reasoning=drop",
         f"--json={out}",
     )
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr  # both paths produced the same text
     report = json.loads(out.read_text())
-    assert report["twistd_args"] == ["--llama-preconnect"]
+    assert report["twistd_args"] == ["--llama-reasoning=drop"]
     for level in ("1", "2"):
         figures = report["levels"][level]
         for path in ("direct", "bridge"):

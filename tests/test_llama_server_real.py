@@ -178,61 +178,6 @@ async def test_eight_concurrent_requests_on_one_connection(llama: LlamaServer, c
     assert tokens / decodes > 2.0, (tokens, decodes)
 
 
-def connections_to(port: int, pid: int) -> int:
-    """Established TCP connections that process ``pid`` holds to ``port`` on loopback (from /proc)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = fd.readlink().name
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        remote_port = int(fields[2].split(":")[1], 16)
-        if remote_port == port and fields[3] == "01" and fields[9] in inodes:
-            count += 1
-    return count
-
-
-@pytest_twisted.ensureDeferred
-async def test_preconnect_keeps_a_spare_and_streams_the_same(llama: LlamaServer, cc50_server: StartCC50) -> None:
-    """
-    ``--llama-preconnect``: after each request one connection stays open and
-    idle for the next (llama-server closes the one it streamed on); answers
-    are unchanged, and more requests than slots still all complete.
-    """
-    # Health checks once at start-up only, from the backend and the service.
-    quiet = ("--llama-health-interval=0", "--health-interval=3600")
-    server = bridge(cc50_server, llama.url, "--llama-preconnect", *quiet)
-    plain = bridge(cc50_server, llama.url, *quiet)
-    started = time.monotonic()  # both have made their start-up health checks by now
-    prompts = [f"Spare connection test {i}" for i in range(4)]
-    references = [reference_completion(llama, prompt, 24).text for prompt in prompts]
-    client = await connect(reactor, server.endpoint)
-    plainClient = await connect(reactor, plain.endpoint)
-    # The start-up health checks' kept-alive connections linger for the
-    # pool's 4 s; let them go, so what is left below is the spare alone.
-    await sleep(max(0.0, started + 4.5 - time.monotonic()))
-    try:
-        for prompt, reference in zip(prompts * 2, references * 2):
-            completion = await client.infer(prompt, max_tokens=24).collect()
-            assert completion.text == reference
-        await plainClient.infer(prompts[0], max_tokens=24).collect()
-        await sleep(0.1)  # llama-server closes the streamed-on connections; the spare is already up
-        assert connections_to(llama.port, server.process.pid) == 1
-        assert connections_to(llama.port, plain.process.pid) == 0
-        completions = await gatherResults(
-            [client.infer(f"Concurrent {i}", max_tokens=64).collect() for i in range(8)], consumeErrors=True
-        )
-    finally:
-        await client.close()
-        await plainClient.close()
-    assert [c.stats.generated_tokens for c in completions] == [64] * 8
-
-
 @pytest_twisted.ensureDeferred
 async def test_ipv6_literal_upstream(cc50_server: StartCC50, tmp_path: Path) -> None:
     """``--llama-url=http://[::1]:PORT``: health checks and streams (treq alone cannot GET such a URL)."""

@@ -480,11 +480,11 @@ def test_tls_server_with_ca_and_hostname_verification(cc50_server: StartCC50, pk
         assert out == " token" * 4 + "\n"
     # A CA that did not sign the server's certificate: refused.
     code, out, err = cli_infer(tls_client(port, pki.other_ca_dir))
-    assert code == 2 and "token" not in out
+    assert code == 1 and "token" not in out
     assert "TLS: " in err and "certificate verify failed" in err and "Traceback" not in err, err
     # The right CA, but a certificate for another name: refused.
     code, out, err = cli_infer(tls_client(wrong_name_port, pki.server_ca_dir))
-    assert code == 2 and "token" not in out
+    assert code == 1 and "token" not in out
     assert "TLS: " in err and "DNSMismatch" in err and "Traceback" not in err, err
     # Plain CC50 on a TLS port gets nowhere, and hurts nobody.
     with pytest.raises((ConnectionClosed, ConnectionError, TimeoutError)):
@@ -501,7 +501,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(cc50_server: Start
     assert out == " token" * 4 + "\n"
     for who, client in (("no client certificate", None), ("a certificate from another CA", pki.rogue_client)):
         code, out, err = cli_infer(tls_client(port, pki.server_ca_dir, client))
-        assert code == 2 and "token" not in out, f"{who}: exit {code}, {out!r}, {err}"
+        assert code == 1 and "token" not in out, f"{who}: exit {code}, {out!r}, {err}"
         assert "TLS: " in err and "Traceback" not in err, err
     code, _, err = cli_infer(tls_client(port, pki.server_ca_dir, pki.client))
     assert code == 0, err
