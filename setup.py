@@ -18,7 +18,7 @@ setup(
     packages=find_packages(include=["cc50tw", "cc50tw.*"]) + ["twisted.plugins"],
     package_data={"twisted.plugins": ["cc50_plugin.py"], "cc50tw.test": ["data/*.json"]},
     install_requires=[
-        "twisted>=24.7",
+        "twisted[tls]>=24.7",
         "treq>=24.9",
         "hyperlink>=21",
         "zope.interface>=6",
