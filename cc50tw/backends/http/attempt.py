@@ -21,7 +21,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from cc50tw.backends.http.client import MAX_BODY_READ, BodyCollector, UpstreamHTTPClient, discard
-from cc50tw.backends.http.faults import Fault, connectionFault, httpFault, neverAnswered
+from cc50tw.backends.http.faults import Fault, connectionFault, httpFault, isTLSFailure, neverAnswered
 from cc50tw.backends.http.options import UpstreamSettings
 from cc50tw.codec import ErrorCode
 from cc50tw.sse import SSEError, SSEEvent, SSEParser
@@ -110,7 +110,8 @@ class Attempt:
         if self.over:
             return
         fault = connectionFault(failure, self.request.where, self.settings.connect_timeout, self.request.optionPrefix)
-        self._report(fault, stale=self.pooled and neverAnswered(failure))
+        # A handshake that failed was a new connection, not a stale reused one.
+        self._report(fault, stale=self.pooled and neverAnswered(failure) and not isTLSFailure(failure))
 
     def _gotResponse(self, response: IResponse) -> None:
         self._pending = None

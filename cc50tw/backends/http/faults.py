@@ -166,6 +166,10 @@ def _reasons(failure: Failure) -> list[Failure]:
     return found
 
 
+def isTLSFailure(failure: Failure) -> bool:
+    return _tlsReason(failure) is not None
+
+
 def _tlsReason(failure: Failure) -> str | None:
     """The verifier's (or OpenSSL's) words, if the failure is a TLS one."""
     for reason in _reasons(failure):

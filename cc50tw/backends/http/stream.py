@@ -170,7 +170,9 @@ class UpstreamStream:
             pool.holdOff(upstream, fault.holdOff, fault.message)
         if fault.retry and self._chunks == 0 and not self._retried:
             other = pool.choose(exclude=upstream)
-            if other is not None:
+            # Only to one that takes requests: with every other one down (or
+            # held off after a 429), a second try is just a second failure.
+            if other is not None and pool.isUp(other):
                 self._retried = True
                 pool.retried(upstream)
                 self.log.info(
