@@ -17,6 +17,8 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+from cc50tw.generation import NO_OPTIONS, GenerationOptions, OptionsError, decodeOptions, encodeOptions
+
 MAGIC = 0x30354343  # b"CC50" read as a little-endian u32
 VERSION = 1
 
@@ -26,6 +28,9 @@ INFER_PREFIX = struct.Struct("<III")  # max_tokens, credit_bytes, prompt_len
 DONE_CPP = struct.Struct("<IIQ")  # tokens, reserved, elapsed_us
 DONE_EXTENSION = struct.Struct("<IIQ")  # prompt_tokens, generated_tokens, ttft_us
 CREDIT = struct.Struct("<I")
+#: RESP_DONE's finish reason, after the cc50tw fields: its length, then UTF-8.
+FINISH_REASON = struct.Struct("<H")
+MAX_FINISH_REASON_BYTES = 255
 
 MAX_U32 = 0xFFFFFFFF
 MAX_U64 = 0xFFFFFFFFFFFFFFFF
@@ -116,6 +121,8 @@ class InferRequest(NamedTuple):
     max_tokens: int
     credit_bytes: int
     prompt: str
+    #: What followed the prompt (docs/protocol.md, "Generation options").
+    options: GenerationOptions = NO_OPTIONS
 
 
 class DoneStats(NamedTuple):
@@ -131,6 +138,9 @@ class DoneStats(NamedTuple):
     prompt_tokens: int | None = None
     generated_tokens: int | None = None
     ttft_us: int | None = None
+    #: Why generation stopped ("stop", "length", ...): sent only to a request
+    #: that carried generation options, whose client knows the field.
+    finish_reason: str | None = None
 
 
 class ErrorReply(NamedTuple):
@@ -146,9 +156,14 @@ def encode_frame(type: int, req_id: int, payload: bytes = b"", flags: int = 0) -
     return HEADER.pack(MAGIC, VERSION, type, req_id, flags, len(payload)) + payload
 
 
-def encode_infer(req_id: int, prompt: str, max_tokens: int = 0, credit_bytes: int = 0) -> bytes:
+def encode_infer(
+    req_id: int, prompt: str, max_tokens: int = 0, credit_bytes: int = 0, options: GenerationOptions | None = None
+) -> bytes:
+    """REQ_INFER; without options (or with none set) exactly the C++ client's bytes."""
     prompt_bytes = prompt.encode("utf-8")
     payload = INFER_PREFIX.pack(max_tokens, credit_bytes, len(prompt_bytes)) + prompt_bytes
+    if options is not None:
+        payload += encodeOptions(options)
     return encode_frame(MessageType.REQ_INFER, req_id, payload)
 
 
@@ -177,6 +192,10 @@ def encode_done(req_id: int, stats: DoneStats) -> bytes:
             _fit(stats.generated_tokens if stats.generated_tokens is not None else stats.tokens, MAX_U32),
             _fit(stats.ttft_us or 0, MAX_U64),
         )
+        if stats.finish_reason is not None:
+            reason = stats.finish_reason.encode("utf-8", "replace")
+            reason = reason[: utf8_prefix_length(reason, MAX_FINISH_REASON_BYTES)]
+            payload += FINISH_REASON.pack(len(reason)) + reason
     return encode_frame(MessageType.RESP_DONE, req_id, payload)
 
 
@@ -220,7 +239,8 @@ def decode_infer(frame: Frame) -> InferRequest:
             frame.req_id,
         )
     max_tokens, credit_bytes, prompt_len = INFER_PREFIX.unpack_from(payload)
-    if prompt_len != len(payload) - INFER_PREFIX.size:
+    end = INFER_PREFIX.size + prompt_len
+    if end > len(payload):
         raise ProtocolError(
             ErrorCode.BAD_REQUEST,
             f"REQ_INFER prompt_len is {prompt_len} but {len(payload) - INFER_PREFIX.size} "
@@ -228,12 +248,18 @@ def decode_infer(frame: Frame) -> InferRequest:
             frame.req_id,
         )
     try:
-        prompt = payload[INFER_PREFIX.size :].decode("utf-8")
+        prompt = payload[INFER_PREFIX.size : end].decode("utf-8")
     except UnicodeDecodeError as e:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"REQ_INFER prompt is not valid UTF-8 ({e.reason} at byte {e.start})", frame.req_id
         ) from None
-    return InferRequest(max_tokens, credit_bytes, prompt)
+    if end == len(payload):
+        return InferRequest(max_tokens, credit_bytes, prompt)
+    try:
+        options = decodeOptions(payload[end:])
+    except OptionsError as e:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"REQ_INFER {e}", frame.req_id) from None
+    return InferRequest(max_tokens, credit_bytes, prompt, options)
 
 
 def decode_done(frame: Frame) -> DoneStats:
@@ -246,7 +272,13 @@ def decode_done(frame: Frame) -> DoneStats:
     if len(payload) < DONE_CPP.size + DONE_EXTENSION.size:
         return DoneStats(tokens, elapsed_us)
     prompt_tokens, generated, ttft_us = DONE_EXTENSION.unpack_from(payload, DONE_CPP.size)
-    return DoneStats(tokens, elapsed_us, prompt_tokens, generated, ttft_us)
+    reason = None
+    at = DONE_CPP.size + DONE_EXTENSION.size
+    if len(payload) >= at + FINISH_REASON.size:
+        (size,) = FINISH_REASON.unpack_from(payload, at)
+        if at + FINISH_REASON.size + size <= len(payload):
+            reason = payload[at + FINISH_REASON.size : at + FINISH_REASON.size + size].decode("utf-8", "replace")
+    return DoneStats(tokens, elapsed_us, prompt_tokens, generated, ttft_us, reason)
 
 
 def decode_error(frame: Frame) -> ErrorReply:

@@ -17,6 +17,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import Attribute, Interface
 
+from cc50tw.generation import NO_OPTIONS, GenerationOptions
+
 
 class InferenceRequest(NamedTuple):
     """What a backend needs to know about one request, decoded and defaulted."""
@@ -24,6 +26,8 @@ class InferenceRequest(NamedTuple):
     req_id: int
     prompt: str
     max_tokens: int
+    #: What the client asked for beyond prompt and length (all unset by default).
+    options: GenerationOptions = NO_OPTIONS
 
 
 class GenerationResult(NamedTuple):
@@ -68,7 +72,15 @@ class ITokenSink(Interface):
 
 
 class IBackend(Interface):
-    """A source of token streams: the toy kernel, llama-server, or a plugin's."""
+    """
+    A source of token streams: the toy kernel, llama-server, or a plugin's.
+
+    Optional attributes, read with ``getattr``: ``generationOptions``, the
+    names of the generation options (``cc50tw.generation.OPTION_NAMES``) the
+    backend honours (a request that sets any other is refused with
+    BAD_REQUEST naming it, before ``generate``; without the attribute, none);
+    and ``models()``, the model names it serves, which HELLO advertises.
+    """
 
     name = Attribute("Short name for logs and metrics, e.g. 'toy'.")
 

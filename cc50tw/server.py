@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import hmac
 import itertools
+import json
 import time
 import typing
 from collections.abc import Callable, Iterable
@@ -45,6 +46,7 @@ from cc50tw.codec import (
     encode_error,
     encode_frame,
 )
+from cc50tw.generation import GenerationOptions
 from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest
 from cc50tw.metrics import ServerMetrics
 from cc50tw.receiver import CC50Receiver, setTcpNoDelay
@@ -342,7 +344,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
                 return
             self.authenticated = True
             self.setMaxLength(self.factory.config.max_frame_bytes)
-        self.sendUnsolicited(encode_frame(MessageType.HELLO, frame.req_id, SERVER_NAME))
+        self.sendUnsolicited(encode_frame(MessageType.HELLO, frame.req_id, self.factory.helloReply))
 
     def _infer(self, frame: Frame) -> None:
         req_id = frame.req_id
@@ -384,7 +386,18 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
                 True,
             )
             return
-        request = InferenceRequest(req_id, decoded.prompt, decoded.max_tokens or config.default_max_tokens)
+        unsupported = unsupportedOptions(self.factory.backend, decoded.options)
+        if unsupported:
+            self.frameRefused(
+                req_id,
+                ErrorCode.BAD_REQUEST,
+                f"option {unsupported[0]!r} is not supported by the {self.factory.backend.name} backend",
+                True,
+            )
+            return
+        request = InferenceRequest(
+            req_id, decoded.prompt, decoded.max_tokens or config.default_max_tokens, decoded.options
+        )
         stream = RequestStream(
             self, self.factory.services, request, decoded.credit_bytes or DEFAULT_CREDIT_BYTES, self.peer
         )
@@ -518,6 +531,27 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         self._abandonStreams()
 
 
+def unsupportedOptions(backend: object, options: GenerationOptions) -> list[str]:
+    """The options set in a request that ``backend`` does not say it honours, by name."""
+    if options.empty:
+        return []
+    honoured: frozenset[str] = frozenset(getattr(backend, "generationOptions", ()))
+    return [name for name in options.given() if name not in honoured]
+
+
+def helloReply(backend: object) -> bytes:
+    """
+    The server's HELLO payload: its name, then (after a newline) a JSON object
+    of capabilities: the generation options the backend honours and the
+    models it serves (docs/protocol.md, "HELLO").
+    """
+    capabilities: dict[str, object] = {"options": sorted(getattr(backend, "generationOptions", ()))}
+    models = getattr(backend, "models", None)
+    if callable(models):
+        capabilities["models"] = list(models())
+    return SERVER_NAME + b"\n" + json.dumps(capabilities, separators=(",", ":")).encode("utf-8")
+
+
 def describePeer(transport: object) -> str:
     """``host:port`` of the client, or the address's own text (unix sockets)."""
     getPeer = getattr(transport, "getPeer", None)
@@ -581,6 +615,8 @@ class CC50ServerFactory(Factory):
             counters=self.counters,
         )
         self.metrics = ServerMetrics(self)
+        #: Computed once: the backend's capabilities do not change while it runs.
+        self.helloReply = helloReply(backend)
         self._quietWaiter: Deferred[None] | None = None
         self._quietCondition: Callable[[], bool] = lambda: True
 

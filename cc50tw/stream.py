@@ -315,6 +315,8 @@ class RequestStream:
                 prompt_tokens=_count(result.prompt_tokens),
                 generated_tokens=generated,
                 ttft_us=int((first - self.startedAt) * 1e6),
+                # Only a client that sent options knows the field after ttft_us.
+                finish_reason=None if self.request.options.empty else (result.finish_reason or "unknown"),
             )
         except Exception:  # counts a backend got wrong must not cost the request its DONE
             log.failure("request {req_id}: unusable counts in {result!r}", req_id=self.reqId, result=result)

@@ -312,7 +312,7 @@ class DecodePayloadErrorTests(DecodePayloadErrorCase):
         base = encode_done(1, DoneStats(5, 6, 7, 8, 9))[HEADER_SIZE:]
         for extra in [b"", b"\x00", b"future fields" * 3]:
             stats = decode_done(Frame(MessageType.RESP_DONE, 1, 0, base + extra))
-            self.assertEqual(stats, DoneStats(5, 6, 7, 8, 9))
+            self.assertEqual(stats[:5], DoneStats(5, 6, 7, 8, 9)[:5])
 
     def test_done_too_short(self) -> None:
         for size in range(16):
@@ -698,7 +698,7 @@ if HYPOTHESIS.available:
             self.assertEqual(stats.tokens, int.from_bytes(payload[0:4], "little"))
             self.assertEqual(stats.elapsed_us, int.from_bytes(payload[8:16], "little"))
             if len(payload) < 32:
-                self.assertEqual(stats[2:], (None, None, None))
+                self.assertEqual(stats[2:], (None, None, None, None))
             else:
                 self.assertEqual(stats.prompt_tokens, int.from_bytes(payload[16:20], "little"))
                 self.assertEqual(stats.generated_tokens, int.from_bytes(payload[20:24], "little"))

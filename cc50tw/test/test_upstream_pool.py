@@ -21,12 +21,13 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent
 from zope.interface import implementer
 
 import cc50tw.backends
 from cc50tw.backends import BackendSpec, Repeatable, installed_backends
 from cc50tw.backends.http import makeHTTPClient
+from cc50tw.backends.http.client import pooledConnections
 from cc50tw.backends.llama_server import LlamaServerBackend
 from cc50tw.backends.pool import MAX_BACKOFF_FACTOR, Upstream, UpstreamPool
 from cc50tw.codec import ErrorCode
@@ -59,8 +60,8 @@ class FakeUpstreams:
         return self.hosts[f"http://{uri.host.decode()}:{uri.port}"]
 
     def client(self) -> Any:
-        pool = HTTPConnectionPool(self.reactor, persistent=True)
-        return makeHTTPClient(Agent.usingEndpointFactory(self.reactor, self, pool=pool))
+        pool = pooledConnections(self.reactor)
+        return makeHTTPClient(Agent.usingEndpointFactory(self.reactor, self, pool=pool), pool)
 
     def __getitem__(self, url: str) -> FakeUpstream:
         return self.hosts[url]
@@ -311,14 +312,28 @@ class PassiveHealthTests(SynchronousTestCase):
 
     def test_staleKeepAliveIsRetriedOnTheSameUpstreamFirst(self) -> None:
         """A pooled connection closed under us is not the upstream's fault: new connection, same upstream."""
-        p = Pool()
+        p = Pool([A])
+        first, _ = p.generate()
+        p.complete(A, ["ok"])  # the connection goes back to the pool, kept alive
+        self.assertEqual(first, [GenerationResult(4, 1, "limit")])
         results, sink = p.generate()
+        self.assertEqual(len(p.upstreams[A].connections), 1, "the kept-alive connection was not reused")
         p.upstreams[A].lose(netError.ConnectionDone())
         self.assertEqual(len(p.upstreams[A].connections), 2)
-        self.assertEqual(len(p.upstreams[B].connections), 0)
         p.complete(A, ["ok"])
         self.assertEqual(results, [GenerationResult(4, 1, "limit")])
         self.assertTrue(p.backend.pool.isUp(p.member(A)))
+        self.assertEqual(p.member(A).failures, 0)
+
+    def test_newConnectionClosedBeforeAnsweringIsTriedElsewhere(self) -> None:
+        """Not a stale connection: the upstream itself closed on us, so the one retry goes to another upstream."""
+        p = Pool()
+        results, sink = p.generate()
+        p.upstreams[A].lose(netError.ConnectionDone())
+        self.assertEqual(len(p.upstreams[A].connections), 1)
+        p.complete(B, ["ok"])
+        self.assertEqual(results, [GenerationResult(4, 1, "limit")])
+        self.assertFalse(p.backend.pool.isUp(p.member(A)))
 
     def test_cancelledWhileTheRetryConnects(self) -> None:
         p = Pool()

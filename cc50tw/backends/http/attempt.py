@@ -99,7 +99,10 @@ class Attempt:
 
     def start(self) -> None:
         self._arm()
+        before = self._http.newConnections()
         pending: Deferred[IResponse] = maybeDeferred(self._http.postStream, self._uri, Headers(self._headers), self._body)
+        if before is not None and self._http.newConnections() != before:
+            self.pooled = False  # the pool connected anew: no stale connection to blame
         self._pending = pending
         pending.addCallbacks(self._gotResponse, self._requestFailed)
 
@@ -119,11 +122,7 @@ class Attempt:
             discard(response)
             return
         if response.code != 200:
-            collector = BodyCollector(MAX_BODY_READ)
-            response.deliverBody(collector)
-            self._errorBody = collector.finished
-            code, retry = response.code, response.headers.getRawHeaders(b"retry-after")
-            collector.finished.addCallbacks(lambda body: self._httpError(code, body, retry), lambda f: f.trap(CancelledError))
+            self._readError(response)
             return
         contentType = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         if not contentType.lower().startswith(b"text/event-stream"):
@@ -135,21 +134,52 @@ class Attempt:
                 )
             )
             return
-        self.owner.attemptStreaming(self)
-        if self.over:
-            discard(response)
-            return
         response.deliverBody(_Body(self))
         # deliverBody resumes the transport after connecting us, undoing a
         # pause applied in _bodyConnected; apply it again.
         if self._paused and self._transport is not None:
             self._transport.pauseProducing()
 
+    def _readError(self, response: IResponse) -> None:
+        """
+        Read (some of) an error answer's body for its message.  The status
+        says what happened, so a body that never ends is cut at the idle
+        timeout and the status reported with what came of it.
+        """
+        self._disarm()
+        collector = BodyCollector(MAX_BODY_READ)
+        response.deliverBody(collector)
+        self._errorBody = collector.finished
+        status, retry = response.code, response.headers.getRawHeaders(b"retry-after")
+
+        def enough() -> None:
+            collector._hangUp()
+            collector._fire()
+
+        timer = self.reactor.callLater(self.settings.idle_timeout, enough)
+
+        def read(body: bytes) -> None:
+            if timer.active():
+                timer.cancel()
+            self._httpError(status, body, retry)
+
+        def failed(failure: Failure) -> None:
+            if timer.active():
+                timer.cancel()
+            if not failure.check(CancelledError) and not self.over:
+                self._report(Fault.backendError(f"{self.request.where} answered HTTP {status}; its body could not be read"))
+
+        collector.finished.addCallback(read).addErrback(failed)
+
     def _httpError(self, status: int, body: bytes, retry: list[bytes] | None) -> None:
         self._errorBody = None
         if not self.over:
             r = self.request
-            self._report(httpFault(status, body, r.where, r.path, r.hint, retry))
+            try:
+                fault = httpFault(status, body, r.where, r.path, r.hint, retry)
+            except Exception as e:  # whatever the body held, the status is still the answer
+                fault = Fault.backendError(f"{r.where} answered HTTP {status} ({type(e).__name__} reading its body)")
+            self._report(fault)
 
     # The body ------------------------------------------------------------------
 
@@ -169,16 +199,22 @@ class Attempt:
         except SSEError as e:
             self._report(Fault.backendError(f"{self.request.where} sent a malformed event stream: {e}"))
             return
-        if events and not self.sawEvent:
+        if not events:
+            # Keep-alive comments alone do not show a stream that is making
+            # progress: only events move the clocks.
+            return
+        if not self.sawEvent:
             self.sawEvent = True
+            # An answer has started: whatever back-off the upstream was in is
+            # over (not on the headers alone: a crashing worker behind a proxy
+            # sends those and then drops the connection).
+            self.owner.attemptStreaming(self)
+            if self.over:
+                return
             if not self._paused:
                 self._arm()  # the first-event clock gives way to the idle clock
-        if self.sawEvent:
-            # Any byte (a keep-alive comment too) shows the stream is alive;
-            # before the first event, only an event stops the first-event clock.
-            self._lastData = self.reactor.seconds()
-        if events:
-            self.owner.eventsArrived(self, events)
+        self._lastData = self.reactor.seconds()
+        self.owner.eventsArrived(self, events)
 
     def _bodyEnded(self, reason: Failure) -> None:
         self._transport = None

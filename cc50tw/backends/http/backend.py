@@ -88,7 +88,7 @@ class HTTPStreamingBackend:
         if http is None:
             if pool is None:
                 pool = pooledConnections(reactor)
-            http = makeHTTPClient(upstreamAgent(reactor, timeout, pool))
+            http = makeHTTPClient(upstreamAgent(reactor, timeout, pool), pool)
         if freshHTTP is None:
             if pool is None:
                 freshHTTP = http  # a test's client: it decides what a connection is

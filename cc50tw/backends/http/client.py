@@ -101,8 +101,17 @@ def upstreamAgent(reactor: Any, connectTimeout: float, pool: HTTPConnectionPool)
 class UpstreamHTTPClient:
     """The two requests the backends make, handed prepared to the agent."""
 
-    def __init__(self, agent: IAgent) -> None:
+    def __init__(self, agent: IAgent, pool: HTTPConnectionPool | None = None) -> None:
         self.agent = agent
+        self.pool = pool
+
+    def newConnections(self) -> int | None:
+        """
+        Connections made so far, if the pool counts them (``ReuseAwarePool``):
+        comparing it before and after a request starts tells a reused
+        connection from a new one.  None when unknown.
+        """
+        return self.pool.newConnections if isinstance(self.pool, ReuseAwarePool) else None
 
     def postStream(self, uri: bytes, headers: Headers, body: bytes) -> Deferred[IResponse]:
         """POST ``body`` to ``uri`` (absolute, already encoded); fires with the response once its headers arrive."""
@@ -113,13 +122,39 @@ class UpstreamHTTPClient:
         return self.agent.request(b"GET", uri, headers)  # type: ignore[no-any-return]
 
 
-def makeHTTPClient(agent: IAgent) -> UpstreamHTTPClient:
-    return UpstreamHTTPClient(agent)
+def makeHTTPClient(agent: IAgent, pool: HTTPConnectionPool | None = None) -> UpstreamHTTPClient:
+    return UpstreamHTTPClient(agent, pool)
+
+
+@implementer(IStreamClientEndpoint)
+class _Counted:
+    def __init__(self, endpoint: IStreamClientEndpoint, pool: ReuseAwarePool) -> None:
+        self.endpoint = endpoint
+        self.pool = pool
+
+    def connect(self, protocolFactory: Any) -> Deferred[Any]:
+        self.pool.newConnections += 1
+        return self.endpoint.connect(protocolFactory)  # type: ignore[no-any-return]
+
+
+class ReuseAwarePool(HTTPConnectionPool):
+    """
+    A pool that counts the connections it makes: ``getConnection`` connects
+    the endpoint it is given only when it has no cached connection, and it
+    does so before returning.  A request that fails before any answer on a
+    reused connection may have met one the upstream had just closed (and is
+    retried on a new one); on a new connection it may not.
+    """
+
+    newConnections = 0
+
+    def getConnection(self, key: Any, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
+        return super().getConnection(key, _Counted(endpoint, self))  # type: ignore[no-any-return]
 
 
 def pooledConnections(reactor: Any, persistent: bool = True) -> HTTPConnectionPool:
     """A connection pool with the limits above."""
-    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool = ReuseAwarePool(reactor, persistent=persistent)
     pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
     pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
     return pool

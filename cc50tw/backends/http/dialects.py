@@ -31,6 +31,9 @@ from cc50tw.sse import SSEEvent
 
 ENDPOINTS = ("/completion", "/v1/completions", "/v1/chat/completions")
 
+#: finish_reason values that mean the answer failed, not that it ended.
+FAILED_FINISH_REASONS = ("error", "abort")
+
 
 @attrs.frozen
 class Delta:
@@ -118,7 +121,7 @@ def _string(value: object, what: str) -> str:
 def _load(event: SSEEvent) -> dict[str, Any]:
     try:
         value = json.loads(event.data)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise _Malformed(f"sent an event that is not JSON ({e}): {event.data[:200]!r}") from None
     if not isinstance(value, dict):
         raise _Malformed(f"sent an event that is not a JSON object: {event.data[:200]!r}")
@@ -130,7 +133,7 @@ def streamError(event: SSEEvent, value: dict[str, Any] | None, where: str) -> Fa
     if event.event == "error":
         try:
             body: object = json.loads(event.data)
-        except ValueError:
+        except (ValueError, RecursionError):
             body = event.data
         return errorFault(body, f"{where} failed mid-stream")
     if value is None:
@@ -264,6 +267,10 @@ class OpenAICompletionsDialect:
                 texts.append(_string(choice.get("text"), "text"))
             if choice.get("finish_reason") is not None:
                 reason = str(choice["finish_reason"])
+        if reason in FAILED_FINISH_REASONS:
+            # Gateways (OpenRouter: "error") and vLLM ("abort") end a failed
+            # answer this way, then send [DONE] as if all were well.
+            return Delta(error=Fault.backendError(f"{self.upstream} ended the answer with finish_reason {reason!r}"))
         return Delta("".join(texts), "".join(thoughts), False, reason, prompt, generated)
 
     def endedCleanly(self, progress: Progress) -> bool:

@@ -27,6 +27,9 @@ from cc50tw.codec import ErrorCode
 #: would take an upstream out of routing for hours.
 MAX_HOLD_OFF = 300.0
 
+#: Longest upstream message quoted in an error (the log line and RESP_ERR).
+MAX_MESSAGE = 500
+
 #: How an upstream names a prompt that does not fit its context.
 _CONTEXT_OVERFLOW = ("exceed_context_size_error", "context_length_exceeded", "context length", "context size", "context window")
 
@@ -56,7 +59,12 @@ class Fault:
 
 
 def errorMessage(value: object) -> str:
-    """The human part of an error body in llama-server's, OpenAI's, vLLM's or a plain shape."""
+    """The human part of an error body in llama-server's, OpenAI's, vLLM's or a plain shape, cut to a readable length."""
+    message = _errorMessage(value)
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + "..."
+
+
+def _errorMessage(value: object) -> str:
     if isinstance(value, dict):
         inner = value.get("error", value)
         if isinstance(inner, dict):
@@ -78,8 +86,8 @@ def bodyMessage(body: bytes) -> str:
     text = body.decode("utf-8", "replace").strip()
     try:
         return errorMessage(json.loads(text))
-    except ValueError:
-        return text[:500] or "(empty body)"
+    except (ValueError, RecursionError):
+        return text[:MAX_MESSAGE] or "(empty body)"
 
 
 def _overflows(value: object, message: str) -> bool:
@@ -104,11 +112,11 @@ def retryAfter(values: list[bytes] | None, now: float | None = None) -> float | 
     if not values:
         return None
     text = values[0].decode("latin-1").strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return min(float(text), MAX_HOLD_OFF)
     try:
         when = email.utils.parsedate_to_datetime(text).timestamp()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return min(max(0.0, when - (time.time() if now is None else now)), MAX_HOLD_OFF)
 
@@ -117,7 +125,7 @@ def httpFault(status: int, body: bytes, where: str, path: str, hint: str, retryA
     """An HTTP error status in place of the stream."""
     try:
         value: object = json.loads(body.decode("utf-8", "replace"))
-    except ValueError:
+    except (ValueError, RecursionError):
         value = None
     message = errorMessage(value) if value is not None else bodyMessage(body)
     said = f"HTTP {status}: {message}"
