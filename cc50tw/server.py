@@ -395,6 +395,10 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
                 True,
             )
             return
+        unknown = unknownModel(self.factory.backend, decoded.options)
+        if unknown:
+            self.frameRefused(req_id, ErrorCode.BAD_REQUEST, unknown, True)
+            return
         request = InferenceRequest(
             req_id, decoded.prompt, decoded.max_tokens or config.default_max_tokens, decoded.options
         )
@@ -537,6 +541,17 @@ def unsupportedOptions(backend: object, options: GenerationOptions) -> list[str]
         return []
     honoured: frozenset[str] = frozenset(getattr(backend, "generationOptions", ()))
     return [name for name in options.given() if name not in honoured]
+
+
+def unknownModel(backend: object, options: GenerationOptions) -> str:
+    """Why the model a request names is not served here ("" when it is, or when the backend does not say)."""
+    models = getattr(backend, "models", None)
+    if options.model is None or not callable(models):
+        return ""
+    served = list(models())
+    if not served or options.model in served:
+        return ""
+    return f"unknown model {options.model!r}; this server serves {', '.join(repr(m) for m in served)}"
 
 
 def helloReply(backend: object) -> bytes:

@@ -72,6 +72,10 @@ class OpenAIBackend(HTTPStreamingBackend):
     def makeDialect(self, where: str) -> Dialect:
         return OpenAICompletionsDialect(where, chat=self.chat, llamaExtensions=False, model=self.model)
 
+    def models(self) -> list[str]:
+        """The --model given, if any; without one, a request's model goes upstream as it is."""
+        return [self.model] if self.model else []
+
     def describe(self) -> str:
         model = f"model {self.model!r}" if self.model else "no model named"
         key = "with an API key" if b"Authorization" in self.settings.headers else "no API key"

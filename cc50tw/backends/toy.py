@@ -160,7 +160,7 @@ class ToyStream:
     def _finish(self) -> None:
         self._stopped = True
         self._sink.unregisterProducer()
-        self.done.callback(GenerationResult(self.prompt_tokens, self._tokens))
+        self.done.callback(GenerationResult(self.prompt_tokens, self._tokens, "length"))
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -185,6 +185,8 @@ class ToyStream:
 @implementer(IBackend)
 class ToyBackend:
     name = "toy"
+    #: Its answer is fixed: the only option it honours is its own model name.
+    generationOptions = frozenset({"model"})
 
     def __init__(self, reactor: IReactorTime, engine: ToyEngine, iters: int) -> None:
         self.reactor = reactor
@@ -195,6 +197,9 @@ class ToyBackend:
 
     def describe(self) -> str:
         return f"toy backend, {self.iters} LCG iterations per token on {self.engine.description}"
+
+    def models(self) -> list[str]:
+        return ["toy"]
 
     def generate(self, request: InferenceRequest, sink: ITokenSink) -> Deferred[GenerationResult]:
         stream = ToyStream(self, request, sink)

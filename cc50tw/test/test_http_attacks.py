@@ -397,7 +397,7 @@ class BoundsTests(SynchronousTestCase):
         h = Harness(idle_timeout=7)
         h.generate(max_tokens=1)
         h.upstream.send(sseHead() + chunk(completionEvents(["a", "b"])[0]))
-        self.assertEqual(h.result()[1:], (1, "limit"))
+        self.assertEqual(h.result()[1:], (1, "length"))
         for _ in range(10):
             h.reactor.advance(1)
             h.upstream.send(chunk(completionEvents(["z"])[0]))

@@ -175,4 +175,4 @@ class ReasoningTests(SynchronousTestCase):
         self.assertEqual(OpenAICompletionsDialect(WHERE).interpret(event, Progress()).finishReason, "length")
         [final] = events(b'data: {"content": "", "stop": true, "stop_type": "eos", "tokens_predicted": 3}\n\n')
         delta = CompletionDialect(WHERE).interpret(final, Progress())
-        self.assertEqual((delta.finished, delta.finishReason, delta.generatedTokens), (True, "eos", 3))
+        self.assertEqual((delta.finished, delta.finishReason, delta.generatedTokens), (True, "stop", 3))

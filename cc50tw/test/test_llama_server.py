@@ -822,7 +822,7 @@ class InMemoryHTTPErrorTests(SynchronousTestCase):
         resource = self.Upstream(200, b"".join(completionEvents(["x", "y"])), b"text/event-stream")
         results, sink = self.generate(resource)
         self.assertEqual(sink.text, "xy")
-        self.assertEqual(results, [GenerationResult(4, 2, "limit")])
+        self.assertEqual(results, [GenerationResult(4, 2, "length")])
 
 
 # Cancellation --------------------------------------------------------------

@@ -149,7 +149,7 @@ class RoutingTests(SynchronousTestCase):
         results, sink = p.generate()
         p.complete(A, ["x"])
         self.assertEqual(sink.text, "x")
-        self.assertEqual(results, [GenerationResult(4, 1, "limit")])
+        self.assertEqual(results, [GenerationResult(4, 1, "length")])
 
     def test_duplicateURLsAreRefused(self) -> None:
         with self.assertRaises(ValueError) as caught:
@@ -176,7 +176,7 @@ class PassiveHealthTests(SynchronousTestCase):
         self.assertEqual(p.member(B).outstanding, 1)
         p.complete(B, ["fine"])
         self.assertEqual(sink.text, "fine")
-        self.assertEqual(results, [GenerationResult(4, 1, "limit")])
+        self.assertEqual(results, [GenerationResult(4, 1, "length")])
         self.assertEqual((sink.registrations, sink.unregistrations), (1, 1))
         a = p.member(A)
         self.assertEqual((a.outcomes["failed"], a.retries, a.backoffs, a.outstanding), (1, 1, 1, 0))
@@ -231,7 +231,7 @@ class PassiveHealthTests(SynchronousTestCase):
         results, _ = p.generate()  # nothing is up: every upstream is a candidate
         self.assertEqual(p.member(A).outstanding, 1)
         p.complete(A)
-        self.assertEqual(results, [GenerationResult(4, 1, "limit")])
+        self.assertEqual(results, [GenerationResult(4, 1, "length")])
         self.assertTrue(pool.isUp(p.member(A)))
         self.assertEqual(p.member(A).failures, 0)
         self.assertFalse(pool.isUp(p.member(B)))
@@ -248,7 +248,7 @@ class PassiveHealthTests(SynchronousTestCase):
             self.assertEqual(results, [])
             p.complete(B, ["saved"])
             self.assertEqual(sink.text, "saved")
-            self.assertEqual(results, [GenerationResult(4, 1, "limit")])
+            self.assertEqual(results, [GenerationResult(4, 1, "length")])
             self.assertEqual(p.member(A).outcomes["failed" if unhealthy else "error"], 1)
             self.assertEqual(p.backend.pool.isUp(p.member(A)), not unhealthy)
 
@@ -298,7 +298,7 @@ class PassiveHealthTests(SynchronousTestCase):
         self.assertEqual(results, [])
         p.complete(B, ["whole"])
         self.assertEqual(sink.writes, ["whole"])
-        self.assertEqual(results, [GenerationResult(4, 1, "limit")])
+        self.assertEqual(results, [GenerationResult(4, 1, "length")])
 
     def test_lateBytesFromTheAbandonedAttemptAreIgnored(self) -> None:
         p = Pool()
@@ -308,20 +308,20 @@ class PassiveHealthTests(SynchronousTestCase):
         p.upstreams[A].send(chunk(completionEvents(["ghost"])[0]))
         p.complete(B, ["real"])
         self.assertEqual(sink.text, "real")
-        self.assertEqual(results, [GenerationResult(4, 1, "limit")])
+        self.assertEqual(results, [GenerationResult(4, 1, "length")])
 
     def test_staleKeepAliveIsRetriedOnTheSameUpstreamFirst(self) -> None:
         """A pooled connection closed under us is not the upstream's fault: new connection, same upstream."""
         p = Pool([A])
         first, _ = p.generate()
         p.complete(A, ["ok"])  # the connection goes back to the pool, kept alive
-        self.assertEqual(first, [GenerationResult(4, 1, "limit")])
+        self.assertEqual(first, [GenerationResult(4, 1, "length")])
         results, sink = p.generate()
         self.assertEqual(len(p.upstreams[A].connections), 1, "the kept-alive connection was not reused")
         p.upstreams[A].lose(netError.ConnectionDone())
         self.assertEqual(len(p.upstreams[A].connections), 2)
         p.complete(A, ["ok"])
-        self.assertEqual(results, [GenerationResult(4, 1, "limit")])
+        self.assertEqual(results, [GenerationResult(4, 1, "length")])
         self.assertTrue(p.backend.pool.isUp(p.member(A)))
         self.assertEqual(p.member(A).failures, 0)
 
@@ -332,7 +332,7 @@ class PassiveHealthTests(SynchronousTestCase):
         p.upstreams[A].lose(netError.ConnectionDone())
         self.assertEqual(len(p.upstreams[A].connections), 1)
         p.complete(B, ["ok"])
-        self.assertEqual(results, [GenerationResult(4, 1, "limit")])
+        self.assertEqual(results, [GenerationResult(4, 1, "length")])
         self.assertFalse(p.backend.pool.isUp(p.member(A)))
 
     def test_cancelledWhileTheRetryConnects(self) -> None:

@@ -28,6 +28,7 @@ from cc50tw.backends.http.health import HealthChecker
 from cc50tw.backends.http.options import UpstreamSettings, normalizeURL
 from cc50tw.backends.http.stream import UpstreamStream
 from cc50tw.backends.pool import Upstream, UpstreamCollector, UpstreamPool
+from cc50tw.generation import OPTION_NAMES
 from cc50tw.interfaces import GenerationResult, IBackend, IBackendMetrics, InferenceRequest, ITokenSink
 
 
@@ -57,6 +58,9 @@ class HTTPStreamingBackend:
     option_prefix = "upstream"
     #: The options to check when the upstream has no such API.
     endpoint_hint = "the upstream URL"
+    #: Every generation option: a dialect refuses, with BAD_REQUEST naming
+    #: it, what its API cannot take (``system`` without chat, say).
+    generationOptions = frozenset(OPTION_NAMES)
     log = Logger()
 
     def __init__(

@@ -26,10 +26,14 @@ from typing import Any, Protocol
 import attrs
 
 from cc50tw.backends.http.faults import Fault, errorFault
+from cc50tw.generation import GenerationOptions, OptionsError
 from cc50tw.interfaces import InferenceRequest
 from cc50tw.sse import SSEEvent
 
 ENDPOINTS = ("/completion", "/v1/completions", "/v1/chat/completions")
+
+#: llama.cpp's stop_type in OpenAI's words, so every backend reports the same reasons.
+LLAMA_STOP_TYPES = {"eos": "stop", "word": "stop", "limit": "length"}
 
 #: finish_reason values that mean the answer failed, not that it ended.
 FAILED_FINISH_REASONS = ("error", "abort")
@@ -166,7 +170,14 @@ class CompletionDialect:
     description: str = "llama.cpp /completion"
 
     def requestBody(self, request: InferenceRequest) -> dict[str, Any]:
-        return {"prompt": request.prompt, "n_predict": request.max_tokens, "stream": True, "cache_prompt": True}
+        options = request.options
+        if options.system is not None:
+            raise OptionsError(
+                "option 'system' needs a chat upstream (--llama-endpoint=/v1/chat/completions); /completion takes one prompt"
+            )
+        body: dict[str, Any] = {"prompt": request.prompt, "n_predict": request.max_tokens, "stream": True, "cache_prompt": True}
+        body.update(_sampling(options, LLAMA_NAMES))
+        return _withExtra(body, options)
 
     def interpret(self, event: SSEEvent, progress: Progress) -> Delta:
         def read(value: dict[str, Any]) -> Delta:
@@ -175,9 +186,8 @@ class CompletionDialect:
             prompt, generated = _count(value.get("tokens_evaluated")), _count(value.get("tokens_predicted"))
             if value.get("stop") is True:
                 stopType = value.get("stop_type")
-                return Delta(
-                    text, reasoning, True, stopType if isinstance(stopType, str) else "stop", prompt, generated
-                )
+                reason = LLAMA_STOP_TYPES.get(stopType, stopType) if isinstance(stopType, str) else "stop"
+                return Delta(text, reasoning, True, reason, prompt, generated)
             tokens = value.get("tokens")
             count = len(tokens) if isinstance(tokens, list) else 0
             # Once the last token the request allows has been streamed,
@@ -187,7 +197,7 @@ class CompletionDialect:
             # not ``tokens_predicted``, which some builds advance by a whole
             # speculative batch before that batch's events have been sent.
             atLimit = count > 0 and 0 < progress.limit <= progress.streamedTokens + count
-            return Delta(text, reasoning, atLimit, "limit" if atLimit else None, prompt, generated, count)
+            return Delta(text, reasoning, atLimit, "length" if atLimit else None, prompt, generated, count)
 
         return _interpreted(self.upstream, event, read)
 
@@ -228,15 +238,29 @@ class OpenAICompletionsDialect:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        if self.model is not None:
-            body["model"] = self.model
+        options = request.options
+        model = options.model if options.model is not None else self.model
+        if model is not None:
+            body["model"] = model
         if self.chat:
-            body["messages"] = [{"role": "user", "content": request.prompt}]
+            system = [{"role": "system", "content": options.system}] if options.system is not None else []
+            body["messages"] = [*system, {"role": "user", "content": request.prompt}]
+        elif options.system is not None:
+            raise OptionsError("option 'system' needs the chat API (--openai-chat); /v1/completions takes one prompt")
         else:
             body["prompt"] = request.prompt
         if self.llamaExtensions:
             body["cache_prompt"] = True
-        return body
+            body.update(_sampling(options, LLAMA_NAMES))
+        else:
+            for name in LLAMA_ONLY:
+                if getattr(options, name) is not None:
+                    raise OptionsError(
+                        f"option {name!r} is not part of OpenAI's API; if your server takes it, send it in 'extra' "
+                        "(vLLM: top_k, min_p, repetition_penalty)"
+                    )
+            body.update(_sampling(options, OPENAI_NAMES))
+        return _withExtra(body, options)
 
     def interpret(self, event: SSEEvent, progress: Progress) -> Delta:
         if event.event != "error" and event.data.strip() == "[DONE]":
@@ -277,6 +301,26 @@ class OpenAICompletionsDialect:
         # Some OpenAI-compatible servers end the body without [DONE]; a choice
         # that said why it finished is as good a terminal event.
         return progress.finishReason is not None
+
+
+#: Sampling options, by their name in each API (the same as ours, as it happens).
+OPENAI_NAMES = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
+LLAMA_ONLY = ("top_k", "min_p", "repeat_penalty")
+LLAMA_NAMES = OPENAI_NAMES + LLAMA_ONLY
+
+
+def _sampling(options: GenerationOptions, names: tuple[str, ...]) -> dict[str, Any]:
+    body = {name: getattr(options, name) for name in names if getattr(options, name) is not None}
+    if options.stop:
+        body["stop"] = list(options.stop)
+    return body
+
+
+def _withExtra(body: dict[str, Any], options: GenerationOptions) -> dict[str, Any]:
+    """The request's ``extra`` fields go in as they are, last: the client knows its upstream."""
+    if options.extra:
+        body.update(options.extra)
+    return body
 
 
 def dialectFor(endpoint: str, upstream: str, llamaExtensions: bool = True, model: str | None = None) -> Dialect:

@@ -6,6 +6,7 @@ arguments repeated by each backend.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -44,6 +45,9 @@ class UpstreamSettings:
     reasoning: bool = True
     #: Sent with every request, health checks included (``Authorization``).
     headers: Mapping[bytes, tuple[bytes, ...]] = attrs.field(factory=dict)
+    #: Backend-wide request body fields (``--llama-extra-body``): under the
+    #: request's own fields and options, which win.
+    extra_body: Mapping[str, Any] = attrs.field(factory=dict)
 
 
 def normalizeURL(url: str, option: str = "--llama-url") -> str:
@@ -142,12 +146,31 @@ def commonOptions(prefix: str, backend: str) -> list[list[Any]]:
         [
             f"{prefix}-reasoning",
             None,
-            True,
-            "What to do with a reasoning model's thinking (reasoning_content): stream it to the client with "
-            f"the answer, or drop it (its tokens still count) ({backend} backend). Default: stream.",
+            "stream",
+            "stream|drop: what to do with a reasoning model's thinking (reasoning_content): stream it to the "
+            f"client with the answer, or drop it (its tokens still count) ({backend} backend).",
             reasoningChoice,
         ],
+        [
+            f"{prefix}-extra-body",
+            None,
+            None,
+            "JSON object of fields added to every upstream request body, e.g. '{\"mirostat\": 2}'; a request's "
+            f"own options and 'extra' fields win ({backend} backend).",
+            jsonObject,
+        ],
     ]
+
+
+def jsonObject(value: str) -> dict[str, Any]:
+    """A JSON object given on the command line (``--llama-extra-body``)."""
+    try:
+        parsed = json.loads(value)
+    except ValueError as e:
+        raise ValueError(f"must be a JSON object, e.g. '{{\"mirostat\": 2}}': {e}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"must be a JSON object, got {type(parsed).__name__}")
+    return parsed
 
 
 def settingsFrom(options: Mapping[str, Any], prefix: str, **more: Any) -> UpstreamSettings:
@@ -160,5 +183,6 @@ def settingsFrom(options: Mapping[str, Any], prefix: str, **more: Any) -> Upstre
         health_interval=options[f"{prefix}-health-interval"],
         backoff=options[f"{prefix}-backoff"],
         reasoning=reasoningChoice(reasoning) if isinstance(reasoning, str) else bool(reasoning),
+        extra_body=options.get(f"{prefix}-extra-body") or {},
         **more,
     )

@@ -38,6 +38,7 @@ from cc50tw.backends.http.options import UpstreamSettings
 from cc50tw.backends.pool import Upstream, UpstreamPool
 from cc50tw.codec import ErrorCode
 from cc50tw.errors import BackendError
+from cc50tw.generation import OptionsError
 from cc50tw.interfaces import GenerationResult, InferenceRequest, ITokenSink
 from cc50tw.sse import SSEEvent, TextAssembler
 
@@ -131,7 +132,12 @@ class UpstreamStream:
         self._text = TextAssembler()
         self._thinking = TextAssembler()
         self.progress = Progress(limit=self._request.max_tokens)
-        body = json.dumps(self._dialect.requestBody(self._request)).encode("utf-8")
+        try:
+            fields = self._dialect.requestBody(self._request)
+        except OptionsError as e:
+            self._fail(Fault(ErrorCode.BAD_REQUEST, f"{self._where}: {e}"))
+            return
+        body = json.dumps({**backend.settings.extra_body, **fields}).encode("utf-8")
         where = _Where(self._where, self._dialect.path, backend.endpoint_hint, backend.option_prefix)
         uri = (self.upstream.url + self._dialect.path).encode("ascii")
         http = backend.http if pooled else backend.freshHTTP
