@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError
 from twisted.internet.task import react
+from twisted.python.failure import Failure
 
 from cc50tw import __version__
 from cc50tw.bench import PlotUnavailable
@@ -50,11 +51,25 @@ class _Parser(argparse.ArgumentParser):
     and ``--help`` is one command away.
     """
 
+    #: Each subcommand's parser, by name: an error found after parsing (two
+    #: options that do not fit together, a token file that cannot be read)
+    #: is reported by the subcommand's parser, so it points at ``cc50 bench --help``.
+    commands: dict[str, argparse.ArgumentParser]
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+class MetricsScrapeFailed(Exception):
+    """
+    ``cc50 bench --metrics-url`` could not be scraped.
+
+    Its own type so that ``main`` blames the metrics URL, not the CC50
+    server under test, which may be fine.
+    """
+
+
+def _parser() -> _Parser:
     parser = _Parser(prog="cc50", description="CC50 client: stream answers and benchmark servers.")
     parser.add_argument("--version", action="version", version=f"cc50tw {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--max-tokens", type=_u32, default=0, help="tokens to generate (0 = server default)")
         sub.add_argument("--credit-bytes", type=_u32, default=0, help="initial credit window (0 = 262144)")
         sub.add_argument("--auth-token-file", help="file holding the server's shared token (sent in HELLO)")
+        # main() reads the file into ``token`` once parsing is done (see _readToken).
+        sub.set_defaults(token=None)
 
     commands.add_parser(
         "make-test-model", help="write a tiny random-weight GGUF model for llama-server (cc50 make-test-model --help)"
@@ -99,7 +116,10 @@ def _parser() -> argparse.ArgumentParser:
         "0 = no limit (the default)",
     )
     bench.add_argument(
-        "--metrics-url", help="the server's /metrics URL: print its own TTFT for this run beside the client's"
+        "--metrics-url",
+        type=_metricsUrl,
+        metavar="URL",
+        help="the server's /metrics URL (http:// or https://): print its own TTFT for this run beside the client's",
     )
     bench.add_argument(
         "--processes",
@@ -118,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal anyway)"
     )
+    parser.commands = {"infer": infer, "bench": bench}
     return parser
 
 
@@ -183,11 +204,65 @@ def _server(value: str) -> str:
     return value
 
 
-def _token(args: argparse.Namespace) -> bytes | None:
-    if not args.auth_token_file:
+def _metricsUrl(value: str) -> str:
+    """
+    An ``http://`` or ``https://`` URL with a host, checked before the bench
+    runs: ``notaurl`` used to run the whole bench and then fail the scrape.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"not an http:// or https:// URL: {value!r}")
+    return value
+
+
+def _readToken(parser: argparse.ArgumentParser, path: str | None) -> bytes | None:
+    """
+    The shared token in ``--auth-token-file``, read before anything runs.
+
+    A file that cannot be read (or is empty) is a usage error naming the
+    option, as ``twistd cc50 --auth-token-file`` makes it; read later, it was
+    reported as the server's failure ("infer against HOST:PORT failed").
+    """
+    if not path:
         return None
-    with open(args.auth_token_file, "rb") as tokenFile:
-        return tokenFile.read().strip()
+    try:
+        with open(path, "rb") as tokenFile:
+            token = tokenFile.read().strip()
+    except OSError as e:
+        parser.error(f"argument --auth-token-file: cannot read {path}: {e.strerror or e}")
+    if not token:
+        parser.error(f"argument --auth-token-file: {path} is empty")
+    return token
+
+
+def _describeScrapeError(error: BaseException) -> str:
+    """
+    The reason a scrape failed, on one line.
+
+    treq's ``ResponseFailed`` and ``ResponseNeverReceived`` hold a list of
+    ``Failure`` objects and print as their reprs; the reasons inside are
+    what a person needs ("connection was closed cleanly", say).
+    """
+    reasons = getattr(error, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        texts = [
+            " ".join(reason.getErrorMessage().split()) if isinstance(reason, Failure) else _oneLine(reason)
+            for reason in reasons
+        ]
+        return f"{type(error).__name__}: {'; '.join(texts)}"
+    return _oneLine(error)
+
+
+async def _scrapeMetrics(url: str) -> str:
+    """``scrape(url)``, any failure of which is a ``MetricsScrapeFailed`` naming ``--metrics-url``."""
+    from cc50tw.scrape import scrape
+
+    try:
+        return await scrape(url)
+    except Exception as e:
+        raise MetricsScrapeFailed(f"--metrics-url {url} failed: {_describeScrapeError(e)}") from None
 
 
 async def _infer(reactor: Any, args: argparse.Namespace) -> int:
@@ -195,7 +270,7 @@ async def _infer(reactor: Any, args: argparse.Namespace) -> int:
 
     timeout: float | None = args.timeout or None
     deadline = reactor.seconds() + timeout if timeout is not None else None
-    client = await connect(reactor, args.server, _token(args), timeout)
+    client = await connect(reactor, args.server, args.token, timeout)
     # One budget for connecting and the answer: what is left of it after connecting.
     left = None if deadline is None else max(deadline - reactor.seconds(), 1e-3)
     response = client.infer(args.prompt, args.max_tokens, args.credit_bytes, left)
@@ -235,7 +310,7 @@ async def _bench(reactor: Any, args: argparse.Namespace) -> int:
         run_bench_processes,
         shares,
     )
-    from cc50tw.scrape import parse_histogram, scrape
+    from cc50tw.scrape import parse_histogram
 
     if args.plot:
         check_plotting()
@@ -249,11 +324,11 @@ async def _bench(reactor: Any, args: argparse.Namespace) -> int:
         args.processes,
         args.print_count,
         args.credit_bytes,
-        _token(args),
+        args.token,
         args.timeout or None,
     )
     TTFT = "cc50_time_to_first_token_seconds"
-    before = parse_histogram(await scrape(args.metrics_url), TTFT) if args.metrics_url else None
+    before = parse_histogram(await _scrapeMetrics(args.metrics_url), TTFT) if args.metrics_url else None
     progress = make_progress(args.iters, sys.stderr, enabled=not args.no_progress)
     try:
         if args.processes > 1:
@@ -275,7 +350,7 @@ async def _bench(reactor: Any, args: argparse.Namespace) -> int:
     }
     report = bench_report(result, settings)
     if before is not None:
-        server = parse_histogram(await scrape(args.metrics_url), TTFT).since(before)
+        server = parse_histogram(await _scrapeMetrics(args.metrics_url), TTFT).since(before)
         report["server_ttft_ms"] = {
             "source": args.metrics_url,
             "requests": server.observations,
@@ -352,11 +427,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(makeTestModel(argv[1:]))
     parser = _parser()
     args = parser.parse_args(argv)
+    commandParser = parser.commands[args.command]
     if args.command == "bench" and args.processes > min(args.connections, args.concurrency):
-        parser.error(
+        commandParser.error(
             f"--processes={args.processes} needs at least as many --connections and --concurrency "
             f"(got {args.connections} and {args.concurrency})"
         )
+    args.token = _readToken(commandParser, args.auth_token_file)
     command = {"infer": _infer, "bench": _bench}[args.command]
 
     def run(reactor: Any) -> Deferred[None]:
@@ -366,6 +443,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             except PlotUnavailable as e:
                 sys.stderr.write(f"cc50: {e}\n")
                 code = 2
+            except MetricsScrapeFailed as e:
+                # Before the generic handlers: the CC50 server is not to blame.
+                sys.stderr.write(f"cc50: {args.command}: {e}\n")
+                code = 1
             except (ConnectError, ClientError, OSError, RuntimeError) as e:
                 sys.stderr.write(f"cc50: {args.command} against {args.server} failed: {_oneLine(e)}\n")
                 code = 1

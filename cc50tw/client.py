@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import codecs
 import itertools
+import math
+import numbers
 import time
 from collections import deque
 from collections.abc import Callable
@@ -306,8 +308,7 @@ class CC50ClientProtocol(CC50Receiver):
         Start a request.  With ``timeout`` (seconds), a request not finished
         by then is cancelled on the wire and fails with ``ClientTimeout``.
         """
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
+        _checkTimeout(timeout)
         req_id = next(self._ids)
         response = Response(self, req_id, credit_bytes or DEFAULT_CREDIT_BYTES)
         if self._closed is not None:
@@ -415,6 +416,25 @@ class CC50ClientProtocol(CC50Receiver):
             response._finish(None, failure)
 
 
+def _checkTimeout(timeout: object) -> None:
+    """
+    Refuse a ``timeout`` that is neither ``None`` nor a positive, finite number of seconds.
+
+    Checked here, with the argument named, because otherwise the mistake
+    surfaces later and far away: NaN as an ``AssertionError`` inside
+    Twisted's ``callLater``, a string as a bare ``TypeError`` from ``<=``,
+    infinity as an overflow in the reactor's poll.
+    """
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__} ({timeout!r})")
+    if not 0 < float(timeout) < math.inf:  # False for NaN too
+        raise ValueError(
+            f"timeout must be a positive, finite number of seconds (or None for no limit), got {timeout!r}"
+        )
+
+
 CC50Client = CC50ClientProtocol
 
 
@@ -444,8 +464,7 @@ def connect(
     a connection (and HELLO) not done by then is abandoned and the Deferred
     fails with ``ClientTimeout``.
     """
-    if timeout is not None and timeout <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout}")
+    _checkTimeout(timeout)
     connecting = Deferred.fromCoroutine(_connect(reactor, description, token))
     if timeout is not None:
 

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import textwrap
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
@@ -264,7 +264,13 @@ class Options(usage.Options):
         if dicts:  # anything no group claimed, so that --help never hides an option
             parts.append(section("Other options", list(dicts)))
         longdesc = "\n".join(textwrap.wrap(self.longdesc, width))
-        return "\n".join(parts) + "\n" + longdesc + "\n\nBackends (--backend):\n" + _backend_help(self.backends) + "\n"
+        text = "\n".join(parts) + "\n" + longdesc + "\n\nBackends (--backend):\n" + _backend_help(self.backends) + "\n"
+        if self.discovery.problems:
+            # Else a plugin that failed to import is simply missing from the list, with no hint why.
+            text += "\nBackend plugins that failed to load:\n" + "".join(
+                f"  {problem}\n" for problem in self.discovery.problems
+            )
+        return text
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on (repeatable): tcp:PORT, unix:PATH, ssl:..., or HOST:PORT."""
@@ -306,14 +312,33 @@ class Options(usage.Options):
         self.backend = self._buildBackend()
 
     def _buildBackend(self) -> IBackend:
-        """Build it now, so a bad backend option fails twistd with a message, not a traceback."""
+        """
+        Build it now, so a bad backend option fails twistd with a message, not a traceback.
+
+        A ``ValueError`` is how a backend says an option is wrong: a usage
+        error (exit 2).  Anything else is a bug in the backend, whose author
+        needs the stack: under twistd it is printed with the traceback and
+        exits 1; parsed on its own (tests, tools), it propagates.
+        """
         from twisted.internet import reactor
 
         spec = self.backends[self["backend"]]
         try:
             return spec.build(self, reactor)
-        except Exception as e:
+        except ValueError as e:
             raise usage.UsageError(f"backend {spec.name!r} cannot start: {e}") from None
+        except Exception:
+            if self.parent is None:
+                raise
+            import traceback
+
+            module = getattr(spec.build, "__module__", "?")
+            sys.stderr.write(
+                f"{self._programName()} cc50: backend {spec.name!r} ({module}) failed to build, "
+                f"a bug in the backend:\n{traceback.format_exc()}"
+            )
+            sys.stderr.flush()
+            raise SystemExit(1) from None
 
     def _checkEndpoints(self) -> None:
         from twisted.internet import reactor
@@ -322,6 +347,15 @@ class Options(usage.Options):
             for description in descriptions:
                 try:
                     endpoint = serverFromString(reactor, description)
+                except TypeError as e:
+                    if "multiple values for argument" not in str(e):
+                        raise usage.UsageError(f"bad --{option} {description!r}: {e}") from None
+                    # tcp:9199:interface=::1 splits at every colon, so "::1" becomes extra
+                    # positional arguments; Twisted's own message names a private function.
+                    raise usage.UsageError(
+                        f"bad --{option} {description!r}: a colon inside a value must be escaped, as in "
+                        r"tcp:PORT:interface=\:\:1 (quote it for the shell), or write [::1]:PORT"
+                    ) from None
                 except Exception as e:
                     raise usage.UsageError(f"bad --{option} {description!r}: {e}") from None
                 port = getattr(_innermost(endpoint), "_port", None)
@@ -397,6 +431,27 @@ def exposedWithoutProtection(endpoint: object) -> str | None:
     return f"{interface or ('::' if isinstance(endpoint, TCP6ServerEndpoint) else '0.0.0.0')}:{port}"
 
 
+def _portOf(endpoint: object) -> object:
+    """The port an endpoint (under any wrapper) listens on, ``"PORT"`` when it has none."""
+    return getattr(_innermost(endpoint), "_port", "PORT")
+
+
+def _failedAddress(error: CannotListenError | OSError, description: str | None) -> str:
+    """
+    What could not be listened on, and why, for ``cannot listen on ...``.
+
+    ``CannotListenError`` names a TCP port as ``interface:port``; for a Unix
+    socket its "port" is the path, as bytes, which read as ``*:b'/path'``.
+    """
+    if isinstance(error, CannotListenError):
+        port = error.port
+        if isinstance(port, bytes | str) and not str(port).isdigit():
+            return f"unix:{os.fsdecode(port)}: {error.socketError}"
+        return f"{error.interface or '*'}:{port}: {error.socketError}"
+    where = description or (os.fsdecode(error.filename) if error.filename is not None else "?")
+    return f"{where}: {error.strerror or error}"
+
+
 class StartupError(Exception):
     """
     The service could not start (a port in use).
@@ -448,8 +503,11 @@ class CC50Service(MultiService):
         authenticated: bool = False,
         startupStderr: int | None = None,
         pidfile: str | None = None,
+        pluginProblems: Sequence[str] = (),
     ) -> None:
         super().__init__()
+        #: Backend plugins that failed to load (``Discovery.problems``), warned about at start.
+        self.pluginProblems = list(pluginProblems)
         self.backend = backend
         self.metricsDescription = metricsDescription
         self.authenticated = authenticated
@@ -461,6 +519,8 @@ class CC50Service(MultiService):
         self.drainTimeout = drainTimeout
         self.reactor = reactor
         self.listeners: list[StreamServerEndpointService] = []
+        #: What each listening service was asked for, to name it when it cannot listen.
+        self.listenDescriptions: dict[IService, str] = {}
         self.endpoints = [serverFromString(reactor, description) for description in descriptions]
         for listener_endpoint in self.endpoints:
             listener = StreamServerEndpointService(listener_endpoint, factory)
@@ -469,14 +529,19 @@ class CC50Service(MultiService):
             listener._raiseSynchronously = True
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        for listener, description in zip(self.listeners, descriptions):
+            self.listenDescriptions[listener] = description
         self.operations: StreamServerEndpointService | None = None
+        self.metricsEndpoint: object = None
         if metricsDescription:
             from cc50tw.web import operationsSite
 
+            self.metricsEndpoint = serverFromString(reactor, metricsDescription)
             self.operations = StreamServerEndpointService(
-                serverFromString(reactor, metricsDescription), operationsSite(factory, self.isListening)
+                self.metricsEndpoint, operationsSite(factory, self.isListening)
             )
             self.operations._raiseSynchronously = True
+            self.listenDescriptions[self.operations] = metricsDescription
         self.healthCheck = TimerService(healthInterval, self.checkBackend)
         self.healthCheck.clock = reactor
         self.healthCheck.setServiceParent(self)
@@ -507,12 +572,17 @@ class CC50Service(MultiService):
         result = self.backend.startBackend()
         if isinstance(result, Deferred):
             result.addErrback(lambda f: self.log.failure("backend failed to start", f))
-        try:
-            if self.operations is not None:
-                self.operations.privilegedStartService()
-            super().privilegedStartService()
-        except CannotListenError as e:
-            self._failToStart(f"cc50: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}")
+        # MultiService.privilegedStartService, one child at a time, so that a
+        # failure names the endpoint that failed.
+        for child in [self.operations, *self]:
+            if child is None:
+                continue
+            try:
+                child.privilegedStartService()
+            except (CannotListenError, OSError) as e:
+                # OSError: a unix: socket in a directory that does not exist fails
+                # in Twisted's lock file, before any CannotListenError.
+                self._failToStart(f"cc50: cannot listen on {_failedAddress(e, self.listenDescriptions.get(child))}")
 
     def _failToStart(self, message: str) -> None:
         """
@@ -563,6 +633,17 @@ class CC50Service(MultiService):
             metrics=f"; metrics on {self.metricsDescription}" if self.metricsDescription else "",
         )
         self.warnIfExposed()
+        self.warnOfPluginProblems()
+
+    def warnOfPluginProblems(self) -> None:
+        """
+        Name the backend plugins that failed to load.
+
+        They are simply missing from the backends; without this line the
+        log gives no hint why a plugin someone installed is not there.
+        """
+        for problem in self.pluginProblems:
+            self.log.warn("backend plugin not loaded: {problem}", problem=problem)
 
     def warnIfExposed(self) -> None:
         """
@@ -570,17 +651,30 @@ class CC50Service(MultiService):
 
         The default ``--listen=tcp:9199`` binds every interface: fine on a
         private network or in a container, but then anyone who can reach the
-        port can spend the backend's GPU time.
+        port can spend the backend's GPU time.  The metrics endpoint is
+        warned about whatever ``--auth-token-file`` says: the token guards
+        CC50 connections, never ``/metrics`` and ``/readyz``.
         """
-        if self.authenticated:
-            return
-        exposed = [address for address in map(exposedWithoutProtection, self.endpoints) if address is not None]
-        if exposed:
+        if not self.authenticated:
+            exposed = [
+                (address, endpoint) for endpoint in self.endpoints if (address := exposedWithoutProtection(endpoint))
+            ]
+            if exposed:
+                self.log.warn(
+                    "cc50 is serving {addresses} beyond this host with no authentication: anyone who can reach "
+                    "it can use the backend. Use --auth-token-file, TLS (ssl: or mtls:), or "
+                    "--listen=tcp:{port}:interface=127.0.0.1 for this host only.",
+                    addresses=", ".join(address for address, _ in exposed),
+                    port=_portOf(exposed[0][1]),
+                )
+        metrics = exposedWithoutProtection(self.metricsEndpoint) if self.metricsEndpoint is not None else None
+        if metrics is not None:
             self.log.warn(
-                "cc50 is serving {addresses} beyond this host with no authentication: anyone who can reach "
-                "it can use the backend. Use --auth-token-file, TLS (ssl: or mtls:), or "
-                "--listen=tcp:9199:interface=127.0.0.1 for this host only.",
-                addresses=", ".join(exposed),
+                "cc50 is serving /metrics, /healthz and /readyz on {address} beyond this host, without "
+                "authentication: anyone who can reach it can read them. Use "
+                "--metrics=tcp:{port}:interface=127.0.0.1 for this host only, or keep the port behind a firewall.",
+                address=metrics,
+                port=_portOf(self.metricsEndpoint),
             )
 
     async def _stop(self) -> None:
@@ -621,4 +715,5 @@ def makeService(options: Options) -> IService:
         authenticated=options.authToken is not None,
         startupStderr=startupStderr,
         pidfile=pidfile,
+        pluginProblems=options.discovery.problems,
     )

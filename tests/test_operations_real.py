@@ -538,7 +538,7 @@ def test_auth_token_cli_and_raw_clients(cc50_server: StartCC50, token_files: tup
         frames = conn.expect_closed(5)
     assert len(frames) == 1, [describe_frame(f) for f in frames]
     assert frames[0].type == MessageType.RESP_ERR and frames[0].flags == ErrorCode.UNAUTHORIZED == 15
-    assert_error(frames[0], 1, ErrorCode.UNAUTHORIZED, "HELLO")
+    assert_error(frames[0], 0, ErrorCode.UNAUTHORIZED, "HELLO")  # connection-level: req_id 0
 
     # The wrong token in HELLO: the same, for req_id 0.
     with server.connect() as conn:

@@ -8,7 +8,9 @@ which ones are up.
   upstream is a candidate ("panic mode", as Envoy calls it): refusing all
   traffic would turn a false alarm, or a server that has just come back,
   into an outage, while trying costs one fast failure.
-- **Passive health.**  A connection failure or a 5xx (reported by the
+- **Passive health.**  A failure that says the upstream is unwell (a
+  broken connection, 502/503/504, a stall mid-stream: the taxonomy in
+  ``cc50tw.backends.http.faults``; reported by the
   stream through ``failed``) takes the upstream out of routing for a
   back-off period, doubled for each further failure in a row (a failure
   after a back-off ended) up to ``MAX_BACKOFF_FACTOR`` times; an answer
@@ -154,7 +156,7 @@ class UpstreamPool:
 
     def failed(self, upstream: Upstream, reason: str) -> None:
         """
-        A connection failure or 5xx: take ``upstream`` out of routing for its
+        A failure that says the upstream is unwell: take ``upstream`` out of routing for its
         back-off.  Failures while it is already backing off (the other
         requests it had in flight when it died, or attempts made in panic
         mode) neither extend nor double the back-off: only a failure after a
@@ -278,7 +280,7 @@ class UpstreamCollector(Collector):
         )
         requests = CounterMetricFamily(
             "cc50_upstream_requests",
-            "Attempts on the upstream, by outcome: done, failed (connection failure or 5xx), error, cancelled.",
+            "Attempts on the upstream, by outcome: done, failed (the upstream is unwell), error, cancelled.",
             labels=["url", "outcome"],
         )
         retries = CounterMetricFamily(

@@ -408,9 +408,29 @@ class RequestTimeoutTests(SynchronousTestCase):
     def test_nonPositiveTimeoutIsRefused(self) -> None:
         self.assertRaises(ValueError, self.client.infer, "p", timeout=0)
 
+    def test_nanOrInfiniteTimeoutIsAValueErrorNamingIt(self) -> None:
+        """NaN slipped past ``<= 0`` and failed as an ``AssertionError`` inside Twisted's ``callLater``."""
+        for bad in (float("nan"), float("inf"), -1.5):
+            error = self.assertRaises(ValueError, self.client.infer, "p", timeout=bad)
+            self.assertIn("timeout must be a positive, finite number of seconds", str(error))
+        self.assertEqual(self.client.inFlight, 0)  # refused before anything was sent
+
+    def test_nonNumberTimeoutIsATypeErrorNamingIt(self) -> None:
+        """``timeout="5"`` raised a bare ``TypeError`` from ``<``, naming neither the argument nor the type."""
+        for bad in ("5", True, [5]):
+            error = self.assertRaises(TypeError, self.client.infer, "p", timeout=bad)  # type: ignore[arg-type]
+            self.assertIn("timeout must be a number of seconds or None", str(error))
+            self.assertIn(type(bad).__name__, str(error))
+
 
 class ConnectTimeoutTests(SynchronousTestCase):
     """Issue 16, item 4: ``connect(timeout=)`` on a fake reactor."""
+
+    def test_badTimeoutIsRefusedBeforeConnecting(self) -> None:
+        reactor = MemoryReactorClock()
+        self.assertRaises(ValueError, connect, reactor, "127.0.0.1:9", timeout=float("nan"))
+        self.assertRaises(TypeError, connect, reactor, "127.0.0.1:9", timeout="5")  # type: ignore[arg-type]
+        self.assertEqual(reactor.tcpClients, [])
 
     def test_connectingTimesOut(self) -> None:
         reactor = MemoryReactorClock()

@@ -40,7 +40,7 @@ class FinishReasonCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         family = CounterMetricFamily(
-            "cc50_upstream_finish_reasons", "Answers that ended, by the upstream's finish_reason.", labels=["reason"]
+            "cc50_finish_reasons", "Answers that ended, by the upstream's finish_reason.", labels=["reason"]
         )
         for reason, count in sorted(self._reasons.items()):
             family.add_metric([reason], count)
