@@ -86,6 +86,22 @@ class WireTests(SynchronousTestCase):
         with self.assertRaises(OptionsError):
             decodeOptions(b"\x0e\x00\x00\x00" + b'{"stop":["a"]}' + b"x")
 
+    def test_theDocumentedExamples(self) -> None:
+        """The hex of docs/protocol.md, "Generation options"."""
+        request = encode_infer(9, "Hi", 8, 0, GenerationOptions(temperature=0, stop=["\n"]))
+        self.assertEqual(
+            request.hex(" "),
+            "43 43 35 30 01 00 01 00 09 00 00 00 00 00 00 00 00 00 00 00 31 00 00 00 08 00 00 00 00 00 00 00 "
+            "02 00 00 00 48 69 1f 00 00 00 7b 22 74 65 6d 70 65 72 61 74 75 72 65 22 3a 30 2c 22 73 74 6f 70 "
+            "22 3a 5b 22 5c 6e 22 5d 7d",
+        )
+        done = encode_done(9, DoneStats(8, 1500, 2, 8, 700, "length"))
+        self.assertEqual(
+            done.hex(" "),
+            "43 43 35 30 01 00 03 00 09 00 00 00 00 00 00 00 00 00 00 00 28 00 00 00 08 00 00 00 00 00 00 00 "
+            "dc 05 00 00 00 00 00 00 02 00 00 00 08 00 00 00 bc 02 00 00 00 00 00 00 06 00 6c 65 6e 67 74 68",
+        )
+
     def test_finishReasonFollowsTheCc50twFields(self) -> None:
         frame = encode_done(7, DoneStats(3, 10, 1, 3, 5, "stop"))
         payload = frame[24:]
