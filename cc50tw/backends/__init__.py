@@ -186,10 +186,10 @@ def discoverBackends(reserved_options: set[str] = frozenset()) -> Discovery:  # 
                 name=factory.name,
                 clash=clash,
             )
-            what = f"options {', '.join('--' + name for name in clash)}" if clash else "name"
+            what = f"options {', '.join('--' + name for name in clash)} clash" if clash else "name clashes"
             discovery.problems.append(
                 f"backend plugin {factory.name!r} ({getattr(factory.build, '__module__', '?')}) was skipped: "
-                f"its {what} clash with an installed backend's or the server's"
+                f"its {what} with an installed backend's or the server's"
             )
             continue
         backends[factory.name] = factory

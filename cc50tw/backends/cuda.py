@@ -221,8 +221,11 @@ def probe_cuda(grid: int = DEFAULT_GRID, block: int = DEFAULT_BLOCK, timeout: fl
 # Choosing the engine -------------------------------------------------------
 
 
-class CUDAUnavailable(Exception):
-    """``--toy-device=cuda`` was asked for on a machine where CUDA cannot run."""
+class CUDAUnavailable(ValueError):
+    """
+    ``--toy-device=cuda`` was asked for on a machine where CUDA cannot run: a
+    ``ValueError``, so ``twistd cc50`` reports it as the option's problem.
+    """
 
 
 def select_engine(
