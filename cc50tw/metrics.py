@@ -143,6 +143,12 @@ class ServerMetrics:
             registry=self.registry,
         )
         self._outcomes: dict[str, Any] = {}
+        self.model_requests = Counter(
+            "cc50_model_requests",
+            "Requests ended, by the model they were routed by (one the backend serves) and outcome.",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
         self.generated_tokens = Counter("cc50_generated_tokens", "Tokens generated.", registry=self.registry)
         self.prompt_tokens = Counter("cc50_prompt_tokens", "Prompt tokens processed.", registry=self.registry)
         self.registry.register(_FactoryCollector(factory))

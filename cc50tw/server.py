@@ -554,6 +554,23 @@ def unknownModel(backend: object, options: GenerationOptions) -> str:
     return f"unknown model {options.model!r}; this server serves {', '.join(repr(m) for m in served)}"
 
 
+def requestModel(backend: object, options: GenerationOptions) -> str | None:
+    """
+    The model a request was served by: the one it named, else the one the
+    backend routes it to (``modelFor``: ``--config``'s default model).
+    """
+    if options.model is not None:
+        return options.model
+    modelFor = getattr(backend, "modelFor", None)
+    return modelFor(options) if callable(modelFor) else None
+
+
+def servedModels(backend: object) -> frozenset[str]:
+    """The models ``backend`` says it serves (none, when it does not say)."""
+    models = getattr(backend, "models", None)
+    return frozenset(models() if callable(models) else ())
+
+
 def helloReply(backend: object) -> bytes:
     """
     The server's HELLO payload: its name, then (after a newline) a JSON object
@@ -632,6 +649,8 @@ class CC50ServerFactory(Factory):
         self.metrics = ServerMetrics(self)
         #: Computed once: the backend's capabilities do not change while it runs.
         self.helloReply = helloReply(backend)
+        #: What ``cc50_model_requests_total`` may label.
+        self.servedModels = servedModels(backend)
         self._quietWaiter: Deferred[None] | None = None
         self._quietCondition: Callable[[], bool] = lambda: True
 
@@ -644,6 +663,7 @@ class CC50ServerFactory(Factory):
         """Swap the backend (tests do, before any connection): streams get it through ``services``."""
         self._backend = backend
         self.services = attrs.evolve(self.services, backend=backend)
+        self.servedModels = servedModels(backend)
 
     @property
     def creditPauses(self) -> int:
@@ -683,15 +703,21 @@ class CC50ServerFactory(Factory):
         if result is not None:
             metrics.generated_tokens.inc(max(0, result.generated_tokens))
             metrics.prompt_tokens.inc(max(0, result.prompt_tokens))
+        model = requestModel(self.backend, stream.request.options)
+        if model is not None and model in self.servedModels:
+            # Only the models the backend lists: a label per name a client made up would grow without bound.
+            metrics.model_requests.labels(model, outcome).inc()
         if self.config.log_requests:
             self.log.info(
-                "request {req_id} from {peer}: {outcome} backend={backend} tokens={tokens} "
+                "request {req_id} from {peer}: {outcome} backend={backend}{model_text} tokens={tokens} "
                 "prompt_tokens={prompt_tokens} bytes={bytes} latency_ms={latency_ms:.3f} ttft_ms={ttft_text}"
                 "{finish_text}{detail}",
                 req_id=stream.reqId,
                 peer=stream.peer,
                 outcome=outcome,
                 backend=self.backend.name,
+                model=model,
+                model_text=f" model={model}" if model is not None else "",
                 tokens=result.generated_tokens if result else None,
                 prompt_tokens=result.prompt_tokens if result else None,
                 bytes=stream.bytesSent,

@@ -102,6 +102,8 @@ _SERVER_OPTIONS: list[list[Any]] = [
     ["health-interval", None, 5.0, "Seconds between backend health checks.", _seconds("health-interval")],
     ["auth-token-file", None, None, "File holding a shared secret clients must send in HELLO (off by default)."],
     ["log-format", None, "text", "Log format: text, or json (one JSON object per line, on stdout)."],
+    ["config", None, None, "TOML file setting any option by its long name, and [[upstreams]] routed by model "
+     "(docs/operations.md); the command line wins."],
 ]
 
 _SERVER_FLAGS: list[list[Any]] = [
@@ -207,6 +209,9 @@ class Options(usage.Options):
         Parsed on its own (tests, tools), the ``UsageError`` is raised as usual.
         """
         try:
+            from cc50tw.config import applyConfigFile
+
+            applyConfigFile(self, sys.argv[1:] if options is None else options)
             super().parseOptions(options)
         except usage.UsageError as e:
             if self.parent is None:
@@ -315,17 +320,21 @@ class Options(usage.Options):
         """
         Build it now, so a bad backend option fails twistd with a message, not a traceback.
 
-        A ``ValueError`` is how a backend says an option is wrong: a usage
-        error (exit 2).  Anything else is a bug in the backend, whose author
-        needs the stack: under twistd it is printed with the traceback and
-        exits 1; parsed on its own (tests, tools), it propagates.
+        A ``ValueError`` is how a backend says an option is wrong, and
+        ``CUDAUnavailable`` how the toy backend says ``--toy-device=cuda``
+        cannot run here: a usage error (exit 2).  Anything else is a bug in
+        the backend, whose author needs the stack: under twistd it is printed
+        with the traceback and exits 1; parsed on its own (tests, tools), it
+        propagates.
         """
         from twisted.internet import reactor
+
+        from cc50tw.backends.cuda import CUDAUnavailable
 
         spec = self.backends[self["backend"]]
         try:
             return spec.build(self, reactor)
-        except ValueError as e:
+        except (ValueError, CUDAUnavailable) as e:
             raise usage.UsageError(f"backend {spec.name!r} cannot start: {e}") from None
         except Exception:
             if self.parent is None:

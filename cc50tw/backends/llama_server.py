@@ -28,6 +28,7 @@ from cc50tw.backends.http import (
     settingsFrom,
     urlList,
 )
+from cc50tw.backends.http.routes import UpstreamRoute
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -50,14 +51,21 @@ class LlamaServerBackend(HTTPStreamingBackend):
         http: UpstreamHTTPClient | None = None,
         freshHTTP: UpstreamHTTPClient | None = None,
         pool: HTTPConnectionPool | None = None,
+        routes: Sequence[UpstreamRoute] = (),
+        defaultModel: str | None = None,
         **fields: Any,
     ) -> None:
-        """``fields``: ``UpstreamSettings`` fields, for callers that set one or two (tests)."""
+        """
+        ``fields``: ``UpstreamSettings`` fields, for callers that set one or two (tests).
+        ``routes`` (``--config``'s upstreams) replace ``url`` and ``endpoint``.
+        """
         dialectFor(endpoint, "")  # raises ValueError for an unknown endpoint
         self.endpoint = endpoint
         if settings is None:
             settings = UpstreamSettings(**fields)
-        super().__init__(reactor, url, settings, http=http, freshHTTP=freshHTTP, pool=pool)
+        super().__init__(
+            reactor, url, settings, http=http, freshHTTP=freshHTTP, pool=pool, routes=routes, defaultModel=defaultModel
+        )
 
     def makeDialect(self, where: str) -> Dialect:
         return dialectFor(self.endpoint, where)
@@ -70,6 +78,11 @@ def _endpoint(value: str) -> str:
 
 
 def build(options: Mapping[str, Any], reactor: Any) -> LlamaServerBackend:
+    routes = options.get("upstreams")
+    if routes:  # --config's [[upstreams]]: cc50tw.config has refused --llama-url and --llama-endpoint
+        return LlamaServerBackend(
+            reactor, (), routes=routes, defaultModel=options.get("default-model"), settings=settingsFrom(options, "llama")
+        )
     return LlamaServerBackend(
         reactor,
         url=urlList(options["llama-url"]),

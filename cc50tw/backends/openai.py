@@ -30,6 +30,7 @@ from cc50tw.backends.http import (
     settingsFrom,
     urlList,
 )
+from cc50tw.backends.http.routes import UpstreamRoute
 
 #: Where vLLM, TGI and llama-server answer whether they can serve.  OpenAI
 #: itself and Ollama have no such path: use /v1/models (with the key) there.
@@ -43,6 +44,8 @@ class OpenAIBackend(HTTPStreamingBackend):
     upstream_name = "OpenAI-compatible server"
     option_prefix = "openai"
     endpoint_hint = "--openai-url (the server's base URL, without /v1) and --openai-chat"
+    #: Strict OpenAI-compatible servers may refuse llama-server's fields.
+    llamaExtensions = False
 
     def __init__(
         self,
@@ -56,9 +59,15 @@ class OpenAIBackend(HTTPStreamingBackend):
         http: UpstreamHTTPClient | None = None,
         freshHTTP: UpstreamHTTPClient | None = None,
         pool: HTTPConnectionPool | None = None,
+        routes: Sequence[UpstreamRoute] = (),
+        defaultModel: str | None = None,
         **fields: Any,
     ) -> None:
-        """``fields``: ``UpstreamSettings`` fields, for callers that set one or two (tests)."""
+        """
+        ``fields``: ``UpstreamSettings`` fields, for callers that set one or two (tests).
+        ``routes`` (``--config``'s upstreams) replace ``urls``, ``model``,
+        ``chat`` and ``api_key``: each upstream has its own.
+        """
         self.model = model
         self.chat = chat
         fields.setdefault("health_path", DEFAULT_HEALTH_PATH)
@@ -67,16 +76,25 @@ class OpenAIBackend(HTTPStreamingBackend):
         if api_key is not None:
             headers = {**settings.headers, b"Authorization": (b"Bearer " + api_key.encode("utf-8"),)}
             settings = attrs.evolve(settings, headers=headers)
-        super().__init__(reactor, urls, settings, http=http, freshHTTP=freshHTTP, pool=pool)
+        super().__init__(
+            reactor, urls, settings, http=http, freshHTTP=freshHTTP, pool=pool, routes=routes, defaultModel=defaultModel
+        )
 
     def makeDialect(self, where: str) -> Dialect:
         return OpenAICompletionsDialect(where, chat=self.chat, llamaExtensions=False, model=self.model)
 
     def models(self) -> list[str]:
-        """The --model given, if any; without one, a request's model goes upstream as it is."""
+        """
+        The --model given, if any; without one, a request's model goes upstream as it is.
+        With ``routes``, the models they serve, the default first.
+        """
+        if self.routes:
+            return super().models()
         return [self.model] if self.model else []
 
     def describe(self) -> str:
+        if self.routes:
+            return super().describe()
         model = f"model {self.model!r}" if self.model else "no model named"
         key = "with an API key" if b"Authorization" in self.settings.headers else "no API key"
         return f"{super().describe()}; {model}, {key}"
@@ -109,6 +127,15 @@ def _healthPath(value: str) -> str | None:
 
 
 def build(options: Mapping[str, Any], reactor: Any) -> OpenAIBackend:
+    routes = options.get("upstreams")
+    if routes:  # --config's [[upstreams]]: cc50tw.config has refused --openai-url, --model and the rest
+        return OpenAIBackend(
+            reactor,
+            (),
+            routes=routes,
+            defaultModel=options.get("default-model"),
+            settings=settingsFrom(options, "openai", health_path=options["openai-health-path"]),
+        )
     urls = urlList(options["openai-url"])
     if not urls:
         raise ValueError("--openai-url is required: the server's base URL, e.g. http://127.0.0.1:8000")

@@ -3,8 +3,13 @@ A pool of upstream inference servers: which one gets the next request, and
 which ones are up.
 
 - **Routing.**  Each request goes to the upstream with the fewest requests
-  outstanding (sent and not yet ended) among those that are up; ties go
-  round-robin, so a quiet pool still alternates.  When none is up, every
+  outstanding (sent and not yet ended), relative to its weight, among those
+  that are up and serve the request's model (``--config``'s
+  ``[[upstreams]]``; without one, every upstream serves every request);
+  ties go round-robin, so a quiet pool still alternates.  An upstream at
+  its ``max_concurrency`` is skipped; when every one serving the model is,
+  ``choose`` raises ``AllBusy`` (the request gets OVERLOADED: waiting there
+  would only queue behind a limit the operator set on purpose).  When none is up, every
   upstream is a candidate ("panic mode", as Envoy calls it): refusing all
   traffic would turn a false alarm, or a server that has just come back,
   into an outage, while trying costs one fast failure.
@@ -46,6 +51,16 @@ MAX_BACKOFF_FACTOR = 8
 OUTCOMES = ("done", "failed", "error", "cancelled")
 
 
+class AllBusy(Exception):
+    """Every upstream serving the model is at its ``max_concurrency``."""
+
+    def __init__(self, model: str | None, limit: int) -> None:
+        super().__init__(model, limit)
+        self.model = model
+        #: The requests they take at once, all together.
+        self.limit = limit
+
+
 @attrs.define(eq=False)
 class Upstream:
     """One upstream server and what the pool knows about it."""
@@ -71,6 +86,20 @@ class Upstream:
     probing: bool = False
     #: Times it said it was overloaded (HTTP 429) and was held out of routing.
     holdOffs: int = 0
+    #: The model clients ask for to be routed here; ``None``: any request.
+    model: str | None = None
+    #: Its share of the load: ``outstanding / weight`` is what routing compares.
+    weight: float = 1.0
+    #: Requests it takes at once; ``None``: no limit.
+    maxConcurrency: int | None = None
+
+    def serves(self, model: str | None) -> bool:
+        """Whether a request for ``model`` may go here (an upstream with no model takes any)."""
+        return self.model is None or model is None or self.model == model
+
+    @property
+    def full(self) -> bool:
+        return self.maxConcurrency is not None and self.outstanding >= self.maxConcurrency
 
     def counts(self) -> str:
         """Its figures, for log lines."""
@@ -85,17 +114,20 @@ class UpstreamPool:
 
     def __init__(
         self,
-        urls: Sequence[str],
+        urls: Sequence[str | Upstream],
         clock: IReactorTime,
         backoff: float = DEFAULT_BACKOFF,
         label: str = "upstream",
     ) -> None:
+        """``urls``: URLs, or ``Upstream``s that carry a model, weight and limit."""
         if not urls:
             raise ValueError("an upstream pool needs at least one URL")
-        if len(set(urls)) != len(urls):
-            duplicates = sorted({url for url in urls if urls.count(url) > 1})
+        members = [Upstream(url) if isinstance(url, str) else url for url in urls]
+        names = [upstream.url for upstream in members]
+        if len(set(names)) != len(names):
+            duplicates = sorted({url for url in names if names.count(url) > 1})
             raise ValueError(f"upstream URL given more than once: {', '.join(duplicates)}")
-        self.members = [Upstream(url) for url in urls]
+        self.members = members
         self.clock = clock
         self.backoff = backoff
         #: How log lines name an upstream: "llama-server at URL".
@@ -120,27 +152,44 @@ class UpstreamPool:
         now = self.clock.seconds()
         return sum(1 for upstream in self.members if self.isUp(upstream, now))
 
-    def choose(self, exclude: Upstream | None = None) -> Upstream | None:
+    def models(self) -> list[str]:
+        """The models the upstreams serve, each once, in the order first listed."""
+        return list(dict.fromkeys(upstream.model for upstream in self.members if upstream.model is not None))
+
+    def choose(self, exclude: Upstream | None = None, model: str | None = None) -> Upstream | None:
         """
-        The upstream for the next attempt: the least loaded that is up, ties
-        round-robin; if none is up, the least loaded of all.  ``None`` only
-        when ``exclude`` was the one upstream.
+        The upstream for the next attempt at a request for ``model``: the
+        least loaded (outstanding per unit of weight, counting this request)
+        that is up, ties round-robin; if none is up, the least loaded of all
+        (panic mode).  ``None`` when no upstream but ``exclude`` serves the
+        model; ``AllBusy`` when every one that does is at its limit.
+
+        Counting the request itself, ``(outstanding + 1) / weight``, lets a
+        weight matter in a quiet pool too: idle, the heavier upstream is
+        the one with room for more.
         """
         now = self.clock.seconds()
-        candidates = [upstream for upstream in self.members if upstream is not exclude]
-        if not candidates:
+        serving = [upstream for upstream in self.members if upstream is not exclude and upstream.serves(model)]
+        if not serving:
             return None
+        candidates = [upstream for upstream in serving if not upstream.full]
+        if not candidates:
+            raise AllBusy(model, sum(upstream.maxConcurrency or 0 for upstream in serving))
         up = [upstream for upstream in candidates if self.isUp(upstream, now)]
         if up:
             candidates = up
         count = len(self.members)
         best: Upstream | None = None
+        bestLoad = 0.0
         bestIndex = 0
         for offset in range(count):
             index = (self._next + offset) % count
             upstream = self.members[index]
-            if upstream in candidates and (best is None or upstream.outstanding < best.outstanding):
-                best, bestIndex = upstream, index
+            if upstream not in candidates:
+                continue
+            load = (upstream.outstanding + 1) / upstream.weight
+            if best is None or load < bestLoad:
+                best, bestLoad, bestIndex = upstream, load, index
         assert best is not None
         self._next = (bestIndex + 1) % count
         return best

@@ -6,7 +6,9 @@ another streaming server) are made of.
 Each request goes to the least-loaded upstream that is up
 (``cc50tw.backends.pool``) as an ``UpstreamStream``; a ``HealthChecker``
 polls every upstream's health URL.  A concrete backend adds its options,
-its dialect and its headers.
+its dialect and its headers.  Given ``routes`` (``--config``'s
+``[[upstreams]]``), each upstream has its own model, dialect and key
+instead, and a request goes only to the upstreams serving its model.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import attrs
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -26,10 +29,13 @@ from cc50tw.backends.http.client import UpstreamHTTPClient, makeHTTPClient, pool
 from cc50tw.backends.http.dialects import Dialect
 from cc50tw.backends.http.health import HealthChecker
 from cc50tw.backends.http.options import UpstreamSettings, normalizeURL
+from cc50tw.backends.http.routes import UpstreamRoute
 from cc50tw.backends.http.stream import UpstreamStream
 from cc50tw.backends.pool import Upstream, UpstreamCollector, UpstreamPool
-from cc50tw.generation import OPTION_NAMES
+from cc50tw.generation import OPTION_NAMES, GenerationOptions
 from cc50tw.interfaces import GenerationResult, IBackend, IBackendMetrics, InferenceRequest, ITokenSink
+
+DIALECT_WORDS = {"llama": "llama.cpp /completion", "openai": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
 class FinishReasonCollector(Collector):
@@ -61,6 +67,9 @@ class HTTPStreamingBackend:
     #: Every generation option: a dialect refuses, with BAD_REQUEST naming
     #: it, what its API cannot take (``system`` without chat, say).
     generationOptions = frozenset(OPTION_NAMES)
+    #: Whether a route's OpenAI-style dialect adds llama-server's extensions
+    #: (``cache_prompt``, ``top_k``...): a strict upstream may refuse them.
+    llamaExtensions = True
     log = Logger()
 
     def __init__(
@@ -72,22 +81,47 @@ class HTTPStreamingBackend:
         http: UpstreamHTTPClient | None = None,
         freshHTTP: UpstreamHTTPClient | None = None,
         pool: HTTPConnectionPool | None = None,
+        routes: Sequence[UpstreamRoute] = (),
+        defaultModel: str | None = None,
     ) -> None:
-        """``http`` and ``freshHTTP`` replace the clients (tests give in-memory ones)."""
+        """
+        ``http`` and ``freshHTTP`` replace the clients (tests give in-memory ones).
+        ``routes`` replace ``urls``: each route is an upstream with its own
+        model, dialect and key; ``defaultModel`` is the model of a request
+        that names none (else the first route's).
+        """
         self.reactor = reactor
         self.settings = settings if settings is not None else UpstreamSettings()
-        if isinstance(urls, str):
+        self.routes: dict[str, UpstreamRoute] = {}
+        if routes:
+            urls = [route.url for route in routes]
+        elif isinstance(urls, str):
             urls = [urls]
         self.urls = [normalizeURL(url, f"--{self.option_prefix}-url") for url in urls]
         duplicates = sorted({url for url in self.urls if self.urls.count(url) > 1})
         if duplicates:
             raise ValueError(f"--{self.option_prefix}-url names an upstream more than once: {', '.join(duplicates)}")
-        self.pool = UpstreamPool(self.urls, reactor, self.settings.backoff, label=self.upstream_name)
+        if routes:
+            routes = [attrs.evolve(route, url=url) for route, url in zip(routes, self.urls, strict=True)]
+            self.routes = {route.url: route for route in routes}
+            served = list(dict.fromkeys(route.model for route in routes))
+            if defaultModel is not None and defaultModel not in served:
+                raise ValueError(
+                    f"default_model {defaultModel!r} is served by no upstream (models: {', '.join(served)})"
+                )
+            self.defaultModel: str | None = defaultModel if defaultModel is not None else served[0]
+            members: list[str | Upstream] = [route.member() for route in routes]
+        else:
+            self.defaultModel = None
+            members = list(self.urls)
+        self.pool = UpstreamPool(members, reactor, self.settings.backoff, label=self.upstream_name)
         self.streamHeaders: dict[bytes, list[bytes]] = {
             b"Content-Type": [b"application/json"],
             b"Accept": [b"text/event-stream"],
             **{name: list(values) for name, values in self.settings.headers.items()},
         }
+        #: Each routed upstream's headers: the shared ones and its own key.
+        self._routeHeaders = {url: route.headers(self.streamHeaders) for url, route in self.routes.items()}
         timeout = self.settings.connect_timeout
         if http is None:
             if pool is None:
@@ -97,7 +131,9 @@ class HTTPStreamingBackend:
             if pool is None:
                 freshHTTP = http  # a test's client: it decides what a connection is
             else:
-                freshHTTP = makeHTTPClient(upstreamAgent(reactor, timeout, pooledConnections(reactor, persistent=False)))
+                freshHTTP = makeHTTPClient(
+                    upstreamAgent(reactor, timeout, pooledConnections(reactor, persistent=False))
+                )
         #: The HTTP connections, shared by all upstreams (the Agent keys them by host).
         self.connectionPool = pool
         self.http = http
@@ -110,7 +146,15 @@ class HTTPStreamingBackend:
         self.draining: set[Attempt] = set()
         #: Answers ended, by the upstream's finish_reason.
         self.finishReasons: dict[str, int] = {}
-        self.health = HealthChecker(reactor, self.pool, http, self.settings, self.upstream_name)
+        healthHeaders = {url: route.headers(self.settings.headers) for url, route in self.routes.items()}
+        self.health = HealthChecker(
+            reactor,
+            self.pool,
+            http,
+            self.settings,
+            self.upstream_name,
+            lambda upstream: healthHeaders.get(upstream.url),
+        )
         self._dialects: dict[str, Dialect] = {}
         self.dialect = self.dialectFor(self.pool.members[0])
 
@@ -152,10 +196,30 @@ class HTTPStreamingBackend:
     def dialectFor(self, upstream: Upstream) -> Dialect:
         dialect = self._dialects.get(upstream.url)
         if dialect is None:
-            dialect = self._dialects[upstream.url] = self.makeDialect(f"{self.upstream_name} at {upstream.url}")
+            where = f"{self.upstream_name} at {upstream.url}"
+            route = self.routes.get(upstream.url)
+            made = route.makeDialect(where, self.llamaExtensions) if route is not None else self.makeDialect(where)
+            dialect = self._dialects[upstream.url] = made
         return dialect
 
+    def headersFor(self, upstream: Upstream) -> dict[bytes, list[bytes]]:
+        """What a request to ``upstream`` carries: a routed upstream's own key goes to it alone."""
+        return self._routeHeaders.get(upstream.url, self.streamHeaders)
+
+    def models(self) -> list[str]:
+        """The models the routes serve, the default first (HELLO and ``unknownModel`` read it)."""
+        served = self.pool.models()
+        if self.defaultModel is None:
+            return served
+        return [self.defaultModel, *(model for model in served if model != self.defaultModel)]
+
+    def modelFor(self, options: GenerationOptions) -> str | None:
+        """The model a request is routed by: its own, else the default (``None`` when not routing)."""
+        return options.model if options.model is not None else self.defaultModel
+
     def describe(self) -> str:
+        if self.routes:
+            return self._describeRoutes()
         if len(self.urls) == 1:
             where = f"{self.upstream_name} at {self.urls[0]}"
         else:
@@ -170,6 +234,23 @@ class HTTPStreamingBackend:
             f"connect {s.connect_timeout:g}s, first event {s.first_event_timeout:g}s, "
             f"idle {s.idle_timeout:g}s; {health}; back-off {s.backoff:g}s; "
             f"reasoning text {'streamed' if s.reasoning else 'dropped'}"
+        )
+
+    def _describeRoutes(self) -> str:
+        routes = "; ".join(
+            f"{route.model!r} at {route.url} ({DIALECT_WORDS[route.dialect]}"
+            + (f", as {route.upstream_model!r}" if route.upstream_model is not None else "")
+            + (f", weight {route.weight:g}" if route.weight != 1 else "")
+            + (f", at most {route.max_concurrency} at once" if route.max_concurrency is not None else "")
+            + (", with its API key" if route.api_key is not None else "")
+            + ")"
+            for route in self.routes.values()
+        )
+        s = self.settings
+        return (
+            f"{len(self.routes)} {self.upstream_name} upstream(s) by model, default {self.defaultModel!r}: {routes}; "
+            f"timeouts: connect {s.connect_timeout:g}s, first event {s.first_event_timeout:g}s, "
+            f"idle {s.idle_timeout:g}s; back-off {s.backoff:g}s"
         )
 
     def generate(self, request: InferenceRequest, sink: ITokenSink) -> Deferred[GenerationResult]:

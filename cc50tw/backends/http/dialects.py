@@ -216,13 +216,16 @@ class OpenAICompletionsDialect:
     with none (OpenAI, vLLM, llama-server's chat).  ``llamaExtensions`` adds
     llama-server's ``cache_prompt``, which strict upstreams might reject;
     ``model`` names the model, which most servers other than llama-server
-    require.
+    require; a request's own ``model`` replaces it, unless ``routed`` (a
+    ``--config`` upstream: the request's model chose this upstream, whose
+    own name for it is ``model``).
     """
 
     upstream: str
     chat: bool = False
     llamaExtensions: bool = True
     model: str | None = None
+    routed: bool = False
 
     @property
     def path(self) -> str:
@@ -239,7 +242,7 @@ class OpenAICompletionsDialect:
             "stream_options": {"include_usage": True},
         }
         options = request.options
-        model = options.model if options.model is not None else self.model
+        model = options.model if options.model is not None and not self.routed else self.model
         if model is not None:
             body["model"] = model
         if self.chat:

@@ -8,6 +8,7 @@ upstream cannot leave a probe (or the poller waiting on it) pending.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
@@ -26,9 +27,17 @@ class HealthChecker:
     log = Logger()
 
     def __init__(
-        self, reactor: Any, pool: UpstreamPool, http: UpstreamHTTPClient, settings: UpstreamSettings, label: str
+        self,
+        reactor: Any,
+        pool: UpstreamPool,
+        http: UpstreamHTTPClient,
+        settings: UpstreamSettings,
+        label: str,
+        headersFor: Callable[[Upstream], Mapping[bytes, Any] | None] | None = None,
     ) -> None:
+        """``headersFor``: an upstream's own headers (its API key), ``None`` for the shared ones."""
         self.reactor = reactor
+        self.headersFor = headersFor
         self.pool = pool
         self.http = http
         self.settings = settings
@@ -91,9 +100,9 @@ class HealthChecker:
         if self._stopped:
             return succeed((False, f"{where} was not checked: the backend is stopping"))
         upstream.probing = True
-        got: Deferred[Any] = maybeDeferred(
-            self.http.getDirect, (upstream.url + path).encode("ascii"), Headers(dict(self.settings.headers))
-        )
+        own = self.headersFor(upstream) if self.headersFor is not None else None
+        headers = Headers(dict(own if own is not None else self.settings.headers))
+        got: Deferred[Any] = maybeDeferred(self.http.getDirect, (upstream.url + path).encode("ascii"), headers)
         step = [got]
         timer = self.reactor.callLater(self.settings.connect_timeout + 5, lambda: step[-1].cancel())
 

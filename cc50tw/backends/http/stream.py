@@ -35,10 +35,10 @@ from cc50tw.backends.http.client import UpstreamHTTPClient
 from cc50tw.backends.http.dialects import Delta, Dialect, Progress
 from cc50tw.backends.http.faults import Fault, causes
 from cc50tw.backends.http.options import UpstreamSettings
-from cc50tw.backends.pool import Upstream, UpstreamPool
+from cc50tw.backends.pool import AllBusy, Upstream, UpstreamPool
 from cc50tw.codec import ErrorCode
 from cc50tw.errors import BackendError
-from cc50tw.generation import OptionsError
+from cc50tw.generation import GenerationOptions, OptionsError
 from cc50tw.interfaces import GenerationResult, InferenceRequest, ITokenSink
 from cc50tw.sse import SSEEvent, TextAssembler
 
@@ -62,6 +62,12 @@ class StreamingBackend(Protocol):
     draining: set[Attempt]
 
     def dialectFor(self, upstream: Upstream) -> Dialect: ...
+
+    def headersFor(self, upstream: Upstream) -> dict[bytes, list[bytes]]:
+        """What a request to ``upstream`` carries (its own API key, when it has one)."""
+
+    def modelFor(self, options: GenerationOptions) -> str | None:
+        """The model a request is routed by; ``None``: any upstream will do."""
 
     def finished(self, reason: str | None) -> None:
         """Count why an answer ended (metrics)."""
@@ -93,6 +99,8 @@ class UpstreamStream:
         self.upstream: Upstream | None = None
         self.attempt: Attempt | None = None
         self.posts = 0
+        #: The model the request is routed by (``None``: not routing by model).
+        self.model: str | None = None
         self._dialect: Dialect | None = None
         self._text = TextAssembler()
         self._thinking = TextAssembler()
@@ -108,8 +116,21 @@ class UpstreamStream:
 
     def start(self) -> None:
         self._sink.registerProducer(self, True)
-        upstream = self._backend.pool.choose()
-        assert upstream is not None  # a pool is never empty
+        model = self.model = self._backend.modelFor(self._request.options)
+        try:
+            upstream = self._backend.pool.choose(model=model)
+        except AllBusy as busy:
+            self._fail(
+                Fault(
+                    ErrorCode.OVERLOADED,
+                    f"every upstream serving model {model!r} is at its max_concurrency "
+                    f"({busy.limit} requests at once); try again later",
+                )
+            )
+            return
+        if upstream is None:  # the server refuses unknown models first; this is the backstop
+            self._fail(Fault(ErrorCode.BAD_REQUEST, f"no upstream serves model {model!r}"))
+            return
         self._use(upstream)
         self._send(pooled=True)
 
@@ -141,7 +162,8 @@ class UpstreamStream:
         where = _Where(self._where, self._dialect.path, backend.endpoint_hint, backend.option_prefix)
         uri = (self.upstream.url + self._dialect.path).encode("ascii")
         http = backend.http if pooled else backend.freshHTTP
-        attempt = Attempt(self, backend.reactor, backend.settings, http, uri, backend.streamHeaders, body, where, pooled)
+        headers = backend.headersFor(self.upstream)
+        attempt = Attempt(self, backend.reactor, backend.settings, http, uri, headers, body, where, pooled)
         self.attempt = attempt
         self.posts += 1
         if self._paused:
@@ -155,7 +177,9 @@ class UpstreamStream:
             # A pooled connection the upstream had closed: another pooled one
             # might be just as dead, so the one retry uses a brand new one.
             self._retried = True
-            self.log.debug("retrying request {req_id} on a new connection: {why}", req_id=self._request.req_id, why=fault.message)
+            self.log.debug(
+                "retrying request {req_id} on a new connection: {why}", req_id=self._request.req_id, why=fault.message
+            )
             self._send(pooled=False)
             return
         self._fault(fault)
@@ -175,7 +199,11 @@ class UpstreamStream:
         elif fault.overloaded:
             pool.holdOff(upstream, fault.holdOff, fault.message)
         if fault.retry and self._chunks == 0 and not self._retried:
-            other = pool.choose(exclude=upstream)
+            # Only to another upstream serving the same model.
+            try:
+                other = pool.choose(exclude=upstream, model=self.model)
+            except AllBusy:
+                other = None
             # Only to one that takes requests: with every other one down (or
             # held off after a 429), a second try is just a second failure.
             if other is not None and pool.isUp(other):
