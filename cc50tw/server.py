@@ -291,6 +291,10 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
                 f"authentication required: a frame of {header.length} bytes before HELLO (at most {self.MAX_LENGTH})",
             )
             return
+        if header.type == MessageType.REQ_INFER and header.req_id == 0:
+            # Refused on req_id 0 it would read as a connection-level error: make it one.
+            self._failConnection(ErrorCode.BAD_REQUEST, "REQ_INFER on req_id 0, which is reserved for connection-level errors")
+            return
         self.frameRefused(
             header.req_id,
             ErrorCode.TOO_LARGE,

@@ -447,7 +447,7 @@ def test_text_logs_one_line_per_request_and_none_per_chunk(cc50_server: StartCC5
     for line in request_lines:
         assert re.search(
             r"request [123] from 127\.0\.0\.1:\d+: done backend=toy tokens=300 prompt_tokens=\d+ bytes=\d+ "
-            r"latency_ms=\d+\.\d{3} ttft_ms=\d+\.\d{3}$",
+            r"latency_ms=\d+\.\d{3} ttft_ms=\d+\.\d{3} finish=length$",
             line,
         ), line
     assert len({re.search(r"from (\S+):", line).group(1) for line in request_lines}) == 2  # type: ignore[union-attr]
