@@ -31,8 +31,9 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ga
 from twisted.internet.error import ConnectError
 from twisted.python.failure import Failure
 
-from cc50tw.client import CC50ClientProtocol, ClientTimeout, connect
+from cc50tw.client import CC50ClientProtocol, ClientTimeout, connect, generationOptions
 from cc50tw.errors import ClientError
+from cc50tw.generation import GenerationOptions
 from cc50tw.stats import cpp_summary_line, summarize
 
 T = TypeVar("T")
@@ -47,6 +48,8 @@ class RequestRecord(NamedTuple):
     ttft_ms: float
     tokens: int
     text: str | None
+    #: Why generation stopped; sent only for requests that carried generation options.
+    finish_reason: str | None = None
 
 
 class BenchResult(NamedTuple):
@@ -100,6 +103,7 @@ async def run_bench(
     credit_bytes: int = 0,
     token: bytes | None = None,
     timeout: float | None = None,
+    options: GenerationOptions | None = None,
     progress: Callable[[], object] | None = None,
     on_connected: Callable[[], object] | None = None,
 ) -> BenchResult:
@@ -116,7 +120,13 @@ async def run_bench(
     out ``iters`` timeouts one by one could take hours.  A connection that
     cannot be made raises its own error (``ConnectionRefusedError``, ...),
     after the connections that were made are closed.
+
+    ``options`` (generation options) go with every request; they are checked
+    here, before connecting, so a bad one is an ``OptionsError`` rather than
+    ``iters`` errors.
     """
+    if options is not None:
+        generationOptions(options)
     raise_open_file_limit(connections + 64)
     clients = await _connectAll(reactor, server, token, max(1, connections), timeout)
     if on_connected is not None:
@@ -136,7 +146,7 @@ async def run_bench(
         while issued < iters and not abandoned:
             number = issued
             issued += 1
-            response = client.infer(prompt, max_tokens, credit_bytes, timeout)
+            response = client.infer(prompt, max_tokens, credit_bytes, timeout, options=options)
             try:
                 completion = await response.collect()
             except ClientTimeout as e:
@@ -162,6 +172,7 @@ async def run_bench(
                     ttft_ms=(first - response.startedAt) * 1e3,
                     tokens=completion.stats.tokens,
                     text=completion.text if number < keep_text else None,
+                    finish_reason=completion.stats.finish_reason,
                 )
             )
 
@@ -242,6 +253,7 @@ class BenchShare(NamedTuple):
     credit_bytes: int
     token: bytes | None
     timeout: float | None = None
+    options: GenerationOptions | None = None
 
 
 def shares(
@@ -256,6 +268,7 @@ def shares(
     credit_bytes: int = 0,
     token: bytes | None = None,
     timeout: float | None = None,
+    options: GenerationOptions | None = None,
 ) -> list[BenchShare]:
     """Split a run over ``processes``: requests, workers and connections alike."""
     if processes < 1:
@@ -266,7 +279,9 @@ def shares(
             f"and workers (--concurrency={concurrency})"
         )
     return [
-        BenchShare(server, prompt, max_tokens, n, c, k, keep_text if index == 0 else 0, credit_bytes, token, timeout)
+        BenchShare(
+            server, prompt, max_tokens, n, c, k, keep_text if index == 0 else 0, credit_bytes, token, timeout, options
+        )
         for index, (n, c, k) in enumerate(
             zip(split(iters, processes), split(concurrency, processes), split(connections, processes))
         )
@@ -467,6 +482,10 @@ def bench_report(result: BenchResult, settings: dict[str, Any]) -> dict[str, Any
     ttfts = [r.ttft_ms for r in result.records]
     tokens = sum(r.tokens for r in result.records)
     rates = [r.tokens / (r.latency_ms / 1e3) for r in result.records if r.latency_ms > 0]
+    finishReasons: dict[str, int] = {}
+    for r in result.records:
+        if r.finish_reason is not None:
+            finishReasons[r.finish_reason] = finishReasons.get(r.finish_reason, 0) + 1
     return {
         "settings": dict(settings),
         "requests": len(result.records),
@@ -483,6 +502,8 @@ def bench_report(result: BenchResult, settings: dict[str, Any]) -> dict[str, Any
         "latency_ms": summary_dict(latencies),
         "ttft_ms": summary_dict(ttfts),
         "cpp_summary": cpp_summary_line(latencies),
+        #: Requests by why they stopped ("length", "stop"): empty unless generation options were sent.
+        "finish_reasons": finishReasons,
         "texts": [r.text for r in result.records if r.text is not None],
         "samples": {"latency_ms": latencies, "ttft_ms": ttfts, "tokens": [r.tokens for r in result.records]},
     }

@@ -1,12 +1,15 @@
 """
-The ``cc50`` command: ``infer`` streams one answer, ``bench`` measures.
+The ``cc50`` command: ``infer`` streams one answer, ``bench`` measures,
+``models`` asks a server what it serves.
 
 Flags follow the C++ CC50 client (``--server=HOST:PORT --prompt=...
 --max-tokens=N --iters=N --print=1``) and bench ends with its summary line,
 so existing scripts keep working.  Beyond them, bench takes ``--processes N``
 (load from several client processes, merged), ``--json [PATH]`` (every
 figure, for machines), ``--plot PNG`` (matplotlib, optional) and shows a
-progress bar (tqdm, optional) when standard error is a terminal.
+progress bar (tqdm, optional) when standard error is a terminal.  Both take
+the generation options (``--model``, ``--temperature``, ``--stop``...),
+checked as ``cc50tw.generation`` checks them, before anything runs.
 
 Failures are one line on standard error, never a traceback: exit status 2 for
 a bad option value (checked by argparse before anything runs: ranges of the
@@ -21,7 +24,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from twisted.internet.defer import Deferred
@@ -31,9 +34,10 @@ from twisted.python.failure import Failure
 
 from cc50tw import __version__
 from cc50tw.bench import PlotUnavailable
-from cc50tw.client import ClientTimeout
+from cc50tw.client import ClientTimeout, generationOptions
 from cc50tw.endpoints import client_description
 from cc50tw.errors import ClientError
+from cc50tw.generation import OPTION_NAMES, GenerationOptions, OptionsError
 from cc50tw.stats import describe
 
 DEFAULT_SERVER = "tcp:127.0.0.1:9199"
@@ -84,6 +88,45 @@ def _parser() -> _Parser:
         sub.add_argument("--auth-token-file", help="file holding the server's shared token (sent in HELLO)")
         # main() reads the file into ``token`` once parsing is done (see _readToken).
         sub.set_defaults(token=None)
+        generation(sub)
+
+    def generation(sub: argparse.ArgumentParser) -> None:
+        group = sub.add_argument_group(
+            "generation options",
+            "sent with each request; the server refuses (BAD_REQUEST) one its backend cannot honour: "
+            "cc50 models --verbose lists those it can",
+        )
+        group.add_argument("--model", type=_option("model", str), metavar="NAME", help="the model to use (cc50 models lists them)")
+        group.add_argument("--temperature", type=_option("temperature", float), metavar="F", help="0-100; 0 is greedy")
+        group.add_argument("--top-p", type=_option("top_p", float), metavar="F", help="nucleus sampling, 0-1")
+        group.add_argument("--top-k", type=_option("top_k", int), metavar="N", help="top-k sampling")
+        group.add_argument("--min-p", type=_option("min_p", float), metavar="F", help="minimum-probability sampling, 0-1")
+        group.add_argument("--seed", type=_option("seed", int), metavar="N", help="sampling seed")
+        group.add_argument(
+            "--stop",
+            type=_option("stop", str),
+            action="append",
+            metavar="TEXT",
+            help="a stop string; repeat for more (at most 16)",
+        )
+        group.add_argument("--system", type=_option("system", str), metavar="TEXT", help="system prompt (chat upstreams)")
+        group.add_argument(
+            "--repeat-penalty", type=_option("repeat_penalty", float), metavar="F", help="llama.cpp's, 0-100"
+        )
+        group.add_argument(
+            "--presence-penalty", type=_option("presence_penalty", float), metavar="F", help="OpenAI's, -100-100"
+        )
+        group.add_argument(
+            "--frequency-penalty", type=_option("frequency_penalty", float), metavar="F", help="OpenAI's, -100-100"
+        )
+        group.add_argument(
+            "--extra",
+            type=_option("extra", json.loads),
+            metavar="JSON",
+            help="a JSON object of fields for the upstream's request body, as they are",
+        )
+        # main() gathers them into ``options`` (see _generationOptions).
+        sub.set_defaults(options=None)
 
     commands.add_parser(
         "make-test-model", help="write a tiny random-weight GGUF model for llama-server (cc50 make-test-model --help)"
@@ -138,8 +181,77 @@ def _parser() -> _Parser:
     bench.add_argument(
         "--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal anyway)"
     )
-    parser.commands = {"infer": infer, "bench": bench}
+
+    models = commands.add_parser("models", help="list the models a server serves (and the options it honours)")
+    models.add_argument(
+        "--server", type=_server, default=DEFAULT_SERVER, help="endpoint (tcp:HOST:PORT, unix:PATH) or HOST:PORT"
+    )
+    models.add_argument("--auth-token-file", help="file holding the server's shared token (sent in HELLO)")
+    models.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_INFER_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up (exit 1) when the server has not answered by then; 0 = no limit (default {DEFAULT_INFER_TIMEOUT:g})",
+    )
+    shown = models.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--verbose", "-v", action="store_true", help="also the generation options it honours, and its name"
+    )
+    shown.add_argument("--json", action="store_true", help="name, options and models as one JSON object")
+    models.set_defaults(token=None, options=None)
+    parser.commands = {"infer": infer, "bench": bench, "models": models}
     return parser
+
+
+#: Each generation option's flag, by its name on the wire (for messages about them).
+_OPTION_FLAGS = {name: "--" + name.replace("_", "-") for name in OPTION_NAMES}
+
+
+def _option(name: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """
+    A type for the flag of option ``name``: the text parsed by ``parse``,
+    then checked by ``GenerationOptions`` itself, so the command refuses
+    exactly what the server would, as a usage error before connecting.
+    """
+
+    def check(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            what = {int: "an integer", float: "a number", json.loads: "JSON"}.get(parse, "valid")
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        try:
+            field: dict[str, Any] = {name: (value,) if name == "stop" else value}
+            GenerationOptions(**field)
+        except OptionsError as e:
+            raise argparse.ArgumentTypeError(_withoutOptionName(str(e), name)) from None
+        return value
+
+    return check
+
+
+def _withoutOptionName(message: str, name: str) -> str:
+    """``option 'top_p' must be ...`` as ``must be ...``: argparse's line already names the flag."""
+    prefix = f"option {name!r} "
+    return message[len(prefix) :] if message.startswith(prefix) else message
+
+
+def _generationOptions(parser: argparse.ArgumentParser, args: argparse.Namespace) -> GenerationOptions:
+    """
+    The generation options of the command line, together: each flag was
+    checked alone, which leaves what only the whole can break (too many
+    ``--stop``, a block past its size limit), a usage error too.
+    """
+    given = {name: getattr(args, name) for name in OPTION_NAMES if name != "stop" and getattr(args, name) is not None}
+    try:
+        return generationOptions(stop=args.stop, **given)
+    except OptionsError as e:
+        text = str(e)
+        for name, flag in _OPTION_FLAGS.items():
+            if text.startswith(f"option {name!r} "):
+                parser.error(f"argument {flag}: {_withoutOptionName(text, name)}")
+        parser.error(f"generation options: {text}")
 
 
 def _integer(value: str, low: int, high: int | None = None) -> int:
@@ -273,7 +385,7 @@ async def _infer(reactor: Any, args: argparse.Namespace) -> int:
     client = await connect(reactor, args.server, args.token, timeout)
     # One budget for connecting and the answer: what is left of it after connecting.
     left = None if deadline is None else max(deadline - reactor.seconds(), 1e-3)
-    response = client.infer(args.prompt, args.max_tokens, args.credit_bytes, left)
+    response = client.infer(args.prompt, args.max_tokens, args.credit_bytes, left, options=args.options)
     wrote = False
     try:
         async for text in response:
@@ -293,10 +405,49 @@ async def _infer(reactor: Any, args: argparse.Namespace) -> int:
     finally:
         await client.close()
     sys.stdout.write("\n")
+    finish = f" finish_reason={stats.finish_reason}" if stats.finish_reason is not None else ""
     sys.stderr.write(
         f"tokens={stats.tokens} prompt_tokens={stats.prompt_tokens} elapsed_us={stats.elapsed_us} "
-        f"ttft_us={stats.ttft_us}\n"
+        f"ttft_us={stats.ttft_us}{finish}\n"
     )
+    return 0
+
+
+async def _models(reactor: Any, args: argparse.Namespace) -> int:
+    """
+    ``cc50 models``: what the server's HELLO reply says it serves.  The
+    models go to standard output one per line, for scripts; a server that
+    names none (an older one, or a backend that does not say) is told on
+    standard error, with nothing on standard output and exit status 0.
+    """
+    from cc50tw.client import connect
+
+    timeout: float | None = args.timeout or None
+    deadline = reactor.seconds() + timeout if timeout is not None else None
+    client = await connect(reactor, args.server, args.token, timeout)
+    try:
+        left = None if deadline is None else max(deadline - reactor.seconds(), 1e-3)
+        try:
+            capabilities = await client.capabilities(left)
+        except ClientTimeout as e:
+            raise ClientTimeout(e.req_id, e.seconds, f"no answer within {timeout:g} s (--timeout)") from None
+    finally:
+        await client.close()
+    models = list(capabilities.models or ())
+    if args.json:
+        json.dump(
+            {"name": capabilities.name, "options": list(capabilities.options), "models": capabilities.models},
+            sys.stdout,
+        )
+        sys.stdout.write("\n")
+        return 0
+    for model in models:
+        print(model)
+    if not models:
+        sys.stderr.write(f"cc50: {args.server} ({capabilities.name or 'no name'}) does not say which models it serves\n")
+    if args.verbose:
+        print(f"# server: {capabilities.name}")
+        print(f"# options: {' '.join(capabilities.options) if capabilities.options else '(none advertised)'}")
     return 0
 
 
@@ -326,6 +477,7 @@ async def _bench(reactor: Any, args: argparse.Namespace) -> int:
         args.credit_bytes,
         args.token,
         args.timeout or None,
+        args.options,
     )
     TTFT = "cc50_time_to_first_token_seconds"
     before = parse_histogram(await _scrapeMetrics(args.metrics_url), TTFT) if args.metrics_url else None
@@ -347,6 +499,7 @@ async def _bench(reactor: Any, args: argparse.Namespace) -> int:
         "connections": args.connections,
         "processes": args.processes,
         "credit_bytes": args.credit_bytes,
+        "options": args.options.given() if args.options is not None else {},
     }
     report = bench_report(result, settings)
     if before is not None:
@@ -392,6 +545,9 @@ def _print_report(report: dict[str, Any]) -> None:
             f"server_ttft mean={server['mean']:.3f} p50~{server['p50_estimate']:.3f} "
             f"p99~{server['p99_estimate']:.3f} (ms, from {server['source']}, {server['requests']:.0f} requests)"
         )
+    reasons = report.get("finish_reasons")
+    if reasons:
+        print("finish_reasons " + " ".join(f"{reason}={count}" for reason, count in sorted(reasons.items())))
     print(
         f"tokens={report['tokens']} tokens_per_s={report['tokens_per_s']:.1f} "
         f"per_request_tokens_per_s={report['per_request_tokens_per_s']:.1f}"
@@ -434,7 +590,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"(got {args.connections} and {args.concurrency})"
         )
     args.token = _readToken(commandParser, args.auth_token_file)
-    command = {"infer": _infer, "bench": _bench}[args.command]
+    if args.command in ("infer", "bench"):
+        args.options = _generationOptions(commandParser, args)
+    command = {"infer": _infer, "bench": _bench, "models": _models}[args.command]
 
     def run(reactor: Any) -> Deferred[None]:
         async def go() -> None:

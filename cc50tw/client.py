@@ -7,6 +7,13 @@ consumed three ways: ``async for text in response`` (under ``ensureDeferred``),
 ``response.onChunk = callback``, or ``response.collect()`` for the whole text
 and the DONE statistics.  Many requests run concurrently on one connection.
 
+Generation options (``model=``, ``temperature=``, ``stop=``...) are checked
+when ``infer`` is called, so a typo or a value out of range is an
+``OptionsError`` at the line that made it, not a BAD_REQUEST a round trip
+later; ``client.capabilities()`` says which of them the server honours and
+which models it serves.  A request that carried options gets its finish
+reason ("stop", "length") in ``stats.finish_reason``.
+
 Credit is granted back to the server as the application consumes text, so a
 consumer that stops reading stops the server's backend for that request, and
 nothing piles up in the client without bound.
@@ -22,13 +29,15 @@ from __future__ import annotations
 
 import codecs
 import itertools
+import json
 import math
 import numbers
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
+import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -52,6 +61,7 @@ from cc50tw.codec import (
 )
 from cc50tw.endpoints import client_description
 from cc50tw.errors import ClientError
+from cc50tw.generation import GenerationOptions, OptionsError, encodeOptions
 from cc50tw.receiver import CC50Receiver, setTcpNoDelay
 
 _utf8Decoder = codecs.getincrementaldecoder("utf-8")
@@ -80,6 +90,114 @@ def _cancelledByClient(req_id: int) -> ClientError:
 class Completion(NamedTuple):
     text: str
     stats: DoneStats
+
+    @property
+    def finish_reason(self) -> str | None:
+        """
+        Why generation stopped ("stop", "length", ...); ``None`` unless the
+        request carried generation options, since only then does the server
+        know this client reads the field.
+        """
+        return self.stats.finish_reason
+
+
+class Capabilities(NamedTuple):
+    """
+    What the server's HELLO reply says about it (docs/protocol.md, "Capabilities").
+
+    An older server's reply is its name alone: then ``options`` is empty and
+    ``models`` is ``None`` ("not said", as opposed to an empty list).
+    """
+
+    #: The server's name and version, ``cc50tw/0.1.0``.
+    name: str
+    #: The generation options its backend honours, by wire name; any other is refused.
+    options: tuple[str, ...] = ()
+    #: The models it serves, or ``None`` when it does not say.
+    models: tuple[str, ...] | None = None
+    #: The whole capabilities object, so keys newer than this client are not lost.
+    details: Mapping[str, Any] = {}
+
+
+def _names(value: object) -> tuple[str, ...] | None:
+    """A JSON list of strings as a tuple; ``None`` for anything else, which a newer or odd server may send."""
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        return None
+    return tuple(value)
+
+
+def parseHello(payload: bytes) -> Capabilities:
+    """
+    A server's HELLO payload: its name, then optionally a newline and a JSON
+    object.  Never raises: what cannot be read is treated as not said, so a
+    server that is older (name only) or newer (other keys) still answers.
+    """
+    nameBytes, _, rest = payload.partition(b"\n")
+    name = nameBytes.decode("utf-8", "replace").strip()
+    try:
+        details = json.loads(rest.decode("utf-8")) if rest.strip() else {}
+    except ValueError:  # UnicodeDecodeError is one
+        details = {}
+    if not isinstance(details, dict):
+        details = {}
+    return Capabilities(name, _names(details.get("options")) or (), _names(details.get("models")), details)
+
+
+def generationOptions(
+    options: GenerationOptions | None = None,
+    *,
+    model: str | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    seed: int | None = None,
+    stop: str | Iterable[str] | None = None,
+    system: str | None = None,
+    repeat_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> GenerationOptions:
+    """
+    ``options`` with the keyword arguments that are not ``None`` set on it:
+    ``infer``'s options, checked (``OptionsError`` naming the option) and
+    encoded to make sure they fit, so nothing is sent that the server would
+    refuse for its form.  ``stop`` may be one string.
+    """
+    given: dict[str, Any] = {
+        name: value
+        for name, value in (
+            ("model", model),
+            ("temperature", temperature),
+            ("top_p", top_p),
+            ("top_k", top_k),
+            ("min_p", min_p),
+            ("seed", seed),
+            ("system", system),
+            ("repeat_penalty", repeat_penalty),
+            ("presence_penalty", presence_penalty),
+            ("frequency_penalty", frequency_penalty),
+            ("extra", extra),
+        )
+        if value is not None
+    }
+    if stop is not None:
+        # One string is one stop string, as OpenAI's API takes it; iterating it would give its characters.
+        try:
+            given["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        except TypeError:
+            raise OptionsError(f"option 'stop' must be a string or a list of strings, got {stop!r}") from None
+    if options is None:
+        options = GenerationOptions()
+    elif not isinstance(options, GenerationOptions):
+        raise TypeError(f"options must be a GenerationOptions, not {type(options).__name__}")
+    try:
+        result = attrs.evolve(options, **given) if given else options
+    except TypeError as e:  # attrs' own complaint about an argument
+        raise OptionsError(f"options: {e}") from None
+    encodeOptions(result)  # OptionsError when the block is too large
+    return result
 
 
 class Response:
@@ -291,31 +409,126 @@ class CC50ClientProtocol(CC50Receiver):
         self._responses: dict[int, Response] = {}
         self._ids = itertools.count(1)
         self._closed: Failure | None = None
-        self._hello: Deferred[bytes] | None = None
+        #: Those waiting for the server's HELLO reply (``hello``, ``capabilities``).
+        self._helloWaiters: list[Deferred[bytes]] = []
+        #: The server's last HELLO payload: its name and capabilities, which do
+        #: not change while the connection lasts, so they are asked for once.
+        self.helloPayload: bytes | None = None
         self.lost: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
         setTcpNoDelay(self.transport)
 
     def hello(self, token: bytes) -> Deferred[bytes]:
-        """Authenticate with the server's shared token; fires with the server's name."""
-        self._hello = Deferred()
+        """
+        Send HELLO with ``token`` (the server's shared secret, or empty when
+        it has none); fires with the server's reply: its name, and after a
+        newline its capabilities (``parseHello`` reads them).
+        """
+        waiter = self._waitForHello()
         self.sendFrame(encode_hello(token))
-        return self._hello
+        return waiter
 
-    def infer(self, prompt: str, max_tokens: int = 0, credit_bytes: int = 0, timeout: float | None = None) -> Response:
+    def _waitForHello(self) -> Deferred[bytes]:
+        def forget(waiter: Deferred[bytes]) -> None:
+            # Cancelled (a timeout): the reply, if it comes, is for the others.
+            if waiter in self._helloWaiters:
+                self._helloWaiters.remove(waiter)
+
+        if self._closed is not None:
+            return fail(self._closed)
+        waiter: Deferred[bytes] = Deferred(forget)
+        self._helloWaiters.append(waiter)
+        return waiter
+
+    def capabilities(self, timeout: float | None = None) -> Deferred[Capabilities]:
+        """
+        What the server says about itself: its name, the generation options
+        it honours and the models it serves, so a program can pick a model
+        or leave out an option the server would refuse.
+
+        A connection that authenticated already has the answer (HELLO's
+        reply); otherwise a HELLO with an empty token asks for it, which a
+        server without ``--auth-token-file`` answers (one with it closes the
+        connection: connect with the token instead).  ``timeout`` (seconds)
+        gives up with ``ClientTimeout``.
+        """
+        _checkTimeout(timeout)
+        if self.helloPayload is not None:
+            return succeed(parseHello(self.helloPayload))
+        if self._helloWaiters:  # a HELLO is on its way: share its answer
+            answer = self._waitForHello()
+        else:
+            answer = self.hello(b"")
+        if timeout is not None:
+
+            def timedOut(result: Any, seconds: float) -> Any:
+                if isinstance(result, Failure):
+                    return Failure(ClientTimeout(0, seconds, f"no answer to HELLO within {seconds:g} s"))
+                return result
+
+            answer.addTimeout(timeout, self._clock(), onTimeoutCancel=timedOut)
+        return answer.addCallback(parseHello)
+
+    def infer(
+        self,
+        prompt: str,
+        max_tokens: int = 0,
+        credit_bytes: int = 0,
+        timeout: float | None = None,
+        *,
+        options: GenerationOptions | None = None,
+        model: str | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        seed: int | None = None,
+        stop: str | Iterable[str] | None = None,
+        system: str | None = None,
+        repeat_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Response:
         """
         Start a request.  With ``timeout`` (seconds), a request not finished
         by then is cancelled on the wire and fails with ``ClientTimeout``.
+
+        The generation options (``options``, and the keywords, which override
+        its fields) are checked here: a wrong type or a value out of range
+        raises ``OptionsError`` (a ``ValueError``) before anything is sent.
+        Those left ``None`` are the server's defaults; with none set, the
+        frame is the C++ client's, byte for byte.  Whether the server
+        honours an option is its call: one it cannot honour ends the request
+        with BAD_REQUEST naming it (``capabilities()`` says which it does).
         """
         _checkTimeout(timeout)
+        chosen = generationOptions(
+            options,
+            model=model,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seed=seed,
+            stop=stop,
+            system=system,
+            repeat_penalty=repeat_penalty,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            extra=extra,
+        )
         req_id = next(self._ids)
+        # Encoded before the request exists, so a prompt or count that cannot
+        # be encoded leaves nothing behind, as a bad option does.
+        frame = encode_infer(req_id, prompt, max_tokens, credit_bytes, chosen)
         response = Response(self, req_id, credit_bytes or DEFAULT_CREDIT_BYTES)
         if self._closed is not None:
             response._finish(None, self._closed)
             return response
         self._responses[req_id] = response
-        self.transport.write(encode_infer(req_id, prompt, max_tokens, credit_bytes))  # type: ignore[union-attr]
+        self.transport.write(frame)  # type: ignore[union-attr]
         if timeout is not None:
             response._timeoutCall = self._clock().callLater(timeout, response._timedOut, timeout)
         return response
@@ -375,8 +588,9 @@ class CC50ClientProtocol(CC50Receiver):
                     done._finish(stats, None)
             return
         if kind == MessageType.HELLO:
-            waiter, self._hello = self._hello, None
-            if waiter is not None:
+            self.helloPayload = frame.payload
+            waiters, self._helloWaiters = self._helloWaiters, []
+            for waiter in waiters:
                 waiter.callback(frame.payload)
             return
         if kind == MessageType.RESP_ERR:
@@ -408,8 +622,8 @@ class CC50ClientProtocol(CC50Receiver):
         self.lost.callback(None)
 
     def _failAll(self, failure: Failure) -> None:
-        waiter, self._hello = self._hello, None
-        if waiter is not None:
+        waiters, self._helloWaiters = self._helloWaiters, []
+        for waiter in waiters:
             waiter.errback(failure)
         responses, self._responses = self._responses, {}
         for response in responses.values():
@@ -480,4 +694,16 @@ def connect(
     return connecting
 
 
-__all__ = ["CC50Client", "CC50ClientProtocol", "ClientTimeout", "Completion", "Response", "connect"]
+__all__ = [
+    "CC50Client",
+    "CC50ClientProtocol",
+    "Capabilities",
+    "ClientTimeout",
+    "Completion",
+    "GenerationOptions",
+    "OptionsError",
+    "Response",
+    "connect",
+    "generationOptions",
+    "parseHello",
+]

@@ -11,8 +11,11 @@ wrong at run time (a refused connection, a timeout, a server error).
 
 from __future__ import annotations
 
+import json
 import socket
+import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import cc50tw
+from cc50tw.codec import HEADER, HEADER_SIZE, MessageType, encode_hello
 from tests.conftest import StartCC50
 from tests.helpers import LOOPBACK, ServerProcess, cc50_command, free_port
 
@@ -190,3 +194,148 @@ def test_answer_within_the_timeout(shared_cc50_server: ServerProcess) -> None:
     bench = run("bench", "--server", shared_cc50_server.address, "--max-tokens=2", "--iters=20", "--timeout=30")
     assert bench.returncode == 0, bench.stderr
     assert bench.stdout.splitlines()[-1].startswith("iters=20 ")
+
+
+# Generation options and capabilities (issue 15, item 2) --------------------------------
+#
+# The toy backend serves one model, "toy", and honours only the ``model``
+# option: anything else it must refuse rather than silently ignore.
+
+
+def test_infer_with_a_model_prints_the_finish_reason(shared_cc50_server: ServerProcess) -> None:
+    result = run("infer", "--server", shared_cc50_server.address, "--max-tokens", "2", "--model", "toy")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == " token token\n"
+    [stats] = result.stderr.splitlines()
+    assert stats.startswith("tokens=2 prompt_tokens=1 ") and stats.endswith(" finish_reason=length"), stats
+
+
+def test_infer_without_options_has_no_finish_reason(shared_cc50_server: ServerProcess) -> None:
+    """No options: the C++ client's request, and the DONE it gets has no finish reason."""
+    result = run("infer", "--server", shared_cc50_server.address, "--max-tokens", "1")
+    assert result.returncode == 0, result.stderr
+    assert "finish_reason" not in result.stderr
+
+
+def test_unknown_model_is_the_servers_message(shared_cc50_server: ServerProcess) -> None:
+    result = run("infer", "--server", shared_cc50_server.address, "--model", "other")
+    line = assert_one_line(result, 1)
+    assert line == "cc50: error BAD_REQUEST (11): unknown model 'other'; this server serves 'toy'", line
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["infer", "bench"])
+def test_option_the_toy_cannot_honour_is_refused(shared_cc50_server: ServerProcess, command: str) -> None:
+    extra = ("--iters=2",) if command == "bench" else ()
+    result = run(command, "--server", shared_cc50_server.address, "--temperature", "0.5", *extra)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    if command == "infer":
+        line = assert_one_line(result, 1)
+        assert line.startswith("cc50: error BAD_REQUEST (11): ") and "'temperature'" in line, line
+    else:
+        assert result.stdout.splitlines()[-1].startswith("iters=0 ")  # the C++ summary line, still last
+        assert "'temperature'" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["infer", "bench"])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (("--top-p", "2"), "argument --top-p: must be between 0 and 1, got 2.0"),
+        (("--temperature", "warm"), "argument --temperature: not a number: 'warm'"),
+        (("--seed", "1.5"), "argument --seed: not an integer: '1.5'"),
+        (("--stop", ""), "argument --stop: must be a list of non-empty strings"),
+        (("--extra", "[1]"), "argument --extra: must be a JSON object"),
+    ],
+)
+def test_bad_generation_options_are_usage_errors(
+    silent_listener: str, command: str, options: tuple[str, ...], message: str
+) -> None:
+    """Refused before connecting: against a listener that never answers, there is no wait."""
+    result = run(command, "--server", silent_listener, *options, timeout=STARTUP_SLACK + 15)
+    line = assert_one_line(result, 2)
+    assert line.startswith(f"cc50 {command}: error: {message}"), line
+    assert result.stdout == ""
+
+
+def test_bench_with_a_model_keeps_the_cpp_summary_line_last(shared_cc50_server: ServerProcess) -> None:
+    result = run("bench", "--server", shared_cc50_server.address, "--model=toy", "--max-tokens=2", "--iters=10")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "finish_reasons length=10" in lines
+    assert lines[-1].startswith("iters=10 mean_ms="), lines[-1]
+
+
+def test_models(shared_cc50_server: ServerProcess) -> None:
+    plain = run("models", "--server", shared_cc50_server.address)
+    assert (plain.returncode, plain.stdout, plain.stderr) == (0, "toy\n", "")
+    verbose = run("models", "--server", shared_cc50_server.address, "--verbose")
+    assert verbose.returncode == 0, verbose.stderr
+    assert verbose.stdout.splitlines() == ["toy", f"# server: cc50tw/{cc50tw.__version__}", "# options: model"]
+    as_json = run("models", "--server", shared_cc50_server.address, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == {"name": f"cc50tw/{cc50tw.__version__}", "options": ["model"], "models": ["toy"]}
+
+
+def test_models_with_a_token(cc50_server: StartCC50, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    server = cc50_server("--toy-iters=0", "--auth-token-file", str(token))
+    result = run("models", "--server", server.address, "--auth-token-file", str(token))
+    assert (result.returncode, result.stdout) == (0, "toy\n"), result.stderr
+    refused = run("models", "--server", server.address)
+    line = assert_one_line(refused, 1)
+    assert line.startswith(f"cc50: models against {server.address} failed: ") and "authentication" in line, line
+    server.allow_log_problems = True
+
+
+def test_models_from_a_server_that_names_none(old_hello_server: str) -> None:
+    """An older server answers HELLO with its name alone."""
+    result = run("models", "--server", old_hello_server)
+    assert (result.returncode, result.stdout) == (0, ""), result.stderr
+    line = assert_one_line(result, 0)
+    assert line == f"cc50: {old_hello_server} (cc50tw/0.0.9) does not say which models it serves", line
+
+
+def test_models_times_out(silent_listener: str) -> None:
+    started = time.monotonic()
+    line = assert_one_line(run("models", "--server", silent_listener, "--timeout", "1"), 1)
+    assert line.startswith(f"cc50: models against {silent_listener} failed: ") and "within 1 s" in line, line
+    assert time.monotonic() - started < 1 + STARTUP_SLACK
+
+
+@pytest.fixture
+def old_hello_server() -> Iterator[str]:
+    """``HOST:PORT`` of a thread answering one HELLO per connection with a name and nothing more."""
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    stopping = threading.Event()
+
+    def serve() -> None:
+        while not stopping.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                continue
+            with connection:
+                connection.settimeout(5)
+                try:
+                    header = connection.recv(HEADER_SIZE, socket.MSG_WAITALL)
+                    _, _, kind, _, _, length = HEADER.unpack(header)
+                    if length:
+                        connection.recv(length, socket.MSG_WAITALL)
+                    if kind == MessageType.HELLO:
+                        connection.sendall(encode_hello(b"cc50tw/0.0.9"))
+                    connection.recv(1)  # until the client closes
+                except (OSError, struct.error):
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"{LOOPBACK}:{listener.getsockname()[1]}"
+    stopping.set()
+    thread.join(5)
+    listener.close()

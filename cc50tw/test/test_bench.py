@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import pickle
 import sys
 from typing import Any
 
@@ -37,6 +38,7 @@ from cc50tw.bench import (
     split,
 )
 from cc50tw.client import ClientTimeout
+from cc50tw.generation import GenerationOptions
 from cc50tw.server import CC50ServerFactory, ServerConfig
 from cc50tw.stats import cpp_summary_line, summarize
 
@@ -93,6 +95,12 @@ class SplitTests(SynchronousTestCase):
         self.assertEqual([p.connections for p in parts], [4, 3, 3])
         self.assertEqual([p.keep_text for p in parts], [2, 0, 0])  # --print=N: the first process's answers
 
+    def test_everyShareCarriesTheGenerationOptions(self) -> None:
+        options = GenerationOptions(model="m", stop=("x",))
+        parts = shares("tcp:h:1", "hi", 5, 10, 2, 2, 2, options=options)
+        self.assertEqual([p.options for p in parts], [options, options])
+        self.assertEqual(pickle.loads(pickle.dumps(parts[0])), parts[0])  # it crosses into a child process
+
     def test_moreProcessesThanConnectionsIsRefused(self) -> None:
         self.assertRaises(ValueError, shares, "tcp:h:1", "hi", 5, 100, 10, 2, 3)
         self.assertRaises(ValueError, shares, "tcp:h:1", "hi", 5, 100, 10, 2, 0)
@@ -113,6 +121,12 @@ class ReportTests(SynchronousTestCase):
         self.assertEqual(report["texts"], ["abc"])
         self.assertEqual(report["samples"]["latency_ms"], [2.0, 4.0])
         self.assertEqual(report["client_cpu_share"], 0.0)
+        self.assertEqual(report["finish_reasons"], {})  # no generation options, no finish reasons
+
+    def test_finishReasonsAreCounted(self) -> None:
+        records = [record(1.0)._replace(finish_reason=reason) for reason in ("length", "stop", "length")]
+        report = bench_report(BenchResult(records, [], 1.0), {})
+        self.assertEqual(report["finish_reasons"], {"length": 2, "stop": 1})
 
 
 class ProgressTests(SynchronousTestCase):
@@ -191,6 +205,7 @@ class CommandTests(TestCase):
         out, err = io.StringIO(), io.StringIO()
         self.patch(sys, "stdout", out)
         self.patch(sys, "stderr", err)
+        args.options = cli._generationOptions(cli._parser(), args)
         code = await cli._bench(reactor, args)
         return code, out.getvalue(), err.getvalue()
 
@@ -204,6 +219,23 @@ class CommandTests(TestCase):
             lines[-1], r"^iters=20 mean_ms=\d+\.\d{3} p50_ms=\d+\.\d{3} p95_ms=\d+\.\d{3} p99_ms=\d+\.\d{3}$"
         )
         self.assertEqual(err, "")  # no progress bar: standard error is not a terminal
+
+    async def test_generationOptionsGoWithEveryRequest(self) -> None:
+        """The finish reasons come back, and the C++ summary line is still the last, unchanged."""
+        code, out, err = await self.bench("--iters=6", "--concurrency=2", "--model=toy")
+        lines = out.splitlines()
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("finish_reasons length=6", lines)
+        self.assertRegex(lines[-1], r"^iters=6 mean_ms=\d+\.\d{3} p50_ms=\d+\.\d{3} p95_ms=\d+\.\d{3} p99_ms=\d+\.\d{3}$")
+        code, out, _ = await self.bench("--iters=3", "--model=toy", "--json")
+        report = json.loads(out)
+        self.assertEqual((report["settings"]["options"], report["finish_reasons"]), ({"model": "toy"}, {"length": 3}))
+
+    async def test_optionTheServerRefusesIsAnErrorPerRequest(self) -> None:
+        code, out, err = await self.bench("--iters=3", "--temperature=0.5")
+        self.assertEqual(code, 1)
+        self.assertTrue(out.splitlines()[0].startswith("requests=0 errors=3 "), out)
+        self.assertIn("'temperature'", err)
 
     async def test_jsonAloneIsOneDocumentOnStdout(self) -> None:
         code, out, _ = await self.bench("--iters=10", "--json")
@@ -297,6 +329,46 @@ class ParserTests(SynchronousTestCase):
             self.assertEqual(code, 2, argv)
             self.assertIn(message, err)
             self.assertEqual(len(err.splitlines()), 1, err)
+
+    def test_generationOptionsAreChecked(self) -> None:
+        """As ``GenerationOptions`` checks them, so nothing the server would refuse for its form is sent."""
+        for argv, message in [
+            (("infer", "--top-p=2"), "argument --top-p: must be between 0 and 1, got 2.0"),
+            (("infer", "--temperature=hot"), "argument --temperature: not a number: 'hot'"),
+            (("infer", "--temperature=nan"), "argument --temperature: must be a number, got nan"),
+            (("infer", "--temperature=101"), "argument --temperature: must be between 0 and 100"),
+            (("infer", "--top-k=1.5"), "argument --top-k: not an integer: '1.5'"),
+            (("infer", "--top-k=-1"), "argument --top-k: must be between 0 and"),
+            (("infer", "--min-p=-0.1"), "argument --min-p: must be between 0 and 1"),
+            (("infer", "--seed=x"), "argument --seed: not an integer: 'x'"),
+            (("infer", "--stop="), "argument --stop: must be a list of non-empty strings"),
+            (("infer", "--extra=[1]"), "argument --extra: must be a JSON object, got [1]"),
+            (("infer", "--extra={"), "argument --extra: not JSON: '{'"),
+            (("bench", "--top-p=2"), "argument --top-p: must be between 0 and 1"),
+            (("bench", "--presence-penalty=-101"), "argument --presence-penalty: must be between -100 and 100"),
+        ]:
+            code, err = self.parse(*argv)
+            self.assertEqual(code, 2, argv)
+            self.assertIn(message, err)
+            self.assertEqual(len(err.splitlines()), 1, err)
+
+    def test_generationOptionsTogether(self) -> None:
+        parser = cli._parser()
+        args = parser.parse_args(
+            ["infer", "--model=m", "--temperature=0", "--seed=1", "--stop=a", "--stop=b", '--extra={"n": 1}']
+        )
+        self.assertEqual(
+            cli._generationOptions(parser.commands["infer"], args),
+            GenerationOptions(model="m", temperature=0.0, seed=1, stop=("a", "b"), extra={"n": 1}),
+        )
+        self.assertEqual(cli._generationOptions(parser, parser.parse_args(["bench"])), GenerationOptions())
+        # Only the whole can have too many stop strings: still a usage error naming the flag.
+        args = parser.parse_args(["infer", *[f"--stop=s{i}" for i in range(17)]])
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        error = self.assertRaises(SystemExit, cli._generationOptions, parser.commands["infer"], args)
+        self.assertEqual(error.code, 2)
+        self.assertIn("cc50 infer: error: argument --stop: takes at most 16 strings, got 17", err.getvalue())
 
     def test_serverIsChecked(self) -> None:
         for server, message in [

@@ -13,12 +13,22 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from cc50tw.backends.lcg import CPUEngine
 from cc50tw.backends.toy import ToyBackend
-from cc50tw.client import CC50ClientProtocol, ClientTimeout, Completion, Response, connect
+from cc50tw.client import (
+    Capabilities,
+    CC50ClientProtocol,
+    ClientTimeout,
+    Completion,
+    Response,
+    connect,
+    generationOptions,
+    parseHello,
+)
 from cc50tw.codec import (
     DoneStats,
     ErrorCode,
@@ -26,12 +36,16 @@ from cc50tw.codec import (
     FrameDecoder,
     MessageType,
     decode_credit,
+    decode_infer,
     encode_chunk,
     encode_done,
     encode_error,
     encode_hello,
+    encode_infer,
 )
 from cc50tw.errors import ClientError
+from cc50tw.generation import MAX_OPTIONS_BYTES, GenerationOptions, OptionsError
+from cc50tw.server import CC50ServerFactory, ServerConfig
 from cc50tw.test.fakes import ManualBackend, make_factory
 from cc50tw.test.optional import HYPOTHESIS
 
@@ -461,3 +475,203 @@ class ConnectTimeoutTests(SynchronousTestCase):
         client = self.successResultOf(connecting)
         self.assertIs(client.clock, reactor)  # request timeouts run on the same reactor
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class GenerationOptionsTests(SynchronousTestCase):
+    """
+    Issue 15, item 2: ``infer``'s generation options, on the wire as the
+    protocol says, and checked before anything is sent.
+    """
+
+    def setUp(self) -> None:
+        self.transport = StringTransport()
+        self.client = CC50ClientProtocol()
+        self.client.makeConnection(self.transport)
+
+    def test_optionsAreEncodedOnTheWire(self) -> None:
+        self.client.infer(
+            "Hi", 8, model="m", temperature=0, top_p=0.9, top_k=40, min_p=0.05, seed=7, stop=["\n", "END"],
+            system="be brief", repeat_penalty=1.1, presence_penalty=0.5, frequency_penalty=-0.5, extra={"n_probs": 2},
+        )  # fmt: skip
+        [frame] = sentFrames(self.transport)
+        request = decode_infer(frame)
+        self.assertEqual((request.prompt, request.max_tokens), ("Hi", 8))
+        self.assertEqual(
+            request.options,
+            GenerationOptions(
+                model="m", temperature=0, top_p=0.9, top_k=40, min_p=0.05, seed=7, stop=("\n", "END"),
+                system="be brief", repeat_penalty=1.1, presence_penalty=0.5, frequency_penalty=-0.5,
+                extra={"n_probs": 2},
+            ),
+        )  # fmt: skip
+
+    def test_theProtocolDocumentsExample(self) -> None:
+        """docs/protocol.md's example frame, byte for byte."""
+        self.client._ids = iter([9])  # type: ignore[assignment]
+        self.client.infer("Hi", 8, temperature=0, stop="\n")
+        expected = bytes.fromhex(
+            "43433530 0100 0100 0900000000000000 00000000 31000000 08000000 00000000 02000000 4869 1f000000"
+        ) + b'{"temperature":0,"stop":["\\n"]}'
+        self.assertEqual(self.transport.value(), expected)
+
+    def test_noOptionsIsTheCppClientsFrame(self) -> None:
+        self.client.infer("Hi", 8, 100, options=GenerationOptions())
+        self.assertEqual(self.transport.value(), encode_infer(1, "Hi", 8, 100))
+
+    def test_keywordsOverrideTheOptionsObject(self) -> None:
+        self.client.infer("p", options=GenerationOptions(model="a", seed=1), seed=2)
+        [frame] = sentFrames(self.transport)
+        self.assertEqual(decode_infer(frame).options, GenerationOptions(model="a", seed=2))
+
+    def test_badValuesRaiseBeforeAnythingIsSent(self) -> None:
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"top_p": 2}, "'top_p' must be between 0 and 1"),
+            ({"temperature": "hot"}, "'temperature' must be a number"),
+            ({"temperature": float("nan")}, "'temperature' must be a number"),
+            ({"top_k": 1.5}, "'top_k' must be an integer"),
+            ({"seed": True}, "'seed' must be an integer"),
+            ({"model": 3}, "'model' must be a string"),
+            ({"stop": [""]}, "'stop' must be a list of non-empty strings"),
+            ({"stop": ["x"] * 17}, "'stop' takes at most 16"),
+            ({"stop": 5}, "'stop' must be a string or a list of strings"),
+            ({"extra": [1]}, "'extra' must be a JSON object"),
+            ({"system": "x" * MAX_OPTIONS_BYTES}, f"at most {MAX_OPTIONS_BYTES}"),
+        ]
+        for options, named in cases:
+            error = self.assertRaises(OptionsError, self.client.infer, "p", **options)
+            self.assertIsInstance(error, ValueError)
+            self.assertIn(named, str(error))
+        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.client.inFlight, 0)
+        self.client.infer("p")
+        self.assertEqual(sentFrames(self.transport)[0].req_id, 1)  # no id was spent on the refused ones
+
+    def test_notAnOptionsObjectIsATypeError(self) -> None:
+        self.assertRaises(TypeError, self.client.infer, "p", options={"seed": 1})
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_generationOptionsAlone(self) -> None:
+        """What the command line uses to check its flags before connecting."""
+        self.assertEqual(generationOptions(stop="x", model="m"), GenerationOptions(model="m", stop=("x",)))
+        self.assertEqual(generationOptions(), GenerationOptions())
+        self.assertRaises(OptionsError, generationOptions, min_p=-1)
+
+    def test_finishReasonIsSurfaced(self) -> None:
+        answer = self.client.infer("p", model="m").collect()
+        self.client.dataReceived(encode_chunk(1, b"hi") + encode_done(1, DoneStats(1, 5, 1, 1, 2, "stop")))
+        completion = self.successResultOf(answer)
+        self.assertEqual((completion.text, completion.finish_reason), ("hi", "stop"))
+        self.assertEqual(completion.stats.finish_reason, "stop")
+
+    def test_noFinishReasonFromAnOlderServer(self) -> None:
+        answer = self.client.infer("p", model="m").collect()
+        self.client.dataReceived(encode_done(1, DoneStats(1, 5, 1, 1, 2)))
+        self.assertIsNone(self.successResultOf(answer).finish_reason)
+
+
+class GenerationOptionsOverIOSimTests(SynchronousTestCase):
+    """The options against the real server protocol and the toy backend, which honours only ``model``."""
+
+    def setUp(self) -> None:
+        clock = MemoryReactorClock()
+        backend = ToyBackend(clock, CPUEngine(clock, None), 0)  # type: ignore[arg-type]
+        factory = CC50ServerFactory(backend, ServerConfig(), clock)
+        self.client, self.server, self.pump = iosim.connectedServerAndClient(
+            lambda: factory.buildProtocol(None), lambda: CC50ClientProtocol(clock), clock=clock
+        )
+
+    def test_modelIsHonouredAndTheFinishReasonComesBack(self) -> None:
+        answer = self.client.infer("p", max_tokens=2, model="toy").collect()
+        plain = self.client.infer("p", max_tokens=2).collect()
+        self.pump.flush()
+        completion = self.successResultOf(answer)
+        self.assertEqual((completion.text, completion.finish_reason), (" token token", "length"))
+        self.assertIsNone(self.successResultOf(plain).finish_reason)  # no options: the C++ form of DONE
+
+    def test_unknownModelIsTheServersBadRequest(self) -> None:
+        answer = self.client.infer("p", model="other").collect()
+        self.pump.flush()
+        error = self.failureResultOf(answer, ClientError).value
+        self.assertEqual(error.code, ErrorCode.BAD_REQUEST)
+        self.assertEqual(error.message, "unknown model 'other'; this server serves 'toy'")
+
+    def test_optionTheBackendCannotHonourIsRefused(self) -> None:
+        answer = self.client.infer("p", temperature=0.5).collect()
+        self.pump.flush()
+        error = self.failureResultOf(answer, ClientError).value
+        self.assertEqual(error.code, ErrorCode.BAD_REQUEST)
+        self.assertIn("'temperature'", error.message)
+
+    def test_capabilities(self) -> None:
+        asked = self.client.capabilities()
+        self.pump.flush()
+        capabilities = self.successResultOf(asked)
+        self.assertTrue(capabilities.name.startswith("cc50tw/"), capabilities.name)
+        self.assertEqual((capabilities.options, capabilities.models), (("model",), ("toy",)))
+        self.assertEqual(capabilities.details, {"options": ["model"], "models": ["toy"]})
+        # Asked once per connection: the second answer is the first one's.
+        self.successResultOf(self.client.capabilities())
+        self.assertEqual(self.pump.pump(), False)
+
+
+class CapabilitiesTests(SynchronousTestCase):
+    """``capabilities()`` and ``parseHello`` against hand-made HELLO replies, old and new."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.transport = StringTransport()
+        self.client = CC50ClientProtocol(self.clock)
+        self.client.makeConnection(self.transport)
+
+    def test_parseHello(self) -> None:
+        self.assertEqual(
+            parseHello(b'cc50tw/0.1.0\n{"options":["model","seed"],"models":["a","b"],"later":1}'),
+            Capabilities("cc50tw/0.1.0", ("model", "seed"), ("a", "b"), {"options": ["model", "seed"], "models": ["a", "b"], "later": 1}),
+        )  # fmt: skip
+
+    def test_olderServerSaysOnlyItsName(self) -> None:
+        for payload in (b"cc50tw/0.0.9", b"cc50tw/0.0.9\n", b"cc50tw/0.0.9\nnot json", b"cc50tw/0.0.9\n[1]"):
+            capabilities = parseHello(payload)
+            self.assertEqual(capabilities, Capabilities("cc50tw/0.0.9"), payload)
+            self.assertEqual((capabilities.options, capabilities.models), ((), None))
+
+    def test_oddValuesAreNotSaid(self) -> None:
+        capabilities = parseHello(b'x\n{"options":"model","models":[1]}')
+        self.assertEqual((capabilities.options, capabilities.models), ((), None))
+        self.assertEqual(parseHello(b'x\n{"models":[]}').models, ())  # said, and empty
+
+    def test_sendsHelloWithAnEmptyToken(self) -> None:
+        asked = self.client.capabilities()
+        self.assertEqual(self.transport.value(), encode_hello(b""))
+        self.client.dataReceived(encode_hello(b"cc50tw/0.0.9"))
+        self.assertEqual(self.successResultOf(asked), Capabilities("cc50tw/0.0.9"))
+
+    def test_callsWhileAHelloIsOnItsWayShareIt(self) -> None:
+        first, second = self.client.capabilities(), self.client.capabilities()
+        self.assertEqual(self.transport.value(), encode_hello(b""))  # one HELLO
+        self.client.dataReceived(encode_hello(b'n\n{"models":["m"]}'))
+        self.assertEqual(self.successResultOf(first).models, ("m",))
+        self.assertEqual(self.successResultOf(second).models, ("m",))
+
+    def test_authenticatedConnectionAlreadyKnows(self) -> None:
+        self.client.hello(b"secret")
+        self.client.dataReceived(encode_hello(b'cc50tw/0.1.0\n{"options":["model"],"models":["toy"]}'))
+        self.transport.clear()
+        self.assertEqual(self.successResultOf(self.client.capabilities()).models, ("toy",))
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_timeout(self) -> None:
+        asked = self.client.capabilities(timeout=2)
+        self.clock.advance(2)
+        self.assertEqual(str(self.failureResultOf(asked, ClientTimeout).value), "no answer to HELLO within 2 s")
+        self.client.dataReceived(encode_hello(b"late"))  # nobody is waiting any more; no error
+        self.assertEqual(self.client.helloPayload, b"late")
+
+    def test_refusedOrLostConnectionFailsIt(self) -> None:
+        asked = self.client.capabilities()
+        self.client.dataReceived(encode_error(0, ErrorCode.UNAUTHORIZED, "authentication required"))
+        self.assertEqual(self.failureResultOf(asked, ClientError).value.code, ErrorCode.UNAUTHORIZED)
+        lost = self.client.capabilities()
+        self.client.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(lost, ConnectionDone)
+        self.failureResultOf(self.client.capabilities(), ConnectionDone)
