@@ -136,7 +136,7 @@ def parseHello(payload: bytes) -> Capabilities:
     name = nameBytes.decode("utf-8", "replace").strip()
     try:
         details = json.loads(rest.decode("utf-8")) if rest.strip() else {}
-    except ValueError:  # UnicodeDecodeError is one
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; a hostile server may nest deeply
         details = {}
     if not isinstance(details, dict):
         details = {}

@@ -259,6 +259,8 @@ def decode_infer(frame: Frame) -> InferRequest:
         options = decodeOptions(payload[end:])
     except OptionsError as e:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"REQ_INFER {e}", frame.req_id) from None
+    except Exception as e:  # whatever else a hostile block provokes is still only this request's problem
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"REQ_INFER options unreadable ({type(e).__name__})", frame.req_id) from None
     return InferRequest(max_tokens, credit_bytes, prompt, options)
 
 

@@ -36,8 +36,14 @@ def _number(name: str, low: float, high: float) -> Any:
     def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if value is None:
             return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise OptionsError(f"option {name!r} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise OptionsError(f"option {name!r} must be a number, got {value!r:.40}")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
+            raise OptionsError(f"option {name!r} must be a number, got {value!r:.40}")
         if not low <= value <= high:
             raise OptionsError(f"option {name!r} must be between {low:g} and {high:g}, got {value!r}")
 
@@ -114,7 +120,8 @@ class GenerationOptions:
 
     @property
     def empty(self) -> bool:
-        return not self.given()
+        # Every request without options shares NO_OPTIONS: the hot path is one identity test.
+        return self is NO_OPTIONS or not self.given()
 
 
 NO_OPTIONS = GenerationOptions()
@@ -128,10 +135,27 @@ def encodeOptions(options: GenerationOptions) -> bytes:
     given = options.given()
     if not given:
         return b""
-    data = json.dumps(given, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    try:
+        data = json.dumps(given, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except ValueError as e:  # NaN or Infinity in 'extra': not JSON, and a strict upstream refuses it
+        raise OptionsError(f"options must be plain JSON: {e}") from None
     if len(data) > MAX_OPTIONS_BYTES:
         raise OptionsError(f"options take {len(data)} bytes; at most {MAX_OPTIONS_BYTES}")
     return OPTIONS_PREFIX.pack(len(data)) + data
+
+
+def _noDuplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A key given twice is ambiguous (parsers disagree on which wins): refused."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise OptionsError(f"option {key!r} is given twice")
+        found[key] = value
+    return found
+
+
+def _noConstant(name: str) -> Any:
+    raise OptionsError(f"options must be plain JSON: a value must be a number, got {name}")
 
 
 def decodeOptions(block: bytes) -> GenerationOptions:
@@ -146,7 +170,13 @@ def decodeOptions(block: bytes) -> GenerationOptions:
     if size > MAX_OPTIONS_BYTES:
         raise OptionsError(f"options take {size} bytes; at most {MAX_OPTIONS_BYTES}")
     try:
-        value = json.loads(block[OPTIONS_PREFIX.size :].decode("utf-8"))
+        value = json.loads(
+            block[OPTIONS_PREFIX.size :].decode("utf-8"), object_pairs_hook=_noDuplicates, parse_constant=_noConstant
+        )
+    except OptionsError:
+        raise
+    except RecursionError:
+        raise OptionsError("options are nested too deeply to be read as JSON") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise OptionsError(f"options are not a UTF-8 JSON object: {e}") from None
     if not isinstance(value, dict):

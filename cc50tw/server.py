@@ -721,7 +721,9 @@ class CC50ServerFactory(Factory):
                 outcome=outcome,
                 backend=self.backend.name,
                 model=model,
-                model_text=f" model={model}" if model is not None else "",
+                model_text=f" model={model if model.isprintable() and ' ' not in model else repr(model)}"
+                if model is not None
+                else "",
                 tokens=result.generated_tokens if result else None,
                 prompt_tokens=result.prompt_tokens if result else None,
                 bytes=stream.bytesSent,

@@ -39,6 +39,7 @@ from zope.interface import implementer
 from cc50tw.admission import Admission
 from cc50tw.codec import DoneStats, ErrorCode, encode_done, encode_error, utf8_prefix_length
 from cc50tw.errors import RequestFailed
+from cc50tw.generation import NO_OPTIONS
 from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest, ITokenSink
 
 #: The stall clock starts over only after the client has taken this many
@@ -316,7 +317,7 @@ class RequestStream:
                 generated_tokens=generated,
                 ttft_us=int((first - self.startedAt) * 1e6),
                 # Only a client that sent options knows the field after ttft_us.
-                finish_reason=None if self.request.options.empty else (result.finish_reason or "unknown"),
+                finish_reason=None if self.request.options is NO_OPTIONS else (result.finish_reason or "unknown"),
             )
         except Exception:  # counts a backend got wrong must not cost the request its DONE
             log.failure("request {req_id}: unusable counts in {result!r}", req_id=self.reqId, result=result)
@@ -390,7 +391,10 @@ class RequestStream:
     def write(self, text: str) -> None:
         if self.state is ENDED or not text:
             return
-        data = text.encode("utf-8", "replace")
+        try:
+            data = text.encode()
+        except UnicodeEncodeError:
+            data = text.encode("utf-8", "replace")
         if self._pending:
             self._pending += data
         else:
@@ -400,9 +404,14 @@ class RequestStream:
     def writeSequence(self, texts: Sequence[str]) -> None:
         if self.state is ENDED:
             return
-        datas = [data for data in (text.encode("utf-8", "replace") for text in texts) if data]
-        if not datas:
-            return
+        try:
+            datas = [text.encode() for text in texts]  # the hot path: one plain encode per token
+        except UnicodeEncodeError:  # a lone surrogate from a backend: replaced, not raised
+            datas = [text.encode("utf-8", "replace") for text in texts]
+        if not all(datas):
+            datas = [data for data in datas if data]  # an empty text is no chunk
+            if not datas:
+                return
         size = sum(map(len, datas))
         if self._pending or size > self.credit:
             for data in datas:  # the window ends inside the batch: the careful path

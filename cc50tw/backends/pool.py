@@ -82,6 +82,8 @@ class Upstream:
     retries: int = 0
     #: Times passive health took it out of routing.
     backoffs: int = 0
+    #: Smooth weighted round-robin's running credit (see ``UpstreamPool.choose``).
+    turn: float = 0.0
     #: A health check is under way (the poller does not start another).
     probing: bool = False
     #: Times it said it was overloaded (HTTP 429) and was held out of routing.
@@ -172,26 +174,23 @@ class UpstreamPool:
         serving = [upstream for upstream in self.members if upstream is not exclude and upstream.serves(model)]
         if not serving:
             return None
-        candidates = [upstream for upstream in serving if not upstream.full]
+        up = [upstream for upstream in serving if self.isUp(upstream, now)]
+        # Panic mode only when none of the model's upstreams is up: one that
+        # is up but full means the model is busy, not that the down ones
+        # should be tried.
+        candidates = [upstream for upstream in (up or serving) if not upstream.full]
         if not candidates:
             raise AllBusy(model, sum(upstream.maxConcurrency or 0 for upstream in serving))
-        up = [upstream for upstream in candidates if self.isUp(upstream, now)]
-        if up:
-            candidates = up
-        count = len(self.members)
-        best: Upstream | None = None
-        bestLoad = 0.0
-        bestIndex = 0
-        for offset in range(count):
-            index = (self._next + offset) % count
-            upstream = self.members[index]
-            if upstream not in candidates:
-                continue
-            load = (upstream.outstanding + 1) / upstream.weight
-            if best is None or load < bestLoad:
-                best, bestLoad, bestIndex = upstream, load, index
-        assert best is not None
-        self._next = (bestIndex + 1) % count
+        least = min(upstream.outstanding / upstream.weight for upstream in candidates)
+        tied = [upstream for upstream in candidates if upstream.outstanding / upstream.weight <= least + 1e-9]
+        # Among the least loaded, smooth weighted round-robin (nginx's): each
+        # gains its weight, the one with the most goes and pays back the
+        # total, so one-at-a-time traffic is shared by weight too.
+        total = sum(upstream.weight for upstream in tied)
+        for upstream in tied:
+            upstream.turn += upstream.weight
+        best = max(tied, key=lambda upstream: upstream.turn)
+        best.turn -= total
         return best
 
     def acquire(self, upstream: Upstream) -> None:

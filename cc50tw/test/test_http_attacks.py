@@ -162,6 +162,7 @@ class FoundInReviewTests(SynchronousTestCase):
         is back in routing every ``--llama-backoff`` seconds forever.
         """
         p = Pool(backoff=2.0)
+        p.member(B).weight = 0.01  # so that every new request goes to A while A is up
         for round in range(3):
             results, _ = p.generate()
             self.assertEqual(p.member(A).outstanding, 1, f"round {round}: request went to A")

@@ -319,9 +319,20 @@ def _sampling(options: GenerationOptions, names: tuple[str, ...]) -> dict[str, A
     return body
 
 
+#: Fields the server sets and a request's ``extra`` may not replace: the
+#: routed model (and its key's budget), the prompt, streaming, the length cap.
+RESERVED_FIELDS = frozenset({"model", "prompt", "messages", "stream", "stream_options", "n_predict", "max_tokens"})
+
+
 def _withExtra(body: dict[str, Any], options: GenerationOptions) -> dict[str, Any]:
-    """The request's ``extra`` fields go in as they are, last: the client knows its upstream."""
+    """The request's ``extra`` fields go in as they are, except over the fields the server sets."""
     if options.extra:
+        reserved = sorted(RESERVED_FIELDS.intersection(options.extra))
+        if reserved:
+            raise OptionsError(
+                f"option 'extra' may not set {reserved[0]!r}: the server sets it (use the option or "
+                "max_tokens for what it means)"
+            )
         body.update(options.extra)
     return body
 

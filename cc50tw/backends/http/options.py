@@ -59,6 +59,20 @@ def normalizeURL(url: str, option: str = "--llama-url") -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{option} must be an http:// or https:// URL with a host, got {url!r}")
+    if parts.username is not None or parts.password is not None:
+        # Never sent (the Agent ignores them), yet logged and on /metrics.
+        raise ValueError(f"{option} must not hold credentials (user:password@); give an API key file instead")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{option} has a bad port: {url!r}") from None
+    # One spelling per upstream, so that duplicates are found and metrics agree:
+    # the scheme and host in lower case, no default port.
+    host = parts.hostname
+    hostText = f"[{host}]" if ":" in host else host
+    default = 80 if parts.scheme == "http" else 443
+    netloc = hostText if port in (None, default) else f"{hostText}:{port}"
+    url = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{parts.query}" if parts.query else "")
     if not url.isascii():
         try:
             url = EncodedURL.from_text(url).to_uri().to_text()

@@ -158,7 +158,7 @@ class UpstreamStream:
         except OptionsError as e:
             self._fail(Fault(ErrorCode.BAD_REQUEST, f"{self._where}: {e}"))
             return
-        body = json.dumps({**backend.settings.extra_body, **fields}).encode("utf-8")
+        body = json.dumps({**backend.settings.extra_body, **fields}, allow_nan=False).encode("utf-8")
         where = _Where(self._where, self._dialect.path, backend.endpoint_hint, backend.option_prefix)
         uri = (self.upstream.url + self._dialect.path).encode("ascii")
         http = backend.http if pooled else backend.freshHTTP
