@@ -29,7 +29,7 @@ from typing import Any
 import tomllib
 from twisted.python import usage
 
-from cc50tw.backends.http.options import normalizeURL
+from cc50tw.backends.http.options import normalizeURL, readKeyFile
 from cc50tw.backends.http.routes import DIALECTS, UpstreamRoute
 
 #: The backends that take ``[[upstreams]]``.
@@ -244,21 +244,11 @@ def _string(value: object, what: str) -> str:
 
 
 def readKey(path: str, what: str) -> str:
-    """The API key in ``path`` (whitespace around it removed); ``ConfigError`` naming ``what``."""
+    """The API key in ``path``; ``ConfigError`` naming ``what``."""
     try:
-        with open(path, "rb") as keyFile:
-            raw = keyFile.read()
-    except OSError as e:
-        raise ConfigError(f"{what}: cannot read {path}: {e.strerror or e}") from None
-    try:
-        key = raw.decode("ascii").strip()
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what}: {path} holds bytes that are not ASCII") from None
-    if not key:
-        raise ConfigError(f"{what}: {path} is empty")
-    if any(not 0x20 < ord(c) < 0x7F for c in key):
-        raise ConfigError(f"{what}: {path} holds more than one line, or spaces or control characters")
-    return key
+        return readKeyFile(path, what)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 __all__ = [

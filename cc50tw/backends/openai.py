@@ -27,6 +27,7 @@ from cc50tw.backends.http import (
     UpstreamHTTPClient,
     UpstreamSettings,
     commonOptions,
+    readKeyFile,
     settingsFrom,
     urlList,
 )
@@ -101,21 +102,8 @@ class OpenAIBackend(HTTPStreamingBackend):
 
 
 def readAPIKey(path: str) -> str:
-    """The key in ``path`` (surrounding whitespace removed); ValueError saying what is wrong."""
-    try:
-        with open(path, "rb") as keyFile:
-            raw = keyFile.read()
-    except OSError as e:
-        raise ValueError(f"cannot read --api-key-file: {e}") from None
-    try:
-        key = raw.decode("ascii").strip()
-    except UnicodeDecodeError:
-        raise ValueError(f"--api-key-file {path} holds bytes that are not ASCII") from None
-    if not key:
-        raise ValueError(f"--api-key-file {path} is empty")
-    if any(c in key for c in "\r\n\0"):
-        raise ValueError(f"--api-key-file {path} holds more than one line")
-    return key
+    """The key in ``path``; ``ValueError`` saying what is wrong with the file."""
+    return readKeyFile(path, "--api-key-file")
 
 
 def _healthPath(value: str) -> str | None:
@@ -137,6 +125,9 @@ def build(options: Mapping[str, Any], reactor: Any) -> OpenAIBackend:
             settings=settingsFrom(options, "openai", health_path=options["openai-health-path"]),
         )
     urls = urlList(options["openai-url"])
+    for url in urls:
+        if url.rstrip("/").endswith("/v1"):
+            raise ValueError(f"--openai-url is the server's base URL, without /v1 (cc50tw adds /v1/...): {url!r}")
     if not urls:
         raise ValueError("--openai-url is required: the server's base URL, e.g. http://127.0.0.1:8000")
     return OpenAIBackend(

@@ -205,7 +205,7 @@ class OptionsTests(SynchronousTestCase):
     def test_missingOrEmptyKeyFile(self) -> None:
         with self.assertRaises(usage.UsageError) as caught:
             self.options("--openai-url=http://h:1", "--api-key-file=/nonexistent/key")
-        self.assertIn("cannot read --api-key-file", str(caught.exception))
+        self.assertIn("--api-key-file: cannot read", str(caught.exception))
         with self.assertRaises(usage.UsageError) as caught:
             self.options("--openai-url=http://h:1", f"--api-key-file={self.keyFile(b'   ')}")
         self.assertIn("is empty", str(caught.exception))

@@ -40,6 +40,7 @@ from cc50tw.backends.http.options import (
     commonOptions,
     normalizeURL,
     positiveSeconds,
+    readKeyFile,
     settingsFrom,
     urlList,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "makeHTTPClient",
     "normalizeURL",
     "positiveSeconds",
+    "readKeyFile",
     "settingsFrom",
     "upstreamAgent",
     "urlList",

@@ -85,6 +85,30 @@ def normalizeURL(url: str, option: str = "--llama-url") -> str:
     return url.rstrip("/")
 
 
+#: A key is a line; a larger file is the wrong file (or /dev/zero).
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
+def readKeyFile(path: str, what: str) -> str:
+    """The API key in ``path``, whitespace around it removed; ``ValueError`` naming ``what`` and the problem."""
+    try:
+        with open(path, "rb") as keyFile:
+            raw = keyFile.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot read {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_KEY_FILE_BYTES:
+        raise ValueError(f"{what}: {path} is larger than {MAX_KEY_FILE_BYTES} bytes: not a key file")
+    try:
+        key = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{what}: {path} holds bytes that are not ASCII") from None
+    if not key:
+        raise ValueError(f"{what}: {path} is empty")
+    if any(not 0x20 < ord(c) < 0x7F for c in key):
+        raise ValueError(f"{what}: {path} holds more than one line, or spaces or control characters")
+    return key
+
+
 def positiveSeconds(value: str) -> float:
     number = float(value)
     if not 0 < number < float("inf"):
