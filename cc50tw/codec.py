@@ -185,17 +185,21 @@ def encode_done(req_id: int, stats: DoneStats) -> bytes:
     are: a backend's count past 2**32 or an elapsed time below zero becomes
     the nearest value the field can hold instead of an exception.
     """
-    payload = DONE_CPP.pack(_fit(stats.tokens, MAX_U32), 0, _fit(stats.elapsed_us, MAX_U64))
-    if stats.prompt_tokens is not None:
-        payload += DONE_EXTENSION.pack(
-            _fit(stats.prompt_tokens, MAX_U32),
-            _fit(stats.generated_tokens if stats.generated_tokens is not None else stats.tokens, MAX_U32),
-            _fit(stats.ttft_us or 0, MAX_U64),
-        )
-        if stats.finish_reason is not None:
-            reason = stats.finish_reason.encode("utf-8", "replace")
-            reason = reason[: utf8_prefix_length(reason, MAX_FINISH_REASON_BYTES)]
-            payload += FINISH_REASON.pack(len(reason)) + reason
+    generated = stats.generated_tokens if stats.generated_tokens is not None else stats.tokens
+    try:  # the common case: every figure already fits its field
+        payload = DONE_CPP.pack(stats.tokens, 0, stats.elapsed_us)
+        if stats.prompt_tokens is not None:
+            payload += DONE_EXTENSION.pack(stats.prompt_tokens, generated, stats.ttft_us or 0)
+    except struct.error:
+        payload = DONE_CPP.pack(_fit(stats.tokens, MAX_U32), 0, _fit(stats.elapsed_us, MAX_U64))
+        if stats.prompt_tokens is not None:
+            payload += DONE_EXTENSION.pack(
+                _fit(stats.prompt_tokens, MAX_U32), _fit(generated, MAX_U32), _fit(stats.ttft_us or 0, MAX_U64)
+            )
+    if stats.prompt_tokens is not None and stats.finish_reason is not None:
+        reason = stats.finish_reason.encode("utf-8", "replace")
+        reason = reason[: utf8_prefix_length(reason, MAX_FINISH_REASON_BYTES)]
+        payload += FINISH_REASON.pack(len(reason)) + reason
     return encode_frame(MessageType.RESP_DONE, req_id, payload)
 
 

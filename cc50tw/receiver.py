@@ -73,7 +73,8 @@ class CC50Receiver(Protocol):
             return
         self.readingPaused = False
         held, self._held, self._heldSize = self._held, None, 0
-        self._deliver(b"".join(held) if held else b"")
+        # This class's own delivery, not a subclass's accounting: these bytes were counted on arrival.
+        CC50Receiver.dataReceived(self, b"".join(held) if held else b"")
         if not self.readingPaused:
             resume = getattr(self.transport, "resumeProducing", None)
             if resume is not None and not getattr(self.transport, "disconnecting", False):
@@ -98,18 +99,6 @@ class CC50Receiver(Protocol):
             self._held.append(data)
             self._heldSize += len(data)
             return
-        self._deliver(data)
-
-    def setMaxLength(self, maxLength: int) -> None:
-        """Change the frame limit, effective from the next frame (frames of the same read included)."""
-        self.MAX_LENGTH = maxLength
-        if self._decoder is not None:
-            self._decoder.max_payload = maxLength
-            self._limitChanged = True
-
-    _limitChanged = False
-
-    def _deliver(self, data: bytes) -> None:
         decoder = self._decoder
         if decoder is None:
             decoder = self._decoder = FrameDecoder(self.MAX_LENGTH)
@@ -132,6 +121,15 @@ class CC50Receiver(Protocol):
                 data = b""
         except ProtocolError as error:
             self.streamCorrupted(error)
+
+    def setMaxLength(self, maxLength: int) -> None:
+        """Change the frame limit, effective from the next frame (frames of the same read included)."""
+        self.MAX_LENGTH = maxLength
+        if self._decoder is not None:
+            self._decoder.max_payload = maxLength
+            self._limitChanged = True
+
+    _limitChanged = False
 
     @property
     def bufferedBytes(self) -> int:

@@ -46,7 +46,7 @@ from cc50tw.codec import (
     encode_error,
     encode_frame,
 )
-from cc50tw.generation import GenerationOptions
+from cc50tw.generation import NO_OPTIONS, GenerationOptions
 from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest
 from cc50tw.metrics import ServerMetrics
 from cc50tw.receiver import CC50Receiver, setTcpNoDelay
@@ -266,8 +266,8 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
             # Unauthenticated, the idle timeout runs from the connection's
             # start: a peer trickling a byte at a time cannot keep it open.
             self.resetTimeout()
-        super().dataReceived(data)
-        if self.heldBytes > self.MAX_LENGTH + MAX_UNSOLICITED_REPLY_BYTES:
+        CC50Receiver.dataReceived(self, data)
+        if self._heldSize > self.MAX_LENGTH + MAX_UNSOLICITED_REPLY_BYTES:
             self._abort("it kept sending while the server could not write to it")
 
     def frameReceived(self, frame: Frame) -> None:
@@ -390,19 +390,21 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
                 True,
             )
             return
-        unsupported = unsupportedOptions(self.factory.backend, decoded.options)
-        if unsupported:
-            self.frameRefused(
-                req_id,
-                ErrorCode.BAD_REQUEST,
-                f"option {unsupported[0]!r} is not supported by the {self.factory.backend.name} backend",
-                True,
-            )
-            return
-        unknown = unknownModel(self.factory.backend, decoded.options)
-        if unknown:
-            self.frameRefused(req_id, ErrorCode.BAD_REQUEST, unknown, True)
-            return
+        if decoded.options is not NO_OPTIONS:
+            backend = self.factory.backend
+            unsupported = unsupportedOptions(backend, decoded.options)
+            if unsupported:
+                self.frameRefused(
+                    req_id,
+                    ErrorCode.BAD_REQUEST,
+                    f"option {unsupported[0]!r} is not supported by the {backend.name} backend",
+                    True,
+                )
+                return
+            unknown = unknownModel(backend, decoded.options)
+            if unknown:
+                self.frameRefused(req_id, ErrorCode.BAD_REQUEST, unknown, True)
+                return
         request = InferenceRequest(
             req_id, decoded.prompt, decoded.max_tokens or config.default_max_tokens, decoded.options
         )
@@ -558,15 +560,10 @@ def unknownModel(backend: object, options: GenerationOptions) -> str:
     return f"unknown model {options.model!r}; this server serves {', '.join(repr(m) for m in served)}"
 
 
-def requestModel(backend: object, options: GenerationOptions) -> str | None:
-    """
-    The model a request was served by: the one it named, else the one the
-    backend routes it to (``modelFor``: ``--config``'s default model).
-    """
-    if options.model is not None:
-        return options.model
+def modelForOf(backend: object) -> Callable[[GenerationOptions], str | None] | None:
+    """The backend's ``modelFor`` (the model it routes a request to), if it has one."""
     modelFor = getattr(backend, "modelFor", None)
-    return modelFor(options) if callable(modelFor) else None
+    return modelFor if callable(modelFor) else None
 
 
 def servedModels(backend: object) -> frozenset[str]:
@@ -655,6 +652,7 @@ class CC50ServerFactory(Factory):
         self.helloReply = helloReply(backend)
         #: What ``cc50_model_requests_total`` may label.
         self.servedModels = servedModels(backend)
+        self._modelFor = modelForOf(backend)
         self._quietWaiter: Deferred[None] | None = None
         self._quietCondition: Callable[[], bool] = lambda: True
 
@@ -668,6 +666,7 @@ class CC50ServerFactory(Factory):
         self._backend = backend
         self.services = attrs.evolve(self.services, backend=backend)
         self.servedModels = servedModels(backend)
+        self._modelFor = modelForOf(backend)
 
     @property
     def creditPauses(self) -> int:
@@ -694,20 +693,25 @@ class CC50ServerFactory(Factory):
         started = stream.startedAt
         metrics = self.metrics
         metrics.requestsEnded(outcome).inc()
-        latency = max(0.0, ended - started)
+        latency = ended - started
+        if latency < 0:  # a clock that stepped back (a test's; a monotonic one does not)
+            latency = 0.0
         metrics.duration.observe(latency)
         if backendError:
             metrics.backend_errors.labels(outcome).inc()
         first, last = stream.firstChunkAt, stream.lastChunkAt
-        ttft = max(0.0, first - started) if first is not None else None
+        ttft = None if first is None else first - started if first >= started else 0.0
         if ttft is not None:
             metrics.ttft.observe(ttft)
-            if first is not None and last is not None and stream.chunksSent > 1:
-                metrics.inter_token.observe(max(0.0, last - first) / (stream.chunksSent - 1))
+            if first is not None and last is not None and stream.chunksSent > 1 and last >= first:
+                metrics.inter_token.observe((last - first) / (stream.chunksSent - 1))
         if result is not None:
-            metrics.generated_tokens.inc(max(0, result.generated_tokens))
-            metrics.prompt_tokens.inc(max(0, result.prompt_tokens))
-        model = requestModel(self.backend, stream.request.options)
+            if result.generated_tokens > 0:
+                metrics.generated_tokens.inc(result.generated_tokens)
+            if result.prompt_tokens > 0:
+                metrics.prompt_tokens.inc(result.prompt_tokens)
+        options = stream.request.options
+        model = options.model if options.model is not None else self._modelFor(options) if self._modelFor else None
         if model is not None and model in self.servedModels:
             # Only the models the backend lists: a label per name a client made up would grow without bound.
             metrics.model_requests.labels(model, outcome).inc()

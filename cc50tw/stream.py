@@ -346,10 +346,11 @@ class RequestStream:
             self.connection.sendTerminal(self.reqId, frame)
         self._pending = bytearray()
         self._producer = None
-        for timer in (self._stallTimer, self._deadline):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._stallTimer = self._deadline = None
+        if self._stallTimer is not None or self._deadline is not None:
+            for timer in (self._stallTimer, self._deadline):
+                if timer is not None and timer.active():
+                    timer.cancel()
+            self._stallTimer = self._deadline = None
         try:
             if type(state) is Queued:
                 if state.admission is not None:
@@ -483,6 +484,18 @@ class RequestStream:
         """
         if self._flowRunning:
             self._flowDirty = True
+            return
+        if (
+            self._blockedSince is None
+            and not self._producerPaused
+            and not self._pending
+            and self.credit
+            and not self.connection.transportPaused
+        ):
+            # The common case, once per backend write: nothing blocked, nothing to change.
+            if self.bytesSent - self._progressMark >= STALL_PROGRESS_BYTES:
+                self._progressMark = self.bytesSent
+                self._blockedTotal = 0.0
             return
         self._flowRunning = True
         try:
