@@ -472,7 +472,8 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
 
     def sendTerminal(self, reqId: int, frame: bytes) -> None:
         if self.state is ConnectionState.OPEN:
-            self.sendFrame(frame)
+            self.bytesSent += len(frame)
+            self.transport.write(frame)
 
     def sendUnsolicited(self, frame: bytes) -> None:
         """A reply no request's credit governs; capped while the transport is paused."""

@@ -253,9 +253,9 @@ class RequestStream:
     def _generated(self, result: GenerationResult, running: Running) -> None:
         if self.state is not running:
             return
-        if isinstance(result, tuple) and not isinstance(result, GenerationResult) and len(result) == 2:
+        if type(result) is not GenerationResult and isinstance(result, tuple) and len(result) == 2:
             result = GenerationResult(*result)
-        if not isinstance(result, GenerationResult):
+        if type(result) is not GenerationResult and not isinstance(result, GenerationResult):
             self._fail(
                 ErrorCode.BACKEND_ERROR,
                 f"backend bug: its Deferred fired with {type(result).__name__}, not a GenerationResult",
@@ -309,11 +309,13 @@ class RequestStream:
         # TTFT histogram records nothing.
         first = self.firstChunkAt if self.firstChunkAt is not None else self.startedAt
         try:
-            generated = _count(result.generated_tokens)
+            generated, prompt = result.generated_tokens, result.prompt_tokens
+            if type(generated) is not int or type(prompt) is not int:
+                generated, prompt = _count(generated), _count(prompt)
             stats = DoneStats(
                 tokens=generated,
                 elapsed_us=int((now - self.startedAt) * 1e6),
-                prompt_tokens=_count(result.prompt_tokens),
+                prompt_tokens=prompt,
                 generated_tokens=generated,
                 ttft_us=int((first - self.startedAt) * 1e6),
                 # Only a client that sent options knows the field after ttft_us.
