@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import pytest_twisted
+from twisted.internet.threads import deferToThread
 
 from cc50tw.codec import (
     HEADER_SIZE,
@@ -40,7 +42,8 @@ from cc50tw.codec import (
     encode_infer,
 )
 from tests.conftest import StartCC50
-from tests.helpers import ConnectionClosed, RawConnection, describe_frame, raw_infer
+from tests.fake_upstream import Script, SwitchablePort, in_stream
+from tests.helpers import ConnectionClosed, Outcome, RawConnection, describe_frame, raw_infer
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads server RSS from Linux /proc")
 
@@ -403,3 +406,43 @@ def test_wrong_hello_then_garbage_gets_exactly_one_error(cc50_server: StartCC50,
         conn.send(encode_hello(b"wrong") + b"garbage!" * 4)
         frames = conn.expect_closed(timeout=5)
     assert [error_code(f) for f in frames] == [ErrorCode.UNAUTHORIZED], [describe_frame(f) for f in frames]
+
+
+# 6(b). An error text that cannot be encoded ----------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_error_with_a_lone_surrogate_still_ends_the_request(cc50_server: StartCC50) -> None:
+    """
+    An upstream's error message can carry a lone surrogate (``\\ud800`` is
+    valid JSON); the strict UTF-8 encoding of RESP_ERR raised on it, so the
+    request got no terminal frame and kept its backend slot.  Now: one
+    RESP_ERR with the character replaced, and the slot free for the next
+    request (``--max-concurrency=1``).
+    """
+    script = Script()
+    port = SwitchablePort("surrogate", script)
+    await port.switch("http")
+    try:
+        tail = (b'data: {"error": {"message": "upstream broke \\ud800 MARK"}}\n\n',)
+        script.set(in_stream("surrogate", "/completion", tail), faults=1)
+        server = cc50_server(
+            "--backend=llama_server",
+            f"--llama-url={port.url}",
+            "--llama-health-interval=0",
+            "--max-concurrency=1",
+        )
+
+        def twoRequests() -> tuple[Outcome, Outcome]:
+            with server.connect(timeout=10) as conn:
+                first = conn.infer(1, "hello", 8)
+                second = conn.infer(2, "hello", 8)
+                return first, second
+
+        first, second = await deferToThread(twoRequests)
+    finally:
+        await port.switch("refused")
+    assert first.error is not None and first.done is None, first
+    assert first.error.code == ErrorCode.BACKEND_ERROR
+    assert "upstream broke ? MARK" in first.error.message, first.error.message
+    assert second.done is not None, f"the slot was not freed: {second}"
