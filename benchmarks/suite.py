@@ -16,13 +16,14 @@ import json
 import math
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,14 @@ from cc50tw.codec import MessageType, encode_infer
 from cc50tw.scrape import HistogramSnapshot, parse_histogram
 from cc50tw.stats import summarize
 from cc50tw.testing import open_fds, rss_bytes
-from tests.helpers import REPO_ROOT, ServerProcess, cc50_server_command, free_port, start_server
+from tests.helpers import (
+    REPO_ROOT,
+    ServerProcess,
+    cc50_server_command,
+    free_port,
+    start_server,
+    twistd_command,
+)
 
 BENCHMARKS = Path(__file__).resolve().parent
 
@@ -59,6 +67,13 @@ def served(directory: Path, *server_args: str, name: str = "server") -> Iterator
     server = start_server(
         lambda listen: cc50_server_command(f"{listen}:backlog={BACKLOG}", *args), directory / f"{name}.log"
     )
+    with stopped(server):
+        yield server
+
+
+@contextmanager
+def stopped(server: ServerProcess) -> Iterator[ServerProcess]:
+    """Stop ``server`` (SIGTERM, its drain) when done; then check its log for errors."""
     try:
         yield server
     finally:
@@ -177,6 +192,150 @@ def round_trip_table(result: dict[str, Any]) -> list[str]:
         f"  cc50tw.client adds {result['library_us']['p50'] - result['raw_us']['p50']:.1f} µs at p50 "
         f"(x{ratio(result['library_us']['p50'], result['raw_us']['p50']):.2f}); "
         f"server CPU {result['server_cpu_us_per_request']:.1f} µs per request"
+    )
+    return lines
+
+
+# 1b. Round trip against the floor (issue 18) ---------------------------------------------
+
+
+#: The servers ``round_trip_floor`` sets side by side: (name, what it is, twistd's
+#: options before ``cc50``, ``cc50``'s options).  ``None``: the floor responder.
+FLOOR_SERVERS: tuple[tuple[str, str, tuple[str, ...] | None, tuple[str, ...]], ...] = (
+    ("floor", "benchmarks/floor_responder.py", None, ()),
+    ("default", "twistd cc50, default options, stdout to a file", (), ()),
+    ("logfile", "twistd --logfile=FILE cc50, default options", ("--logfile={log}",), ()),
+    ("json", "twistd cc50 --log-format=json, stdout to a file", (), ("--log-format=json",)),
+    ("quiet", "twistd cc50 --quiet-requests", (), ("--quiet-requests",)),
+)
+
+#: Targets of issue 18: each server's round-trip p50 over the floor's.
+FLOOR_TARGETS = {"default": 1.3, "logfile": 1.3, "quiet": 1.1}
+
+
+def floor_server(
+    directory: Path,
+    name: str,
+    twistdArgs: tuple[str, ...] | None,
+    cc50Args: tuple[str, ...],
+    tree: str | None = None,
+) -> ServerProcess:
+    """
+    Start one of ``FLOOR_SERVERS``: its stdout (and stderr) go to ``NAME.log``
+    in ``directory``.  ``tree``: run cc50tw from that checkout instead (its
+    path first on ``PYTHONPATH``), to set an older version beside this one.
+    """
+    output = directory / f"{name}.log"
+    if twistdArgs is None:
+        script = str(BENCHMARKS / "floor_responder.py")
+        return start_server(lambda listen: [sys.executable, script, f"{listen}:backlog={BACKLOG}"], output)
+    before = [arg.format(log=directory / f"{name}-twistd.log") for arg in twistdArgs]
+    prefix = [] if tree is None else ["env", f"PYTHONPATH={tree}"]  # env execs: the pid stays the server's
+    return start_server(
+        lambda listen: prefix
+        + twistd_command(
+            "-n", "--pidfile=", *before, "cc50", f"--listen={listen}:backlog={BACKLOG}", "--toy-iters=0", *cc50Args
+        ),
+        output,
+    )
+
+
+def request_log_lines(directory: Path, name: str) -> int:
+    """Request lines the server wrote, wherever its log went (once it has stopped)."""
+    count = 0
+    # twistd's --logfile rotates at 1 MB: NAME-twistd.log.1, .2, ... hold the earlier lines.
+    for path in [directory / f"{name}.log", *directory.glob(f"{name}-twistd.log*")]:
+        if path.exists():
+            with open(path, errors="replace") as log:
+                count += sum(1 for line in log if '"req_id"' in line or "] request " in line)
+    return count
+
+
+def round_trip_floor(options: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """
+    Sequential 1-token round trips from the raw-socket client to a minimal
+    Twisted responder (the floor) and to ``twistd cc50 --toy-iters=0`` as a
+    user runs it (request log on, to a file) and quiet, all running at once
+    and measured in turn, the order rotating every round so that drift and
+    position hit each alike.  Each server's p50 is set against the floor's.
+    """
+    rounds, requests, warmup = options["rounds"], options["requests"], options["warmup"]
+    tree = options.get("baseline")
+    chosen: list[tuple[str, str, tuple[str, ...] | None, tuple[str, ...], str | None]] = [
+        (*server, None) for server in FLOOR_SERVERS
+    ]
+    if tree:
+        chosen += [
+            (f"{name}@base", f"{what}, from {tree}", twistdArgs, cc50Args, tree)
+            for name, what, twistdArgs, cc50Args in FLOOR_SERVERS
+            if name in ("default", "quiet")
+        ]
+    names = [name for name, *_ in chosen]
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    cpuSeconds = dict.fromkeys(names, 0.0)
+    perRound: list[dict[str, float]] = []
+    with ExitStack() as stack:
+        servers = {
+            name: stack.enter_context(stopped(floor_server(directory, name, twistdArgs, cc50Args, where)))
+            for name, _, twistdArgs, cc50Args, where in chosen
+        }
+        for number in range(rounds):
+            shift = number % len(names)
+            figures: dict[str, float] = {}
+            for name in names[shift:] + names[:shift]:
+                server = servers[name]
+                address = server.socket_address
+                assert isinstance(address, tuple)
+                before = server_cpu(server)
+                latencies = bench_core.raw_round_trips(address, requests, warmup)
+                cpuSeconds[name] += server_cpu(server) - before
+                samples[name] += latencies
+                figures[name] = summarize(latencies).p50
+            perRound.append(figures)
+    # Stopped (SIGTERM, drained): every request's line must be in the log by now.
+    logged = {name: request_log_lines(directory, name) for name in names if name.split("@")[0] not in ("floor", "quiet")}
+    servers_: dict[str, dict[str, Any]] = {}
+    for name, what, *_ in chosen:
+        servers_[name] = {
+            "what": what,
+            "raw_us": bench_core.latency_summary(samples[name]),
+            "server_cpu_us_per_request": cpuSeconds[name] / (rounds * (requests + warmup)) * 1e6,
+            "p50_ratio_to_floor": ratio(summarize(samples[name]).p50, summarize(samples["floor"]).p50),
+            "per_round_ratio_to_floor": [ratio(r[name], r["floor"]) for r in perRound],
+        }
+        servers_[name]["median_round_ratio_to_floor"] = statistics.median(servers_[name]["per_round_ratio_to_floor"])
+        if name in logged:
+            servers_[name]["request_lines_logged"] = logged[name]
+    return {
+        "rounds": rounds,
+        "requests_per_round": requests,
+        "warmup_per_round": warmup,
+        "requests_per_server": rounds * (requests + warmup),
+        "per_round_p50_us": perRound,
+        "servers": servers_,
+    }
+
+
+def round_trip_floor_table(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"round trip against the floor: raw-socket 1-token requests, one connection, sequential; "
+        f"{result['rounds']} rounds x {result['requests_per_round']} requests per server, order rotating (µs)",
+        f"  {'server':<13}{'p50':>8}{'p99':>9}{'mean':>8}{'server CPU':>12}{'x floor':>9}{'median round':>14}"
+        f"{'log lines':>11}  what",
+    ]
+    for name, r in result["servers"].items():
+        s = r["raw_us"]
+        logged = r.get("request_lines_logged")
+        lines.append(
+            f"  {name:<13}{s['p50']:>8.1f}{s['p99']:>9.1f}{s['mean']:>8.1f}{r['server_cpu_us_per_request']:>12.1f}"
+            f"{r['p50_ratio_to_floor']:>9.2f}{r['median_round_ratio_to_floor']:>14.2f}"
+            f"{'' if logged is None else logged:>11}  {r['what']}"
+        )
+    for number, figures in enumerate(result["per_round_p50_us"], 1):
+        lines.append(f"  round {number} p50: " + ", ".join(f"{name} {p50:.0f}" for name, p50 in figures.items()))
+    lines.append(
+        f"  x floor: pooled p50 over the floor's; median round: median of the per-round ratios. "
+        f"log lines: request lines in the log after SIGTERM, of {result['requests_per_server']} requests"
     )
     return lines
 
@@ -519,6 +678,12 @@ SCENARIOS = {
         Scenario(
             "round_trip", "1-token round trips, raw socket and cc50tw.client: p50/p99 µs", round_trip, round_trip_table
         ),
+        Scenario(
+            "round_trip_floor",
+            "1-token round trips: twistd cc50 (request log on, json, quiet) against a minimal Twisted responder",
+            round_trip_floor,
+            round_trip_floor_table,
+        ),
         Scenario("streaming", "one 1,000,000-token request: frames/s and MB/s", streaming, streaming_table),
         Scenario(
             "concurrency", "1,000 concurrent streams over 100 and 1,000 connections", concurrency, concurrency_table
@@ -546,6 +711,16 @@ def targets(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, boo
         rows.append(("round trip p50 (raw client)", f"{p50:.1f} µs", "<= 100 µs", p50 <= 100))
         p50 = results["round_trip"]["library_us"]["p50"]
         rows.append(("round trip p50 (cc50tw.client)", f"{p50:.1f} µs", "(no target)", None))
+    if "round_trip_floor" in results:
+        figures = results["round_trip_floor"]["servers"]
+        for name, limit in FLOOR_TARGETS.items():
+            r = figures[name]["median_round_ratio_to_floor"]
+            rows.append((f"round trip p50 / floor ({name})", f"x{r:.2f}", f"<= x{limit}", r <= limit))
+        r = figures["json"]["median_round_ratio_to_floor"]
+        rows.append(("round trip p50 / floor (json)", f"x{r:.2f}", "(no target)", None))
+        for name in ("default", "logfile", "json"):
+            logged, sent = figures[name]["request_lines_logged"], results["round_trip_floor"]["requests_per_server"]
+            rows.append((f"request lines logged ({name})", f"{logged} of {sent}", "all", logged == sent))
     if "streaming" in results:
         for key, label in (("raw", "raw client"), ("library", "cc50tw.client")):
             rate = results["streaming"][key]["frames_per_s"]
@@ -600,6 +775,16 @@ def parser() -> argparse.ArgumentParser:
         "--rt-requests", type=int, default=1000, help="measured requests per client per round (default 1000)"
     )
     g.add_argument("--rt-warmup", type=int, default=100, help="unmeasured requests per client per round (default 100)")
+    g = p.add_argument_group("round_trip_floor (requests and warm-up: --rt-requests, --rt-warmup)")
+    g.add_argument(
+        "--floor-rounds", type=int, default=5, help="rounds, each measuring every server once (default 5)"
+    )
+    g.add_argument(
+        "--floor-baseline",
+        metavar="TREE",
+        help="also run the default and quiet servers from this checkout (e.g. `git archive HEAD` unpacked), "
+        "as default@base and quiet@base",
+    )
     g = p.add_argument_group("streaming")
     g.add_argument("--stream-tokens", type=int, default=1_000_000, help="tokens in the request (default 1000000)")
     g.add_argument("--stream-repeats", type=int, default=3, help="runs per client; the median is shown (default 3)")
@@ -631,6 +816,12 @@ def parser() -> argparse.ArgumentParser:
 def scenario_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return {
         "round_trip": {"rounds": args.rt_rounds, "requests": args.rt_requests, "warmup": args.rt_warmup},
+        "round_trip_floor": {
+            "rounds": args.floor_rounds,
+            "requests": args.rt_requests,
+            "warmup": args.rt_warmup,
+            "baseline": args.floor_baseline,
+        },
         "streaming": {"tokens": args.stream_tokens, "repeats": args.stream_repeats},
         "concurrency": {
             "requests": args.conc_requests,

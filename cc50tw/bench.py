@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ga
 from twisted.internet.error import ConnectError
 from twisted.python.failure import Failure
 
-from cc50tw.client import CC50ClientProtocol, ClientTimeout, connect, generationOptions
+from cc50tw.client import CC50ClientProtocol, ClientPool, ClientTimeout, RetryPolicy, connect, generationOptions
 from cc50tw.errors import ClientError
 from cc50tw.generation import GenerationOptions
 from cc50tw.stats import cpp_summary_line, summarize
@@ -65,6 +65,10 @@ class BenchResult(NamedTuple):
     #: CPU seconds the client process(es) used over the run: with the server's,
     #: it tells which side was the limit.
     cpu_s: float = 0.0
+    #: With ``--retry``: requests sent again (every retry counted), and the
+    #: requests that needed at least one.
+    retries: int = 0
+    retried_requests: int = 0
 
 
 def raise_open_file_limit(needed: int = 0) -> tuple[int, int]:
@@ -104,6 +108,7 @@ async def run_bench(
     token: bytes | None = None,
     timeout: float | None = None,
     options: GenerationOptions | None = None,
+    retry: int = 0,
     progress: Callable[[], object] | None = None,
     on_connected: Callable[[], object] | None = None,
 ) -> BenchResult:
@@ -124,10 +129,32 @@ async def run_bench(
     ``options`` (generation options) go with every request; they are checked
     here, before connecting, so a bad one is an ``OptionsError`` rather than
     ``iters`` errors.
+
+    ``retry`` above 0 sends the requests through a ``ClientPool`` whose
+    policy allows that many retries per request (``RetryPolicy``: only
+    what the server could not have answered, never after a chunk); a
+    request's latency and TTFT then run from its first attempt, backoff
+    included, and the result counts the retries.
     """
     if options is not None:
         generationOptions(options)
     raise_open_file_limit(connections + 64)
+    if retry > 0:
+        share = BenchShare(
+            server,
+            prompt,
+            max_tokens,
+            iters,
+            concurrency,
+            connections,
+            keep_text,
+            credit_bytes,
+            token,
+            timeout,
+            options,
+            retry,
+        )
+        return await _runPooled(reactor, share, progress, on_connected)
     clients = await _connectAll(reactor, server, token, max(1, connections), timeout)
     if on_connected is not None:
         try:
@@ -186,6 +213,90 @@ async def run_bench(
     return BenchResult(records, errors, ended - started, started, ended, cpu_s=cpu)
 
 
+async def _runPooled(
+    reactor: Any,
+    share: BenchShare,
+    progress: Callable[[], object] | None,
+    on_connected: Callable[[], object] | None,
+) -> BenchResult:
+    """``run_bench`` through a retrying ``ClientPool`` (``share.retry`` retries per request at most)."""
+    pool = ClientPool(
+        reactor,
+        share.server,
+        connections=max(1, share.connections),
+        token=share.token,
+        connectTimeout=share.timeout,
+        policy=RetryPolicy(attempts=share.retry + 1),
+    )
+    try:
+        await pool.connectAll()
+        if on_connected is not None:
+            on_connected()
+    except BaseException:
+        await pool.close()
+        raise
+    records: list[RequestRecord] = []
+    errors: list[str] = []
+    issued = 0
+    abandoned: list[ClientTimeout] = []
+
+    async def worker() -> None:
+        nonlocal issued
+        while issued < share.iters and not abandoned:
+            number = issued
+            issued += 1
+            started = time.perf_counter()
+            try:
+                completion = await pool.infer(
+                    share.prompt, share.max_tokens, share.credit_bytes, share.timeout, options=share.options
+                )
+            except ClientTimeout as e:
+                if not abandoned:
+                    abandoned.append(ClientTimeout(e.req_id, e.seconds, f"request {number}: {e.message}"))
+                    for client in pool.connected():
+                        client.transport.abortConnection()  # type: ignore[union-attr]
+                continue
+            except ClientError as e:
+                errors.append(str(e))
+                continue
+            except Exception as e:  # connection lost after text arrived, or retries spent on connecting
+                errors.append(f"request {number}: {e!r}")
+                continue
+            finally:
+                if progress is not None:
+                    progress()
+            response = completion.response
+            end = response.finishedAt or time.perf_counter()
+            first = response.firstChunkAt or end
+            records.append(
+                RequestRecord(
+                    latency_ms=(end - started) * 1e3,
+                    ttft_ms=(first - started) * 1e3,
+                    tokens=completion.stats.tokens,
+                    text=completion.text if number < share.keep_text else None,
+                    finish_reason=completion.stats.finish_reason,
+                )
+            )
+
+    started, cpu = time.perf_counter(), time.process_time()
+    workers = [Deferred.fromCoroutine(worker()) for _ in range(max(1, share.concurrency))]
+    await DeferredList(workers, consumeErrors=True)
+    ended, cpu = time.perf_counter(), time.process_time() - cpu
+    await pool.close()
+    if abandoned:
+        raise abandoned[0]
+    return BenchResult(
+        records,
+        errors,
+        ended - started,
+        started,
+        ended,
+        cpu_s=cpu,
+        retries=pool.retries,
+        retried_requests=pool.retriedRequests,
+    )
+
+
 async def _connectAll(
     reactor: Any, server: str, token: bytes | None, count: int, timeout: float | None
 ) -> list[CC50ClientProtocol]:
@@ -225,6 +336,8 @@ def merge_results(results: Sequence[BenchResult]) -> BenchResult:
         ended,
         sum(r.processes for r in results),
         sum(r.cpu_s for r in results),
+        sum(r.retries for r in results),
+        sum(r.retried_requests for r in results),
     )
 
 
@@ -254,6 +367,7 @@ class BenchShare(NamedTuple):
     token: bytes | None
     timeout: float | None = None
     options: GenerationOptions | None = None
+    retry: int = 0
 
 
 def shares(
@@ -269,6 +383,7 @@ def shares(
     token: bytes | None = None,
     timeout: float | None = None,
     options: GenerationOptions | None = None,
+    retry: int = 0,
 ) -> list[BenchShare]:
     """Split a run over ``processes``: requests, workers and connections alike."""
     if processes < 1:
@@ -280,7 +395,18 @@ def shares(
         )
     return [
         BenchShare(
-            server, prompt, max_tokens, n, c, k, keep_text if index == 0 else 0, credit_bytes, token, timeout, options
+            server,
+            prompt,
+            max_tokens,
+            n,
+            c,
+            k,
+            keep_text if index == 0 else 0,
+            credit_bytes,
+            token,
+            timeout,
+            options,
+            retry,
         )
         for index, (n, c, k) in enumerate(
             zip(split(iters, processes), split(concurrency, processes), split(connections, processes))
@@ -326,9 +452,7 @@ def _child(share: BenchShare, index: int, barrier: Any, counters: Any, pipe: Any
         barrier.wait(120)  # every process connected: start together
 
     try:
-        result = run_on_reactor(
-            lambda reactor: run_bench(reactor, *share, progress=tick, on_connected=connected)
-        )
+        result = run_on_reactor(lambda reactor: run_bench(reactor, *share, progress=tick, on_connected=connected))
     except threading.BrokenBarrierError:
         # Another process failed first and said why; this one only stopped waiting.
         pipe.send(("aborted", "another load-generating process failed", None))
@@ -490,6 +614,9 @@ def bench_report(result: BenchResult, settings: dict[str, Any]) -> dict[str, Any
         "settings": dict(settings),
         "requests": len(result.records),
         "errors": len(result.errors),
+        #: Retries made (``--retry``), and the requests that needed one: 0 without ``--retry``.
+        "retries": result.retries,
+        "retried_requests": result.retried_requests,
         "error_messages": result.errors[:100],
         "processes": result.processes,
         "wall_s": result.wall_s,

@@ -165,6 +165,15 @@ def _parser() -> _Parser:
         help="the server's /metrics URL (http:// or https://): print its own TTFT for this run beside the client's",
     )
     bench.add_argument(
+        "--retry",
+        type=_nonNegative,
+        default=0,
+        metavar="N",
+        help="retry each request up to N times, with backoff and jitter, when the server could not start it "
+        "(SHUTTING_DOWN, OVERLOADED, UPSTREAM_UNAVAILABLE or a lost connection, before any text): "
+        "reconnecting, through a load balancer, to a server that is up; 0 = never (the default)",
+    )
+    bench.add_argument(
         "--processes",
         type=_positive,
         default=1,
@@ -478,6 +487,7 @@ async def _bench(reactor: Any, args: argparse.Namespace) -> int:
         args.token,
         args.timeout or None,
         args.options,
+        args.retry,
     )
     TTFT = "cc50_time_to_first_token_seconds"
     before = parse_histogram(await _scrapeMetrics(args.metrics_url), TTFT) if args.metrics_url else None
@@ -500,6 +510,7 @@ async def _bench(reactor: Any, args: argparse.Namespace) -> int:
         "processes": args.processes,
         "credit_bytes": args.credit_bytes,
         "options": args.options.given() if args.options is not None else {},
+        "retry": args.retry,
     }
     report = bench_report(result, settings)
     if before is not None:
@@ -545,6 +556,8 @@ def _print_report(report: dict[str, Any]) -> None:
             f"server_ttft mean={server['mean']:.3f} p50~{server['p50_estimate']:.3f} "
             f"p99~{server['p99_estimate']:.3f} (ms, from {server['source']}, {server['requests']:.0f} requests)"
         )
+    if settings.get("retry"):
+        print(f"retries={report['retries']} retried_requests={report['retried_requests']} retry={settings['retry']}")
     reasons = report.get("finish_reasons")
     if reasons:
         print("finish_reasons " + " ".join(f"{reason}={count}" for reason, count in sorted(reasons.items())))

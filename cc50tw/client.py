@@ -32,16 +32,19 @@ import itertools
 import json
 import math
 import numbers
+import random as _random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import attrs
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from cc50tw.codec import (
@@ -694,15 +697,317 @@ def connect(
     return connecting
 
 
+# A pool of connections that retries --------------------------------------------
+
+
+#: What a server answers when it did not start the request, or could not
+#: start it anywhere: sending the request again cannot make it run twice
+#: (docs/protocol.md, "Error codes").  UPSTREAM_UNAVAILABLE is in the set
+#: only for requests that had received no chunk (``RetryPolicy.retryable``).
+RETRYABLE_CODES = frozenset({ErrorCode.SHUTTING_DOWN, ErrorCode.OVERLOADED, ErrorCode.UPSTREAM_UNAVAILABLE})
+
+
+def _nonNegativeSeconds(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) < math.inf:
+        raise ValueError(f"{attribute.name} must be a finite number of seconds >= 0, got {value!r}")
+
+
+def _atLeastOne(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be an integer >= 1, got {value!r}")
+
+
+@attrs.frozen
+class RetryPolicy:
+    """
+    Which failures ``ClientPool`` sends again, how often, and how long it waits.
+
+    Only what cannot have been answered is retried: a request that received
+    a chunk is never sent again, since the text already delivered would be
+    repeated or contradicted by another attempt's.  Before any chunk, a
+    SHUTTING_DOWN, OVERLOADED or UPSTREAM_UNAVAILABLE answer, or a
+    connection that failed or was lost, is retried; everything else
+    (BAD_REQUEST, TIMEOUT, a ``ClientTimeout``, ...) is the request's
+    answer, and retrying would only repeat it or double the work.
+
+    The wait before retry ``n`` (1, 2, ...) doubles from ``initialDelay`` up
+    to ``maxDelay``, and is drawn at random between half that and all of it
+    ("equal jitter"): clients refused together by a draining server then
+    come back spread out instead of in one burst, yet every retry waits at
+    least a little.
+    """
+
+    #: Attempts in all, the first included: 1 never retries.
+    attempts: int = attrs.field(default=4, validator=_atLeastOne)
+    initialDelay: float = attrs.field(default=0.05, validator=_nonNegativeSeconds)
+    maxDelay: float = attrs.field(default=2.0, validator=_nonNegativeSeconds)
+
+    def retryable(self, error: BaseException, streamed: bool) -> bool:
+        """Whether a request that failed with ``error`` may be sent again; ``streamed``: a chunk had arrived."""
+        if streamed or isinstance(error, ClientTimeout):
+            return False
+        if isinstance(error, ClientError):
+            return error.code in RETRYABLE_CODES
+        return isinstance(error, (ConnectError, ConnectionLost, ConnectionDone))
+
+    def connectRetryable(self, error: BaseException) -> bool:
+        """
+        Whether a failure to connect may be tried again: nothing was sent,
+        so any failure but a refused token (which will be refused again).
+        """
+        return not (isinstance(error, ClientError) and error.code == ErrorCode.UNAUTHORIZED)
+
+    def delay(self, retry: int, random: Callable[[], float]) -> float:
+        """Seconds to wait before retry number ``retry`` (1 for the first); ``random()`` is in [0, 1)."""
+        ceiling = min(self.maxDelay, self.initialDelay * 2.0 ** min(retry - 1, 60))
+        return ceiling / 2 + random() * ceiling / 2
+
+
+class PooledCompletion(NamedTuple):
+    """A request's answer through ``ClientPool``: its text and statistics, and how many attempts it took."""
+
+    text: str
+    stats: DoneStats
+    #: Attempts made, the one that answered included (1: no retry).
+    attempts: int
+    #: The attempt that answered (its timings: ``startedAt``, ``firstChunkAt``, ``finishedAt``).
+    response: Response
+
+
+class _Slot:
+    """One connection of a pool: its address, the connection, and who waits for it to be made."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.client: CC50ClientProtocol | None = None
+        self.waiters: list[Deferred[CC50ClientProtocol]] | None = None
+
+
+def _teeTo(parts: list[str], onChunk: Callable[[str], object]) -> Callable[[str], None]:
+    """A chunk callback that keeps the text in ``parts`` and hands it on to ``onChunk``."""
+
+    def both(text: str) -> None:
+        parts.append(text)
+        onChunk(text)
+
+    return both
+
+
+class ClientPool:
+    """
+    Requests over several connections to one or more servers, retried per
+    ``policy`` when a server could not answer them.
+
+    ``addresses`` are endpoint strings or ``HOST:PORT`` (a load balancer is
+    one address); the pool keeps ``connections`` connections (at least one
+    per address), made when first needed, and sends each request on the
+    next one in turn, so requests spread over the connections and a retry
+    goes to another connection (another server, when there are several).
+
+    A connection whose server said SHUTTING_DOWN, or that was lost, is
+    retired: it gets no new request, its requests in flight finish (a
+    draining server lets them), and it is closed when the last one ends; the
+    next request on its slot connects again, which through a balancer
+    reaches a server that is still up.  ``retries`` counts every retry, and
+    ``retriedRequests`` the requests that needed one.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        addresses: str | Sequence[str],
+        *,
+        connections: int = 1,
+        token: bytes | None = None,
+        connectTimeout: float | None = None,
+        policy: RetryPolicy | None = None,
+        random: Callable[[], float] = _random.random,
+        connector: Callable[[str], Awaitable[CC50ClientProtocol]] | None = None,
+    ) -> None:
+        """
+        ``connector(address)`` makes one connection (by default ``connect``
+        with ``token`` and ``connectTimeout``); tests pass fakes for it, for
+        ``reactor`` (a clock: the backoff waits on it) and for ``random``.
+        """
+        names = [addresses] if isinstance(addresses, str) else list(addresses)
+        if not names:
+            raise ValueError("a ClientPool needs at least one address")
+        _checkTimeout(connectTimeout)
+        self._clock = reactor
+        self.policy = policy if policy is not None else RetryPolicy()
+        self._random = random
+        if connector is None:
+
+            def connector(address: str) -> Deferred[CC50ClientProtocol]:
+                return connect(reactor, address, token, connectTimeout)
+
+        self._connector = connector
+        count = max(connections, len(names))
+        self._slots = [_Slot(names[index % len(names)]) for index in range(count)]
+        self._turn = 0
+        self._retired: set[CC50ClientProtocol] = set()
+        self._closing = False
+        self.retries = 0
+        self.retriedRequests = 0
+
+    @property
+    def addresses(self) -> list[str]:
+        return sorted({slot.address for slot in self._slots})
+
+    def connected(self) -> list[CC50ClientProtocol]:
+        """The connections open now and taking requests."""
+        return [slot.client for slot in self._slots if slot.client is not None]
+
+    async def connectAll(self) -> None:
+        """
+        Make every connection now, so the first requests do not pay for it;
+        the first failure is raised (it is not retried: a server that cannot
+        be reached at the start is a mistake to report, not a blip).
+        """
+        outcomes = await DeferredList(
+            [Deferred.fromCoroutine(self._clientFor(slot)) for slot in self._slots], consumeErrors=True
+        )
+        for ok, result in outcomes:
+            if not ok:
+                assert isinstance(result, Failure)
+                result.raiseException()
+
+    def _nextSlot(self) -> _Slot:
+        slot = self._slots[self._turn % len(self._slots)]
+        self._turn += 1
+        return slot
+
+    async def _clientFor(self, slot: _Slot) -> CC50ClientProtocol:
+        """The slot's connection, connecting (once, for every request waiting) when it has none."""
+        client = slot.client
+        if client is not None and client._closed is None:
+            return client
+        slot.client = None
+        waiter: Deferred[CC50ClientProtocol] = Deferred()
+        if slot.waiters is not None:
+            slot.waiters.append(waiter)
+            return await waiter
+        slot.waiters = [waiter]
+
+        def made(client: CC50ClientProtocol) -> None:
+            waiters, slot.waiters = slot.waiters or [], None
+            if self._closing:
+                client.close()
+                error: Failure = Failure(ConnectionDone("the pool was closed"))
+                for each in waiters:
+                    each.errback(error)
+                return
+            slot.client = client
+            client.lost.addCallback(lambda _: self._lost(slot, client))
+            for each in waiters:
+                each.callback(client)
+
+        def failed(failure: Failure) -> None:
+            waiters, slot.waiters = slot.waiters or [], None
+            for each in waiters:
+                each.errback(failure)
+
+        Deferred.fromCoroutine(self._connectTo(slot.address)).addCallbacks(made, failed)
+        return await waiter
+
+    async def _connectTo(self, address: str) -> CC50ClientProtocol:
+        return await self._connector(address)
+
+    def _lost(self, slot: _Slot, client: CC50ClientProtocol) -> None:
+        self._retired.discard(client)
+        if slot.client is client:
+            slot.client = None
+
+    def _retire(self, slot: _Slot, client: CC50ClientProtocol) -> None:
+        """No new requests on ``client``; it closes once those in flight end."""
+        if slot.client is client:
+            slot.client = None
+        if client._closed is None:
+            self._retired.add(client)
+            self._closeIfIdle(client)
+
+    def _closeIfIdle(self, client: CC50ClientProtocol) -> None:
+        if client in self._retired and client.inFlight == 0:
+            self._retired.discard(client)
+            client.close()
+
+    async def infer(
+        self,
+        prompt: str,
+        max_tokens: int = 0,
+        credit_bytes: int = 0,
+        timeout: float | None = None,
+        *,
+        options: GenerationOptions | None = None,
+        onChunk: Callable[[str], object] | None = None,
+    ) -> PooledCompletion:
+        """
+        One request, retried per the policy: its whole text, statistics and
+        attempt count.  ``onChunk`` gets the text as it arrives; only one
+        attempt ever delivers any, since one that received text is not
+        retried.  ``timeout`` bounds each attempt.  The last attempt's error
+        is raised when the request cannot be answered.
+        """
+        _checkTimeout(timeout)
+        if options is not None:
+            generationOptions(options)  # a bad option fails now, not once per attempt
+        policy = self.policy
+        attempt = 0
+        while True:
+            attempt += 1
+            slot = self._nextSlot()
+            try:
+                client = await self._clientFor(slot)
+            except Exception as e:
+                if self._closing or attempt >= policy.attempts or not policy.connectRetryable(e):
+                    raise
+            else:
+                parts: list[str] = []
+                response = client.infer(prompt, max_tokens, credit_bytes, timeout, options=options)
+                response.onChunk = parts.append if onChunk is None else _teeTo(parts, onChunk)
+                try:
+                    stats = await response.done
+                except Exception as e:
+                    if isinstance(e, ClientError) and e.code == ErrorCode.SHUTTING_DOWN or client._closed is not None:
+                        self._retire(slot, client)
+                    if (
+                        self._closing
+                        or attempt >= policy.attempts
+                        or not policy.retryable(e, response.chunkFrames > 0)
+                    ):
+                        raise
+                else:
+                    if attempt > 1:
+                        self.retriedRequests += 1
+                    return PooledCompletion("".join(parts), stats, attempt, response)
+                finally:
+                    self._closeIfIdle(client)
+            self.retries += 1
+            await deferLater(self._clock, policy.delay(attempt, self._random), lambda: None)
+
+    def close(self) -> Deferred[None]:
+        """Close every connection (requests still in flight fail); no request is retried after this."""
+        self._closing = True
+        clients = {slot.client for slot in self._slots if slot.client is not None} | self._retired
+        for slot in self._slots:
+            slot.client = None
+        self._retired = set()
+        return gatherResults([client.close() for client in clients]).addCallback(lambda _: None)
+
+
 __all__ = [
     "CC50Client",
     "CC50ClientProtocol",
     "Capabilities",
+    "ClientPool",
     "ClientTimeout",
     "Completion",
     "GenerationOptions",
     "OptionsError",
+    "PooledCompletion",
+    "RETRYABLE_CODES",
     "Response",
+    "RetryPolicy",
     "connect",
     "generationOptions",
     "parseHello",

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cc50tw import __version__
+from cc50tw.accesslog import logRequest
 from cc50tw.admission import Admission
 from cc50tw.codec import (
     DEFAULT_CREDIT_BYTES,
@@ -148,12 +149,17 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         self._abortTimer: IDelayedCall | None = None
         self._unsolicitedWhilePaused = 0
         self.framesDropped = 0
+        self._peerKnown = False
 
     # Connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
         config = self.factory.config
+        # Behind the haproxy: endpoint the wrapper has not read the PROXY
+        # header yet: the peer is HAProxy's side until the first data, when it
+        # is taken again (``dataReceived``).
         self.peer = describePeer(self.transport)
+        self._peerKnown = False
         self.authenticated = config.auth_token is None
         self.MAX_LENGTH = config.max_frame_bytes if self.authenticated else min(MAX_HELLO_BYTES, config.max_frame_bytes)
         setTcpNoDelay(self.transport)
@@ -262,6 +268,9 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         if self.state is not ConnectionState.OPEN:
             return
         self.bytesReceived += len(data)
+        if not self._peerKnown:
+            self._peerKnown = True
+            self.peer = describePeer(self.transport)
         if not self.streams and self.authenticated:
             # Unauthenticated, the idle timeout runs from the connection's
             # start: a peer trickling a byte at a time cannot keep it open.
@@ -717,27 +726,20 @@ class CC50ServerFactory(Factory):
             # Only the models the backend lists: a label per name a client made up would grow without bound.
             metrics.model_requests.labels(model, outcome).inc()
         if self.config.log_requests:
-            self.log.info(
-                "request {req_id} from {peer}: {outcome} backend={backend}{model_text} tokens={tokens} "
-                "prompt_tokens={prompt_tokens} bytes={bytes} latency_ms={latency_ms:.3f} ttft_ms={ttft_text}"
-                "{finish_text}{detail}",
-                req_id=stream.reqId,
-                peer=stream.peer,
-                outcome=outcome,
-                backend=self.backend.name,
-                model=model,
-                model_text=f" model={model if model.isprintable() and ' ' not in model else repr(model)}"
-                if model is not None
-                else "",
-                tokens=result.generated_tokens if result else None,
-                prompt_tokens=result.prompt_tokens if result else None,
-                bytes=stream.bytesSent,
-                latency_ms=latency * 1e3,
-                ttft_ms=ttft * 1e3 if ttft is not None else None,
-                ttft_text=f"{ttft * 1e3:.3f}" if ttft is not None else "none",
-                detail=f" ({message})" if message else "",
-                finish_reason=result.finish_reason if result else None,
-                finish_text=f" finish={result.finish_reason}" if result is not None and result.finish_reason else "",
+            logRequest(
+                self.log,
+                stream.reqId,
+                stream.peer,
+                outcome,
+                self.backend.name,
+                model,
+                result.generated_tokens if result else None,
+                result.prompt_tokens if result else None,
+                stream.bytesSent,
+                latency * 1e3,
+                ttft * 1e3 if ttft is not None else None,
+                message,
+                result.finish_reason if result else None,
             )
 
     def connectionOpened(self, protocol: CC50ServerProtocol) -> bool:

@@ -300,6 +300,13 @@ class Options(usage.Options):
             # twistd resolves --logger after its subcommand's options, so
             # naming our observer factory here is enough to switch format.
             self.parent["logger"] = "cc50tw.logs.jsonObserver"
+        elif self["log-format"] == "text" and self.parent is not None and self._ownsTextLog(self.parent):
+            # The same observer on the same file as twistd's own, made by
+            # cc50tw so that request lines can be written there in batches.
+            from cc50tw.logs import useTwistdLogOptions
+
+            useTwistdLogOptions(self.parent.get("logfile"), bool(self.parent.get("nodaemon")))
+            self.parent["logger"] = "cc50tw.logs.textObserver"
         self.authToken = None
         if self["auth-token-file"]:
             try:
@@ -315,6 +322,22 @@ class Options(usage.Options):
             raise usage.UsageError("--max-tokens cannot exceed --max-tokens-limit")
         self._checkEndpoints()
         self.backend = self._buildBackend()
+
+    @staticmethod
+    def _ownsTextLog(parent: usage.Options) -> bool:
+        """
+        Whether ``textObserver`` can stand in for twistd's own text log: under
+        twistd on a POSIX system, when neither ``--logger`` nor ``--syslog``
+        asks for something else.  Elsewhere (``twist``, Windows) the log is
+        left as it is, and request lines stay ordinary events.
+        """
+        return (
+            os.name == "posix"
+            and "nodaemon" in parent
+            and "logfile" in parent
+            and not parent.get("logger")
+            and not parent.get("syslog")
+        )
 
     def _buildBackend(self) -> IBackend:
         """

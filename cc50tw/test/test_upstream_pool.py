@@ -419,8 +419,19 @@ class ActiveHealthTests(SynchronousTestCase):
         self.assertIn(f"{A} is not reachable", probe[0][1])
         self.assertIs(p.member(A).healthy, False)
 
-    def test_checkHealthIsAnyUpstreamHealthy(self) -> None:
+    def test_checkHealthWithChecksOffProbesNothing(self) -> None:
+        """--llama-health-interval=0: readiness is whether any upstream takes requests, no probe sent."""
         p = Pool(health_interval=0)
+        answers: list[bool] = []
+        p.backend.checkHealth().addCallback(answers.append)
+        self.assertEqual((answers, p.upstreams[A].connections), ([True], []))
+        p.backend.pool.failed(p.member(A), "down")
+        p.backend.pool.failed(p.member(B), "down")
+        p.backend.checkHealth().addCallback(answers.append)
+        self.assertEqual(answers, [True, False])
+
+    def test_checkHealthIsAnyUpstreamHealthy(self) -> None:
+        p = Pool(health_interval=5)  # checks on, the poller not started: each call probes
         answers: list[bool] = []
         p.backend.checkHealth().addCallback(answers.append)
         p.upstreams[A].send(health(503))

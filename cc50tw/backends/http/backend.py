@@ -280,8 +280,13 @@ class HTTPStreamingBackend:
         return self.health.start()
 
     def checkHealth(self) -> Deferred[bool]:
-        """Whether at least one upstream is healthy (never fails)."""
-        if not self.settings.health_path:
+        """
+        Whether at least one upstream is healthy (never fails).  With health
+        checks off (no path, or ``--*-health-interval=0``) it probes nothing:
+        the server's own readiness poll must not mark upstreams down behind
+        the operator's back; only failed requests do then.
+        """
+        if not self.settings.health_path or self.settings.health_interval <= 0:
             return succeed(self.pool.upCount() > 0)
         if self.health.polling and self.pool.allChecked():
             return succeed(self.pool.anyHealthy())
