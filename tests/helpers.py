@@ -266,6 +266,18 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
+        """
+        The log, once it holds ``text``: request lines are buffered and
+        written every 100 ms (cc50tw.accesslog), so they may lag the answer.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log()
+            if text in log or time.monotonic() > deadline:
+                return log
+            time.sleep(0.05)
+
     def log_tail(self, chars: int = 4000) -> str:
         return _tail(self.log_path, chars)
 

@@ -199,7 +199,7 @@ async def test_no_model_goes_to_the_default(deployment: Deployment) -> None:
     for _ in range(3):
         answered(await infer(deployment, None))
     assert [a - b for a, b in zip(posts(deployment), before, strict=True)] == [0, 3, 0]
-    assert "model=beta" in deployment.server.log()
+    assert "model=beta" in await deferToThread(deployment.server.wait_for_log, "model=beta")
 
 
 @pytest_twisted.ensureDeferred
@@ -229,7 +229,7 @@ async def test_model_counter_and_log_line(deployment: Deployment) -> None:
     metrics: str = await deferToThread(deployment.metrics)
     lines = [line for line in metrics.splitlines() if line.startswith("cc50_model_requests_total{")]
     assert any('model="gamma"' in line and 'outcome="done"' in line for line in lines), lines
-    assert "model=gamma" in deployment.server.log()
+    assert "model=gamma" in await deferToThread(deployment.server.wait_for_log, "model=gamma")
 
 
 def test_config_is_reported_in_the_startup_log(deployment: Deployment) -> None:
