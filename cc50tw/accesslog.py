@@ -78,6 +78,7 @@ class AccessLogSink:
         self._timer: IDelayedCall | None = None
         #: Text or bytes, as ``FileLogObserver`` decides for the same file.
         self._encode = ioType(output) is not str
+        self._torn = False
 
     def add(self, namespace: str, fields: dict[str, Any]) -> None:
         lines = self.lines
@@ -99,13 +100,28 @@ class AccessLogSink:
         if not self.lines:
             return
         text, self.lines = "".join(self.lines), []
+        if self._torn:
+            text = "\n" + text  # the last batch may have stopped mid-line
+        # Replacement, not an error: one unencodable line must not lose its batch.
+        data: str | bytes = text.encode("utf-8", "backslashreplace") if self._encode else text
         try:
-            self.output.write(text.encode("utf-8") if self._encode else text)
+            while data:
+                # An unbuffered file (LogFile's) writes short, not raising, when the disk fills.
+                written = self.output.write(data)  # type: ignore[arg-type]
+                if written is None or written >= len(data):
+                    break
+                if written <= 0:
+                    raise OSError(f"no room: {len(data)} bytes not written")
+                data = data[written:]
             self.output.flush()
         except (OSError, ValueError) as e:  # a full disk, a closed file: say so on stderr, once per batch
             stderr = sys.__stderr__
             if stderr is not None:
-                stderr.write(f"cc50: could not write {text.count(chr(10))} request log lines: {e}\n")
+                lost = data.count(b"\n") if isinstance(data, bytes) else data.count("\n")
+                stderr.write(f"cc50: could not write {lost} request log lines: {e}\n")
+            self._torn = True
+            return
+        self._torn = False
 
 
 @implementer(ILogObserver)

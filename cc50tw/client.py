@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -722,13 +722,18 @@ class RetryPolicy:
     """
     Which failures ``ClientPool`` sends again, how often, and how long it waits.
 
-    Only what cannot have been answered is retried: a request that received
-    a chunk is never sent again, since the text already delivered would be
-    repeated or contradicted by another attempt's.  Before any chunk, a
-    SHUTTING_DOWN, OVERLOADED or UPSTREAM_UNAVAILABLE answer, or a
-    connection that failed or was lost, is retried; everything else
-    (BAD_REQUEST, TIMEOUT, a ``ClientTimeout``, ...) is the request's
-    answer, and retrying would only repeat it or double the work.
+    A request that received a chunk is never sent again: the text already
+    delivered would be repeated or contradicted by another attempt's.
+    Before any chunk, OVERLOADED and SHUTTING_DOWN (a server that refused
+    to start the request) and a failure to connect are retried.  A request
+    the server may already have run is not, unless ``retryMaybeExecuted``:
+    an LLM request is not idempotent (it costs, and sampling differs), and
+    a connection lost after the request was sent, or UPSTREAM_UNAVAILABLE
+    (the upstream may have started generating), leaves it unknown.
+    (SHUTTING_DOWN also ends a request a draining server had started but
+    not answered by ``--drain-timeout``; with the default 30 s drain that is
+    a request with no text for 30 s.)  Everything else (BAD_REQUEST,
+    TIMEOUT, a ``ClientTimeout``, ...) is the request's answer.
 
     The wait before retry ``n`` (1, 2, ...) doubles from ``initialDelay`` up
     to ``maxDelay``, and is drawn at random between half that and all of it
@@ -741,14 +746,21 @@ class RetryPolicy:
     attempts: int = attrs.field(default=4, validator=_atLeastOne)
     initialDelay: float = attrs.field(default=0.05, validator=_nonNegativeSeconds)
     maxDelay: float = attrs.field(default=2.0, validator=_nonNegativeSeconds)
+    #: Also retry what the server may have run already (see above): opt in
+    #: where a request running twice is acceptable.
+    retryMaybeExecuted: bool = False
 
     def retryable(self, error: BaseException, streamed: bool) -> bool:
         """Whether a request that failed with ``error`` may be sent again; ``streamed``: a chunk had arrived."""
         if streamed or isinstance(error, ClientTimeout):
             return False
         if isinstance(error, ClientError):
+            if error.code == ErrorCode.UPSTREAM_UNAVAILABLE:
+                return self.retryMaybeExecuted
             return error.code in RETRYABLE_CODES
-        return isinstance(error, (ConnectError, ConnectionLost, ConnectionDone))
+        if isinstance(error, ConnectError):
+            return True
+        return self.retryMaybeExecuted and isinstance(error, (ConnectionLost, ConnectionDone))
 
     def connectRetryable(self, error: BaseException) -> bool:
         """
@@ -945,28 +957,37 @@ class ClientPool:
         One request, retried per the policy: its whole text, statistics and
         attempt count.  ``onChunk`` gets the text as it arrives; only one
         attempt ever delivers any, since one that received text is not
-        retried.  ``timeout`` bounds each attempt.  The last attempt's error
-        is raised when the request cannot be answered.
+        retried.  ``timeout`` bounds the whole request: connecting, every
+        attempt and the waits between them.  Cancelling it cancels the
+        attempt under way on the wire.  The last attempt's error is raised
+        when the request cannot be answered.
         """
         _checkTimeout(timeout)
         if options is not None:
             generationOptions(options)  # a bad option fails now, not once per attempt
         policy = self.policy
+        deadline = None if timeout is None else self._clock.seconds() + timeout
         attempt = 0
         while True:
             attempt += 1
             slot = self._nextSlot()
             try:
-                client = await self._clientFor(slot)
+                client = await self._within(self._clientFor(slot), deadline)
+            except CancelledError:
+                raise  # the caller gave up: nothing to retry
             except Exception as e:
                 if self._closing or attempt >= policy.attempts or not policy.connectRetryable(e):
                     raise
             else:
                 parts: list[str] = []
-                response = client.infer(prompt, max_tokens, credit_bytes, timeout, options=options)
+                left = None if deadline is None else max(0.001, deadline - self._clock.seconds())
+                response = client.infer(prompt, max_tokens, credit_bytes, left, options=options)
                 response.onChunk = parts.append if onChunk is None else _teeTo(parts, onChunk)
                 try:
                     stats = await response.done
+                except CancelledError:
+                    response.cancel()  # REQ_CANCEL on the wire: the server stops the work
+                    raise
                 except Exception as e:
                     if isinstance(e, ClientError) and e.code == ErrorCode.SHUTTING_DOWN or client._closed is not None:
                         self._retire(slot, client)
@@ -977,13 +998,28 @@ class ClientPool:
                     ):
                         raise
                 else:
-                    if attempt > 1:
-                        self.retriedRequests += 1
                     return PooledCompletion("".join(parts), stats, attempt, response)
                 finally:
                     self._closeIfIdle(client)
             self.retries += 1
-            await deferLater(self._clock, policy.delay(attempt, self._random), lambda: None)
+            if attempt == 1:
+                self.retriedRequests += 1
+            wait = policy.delay(attempt, self._random)
+            if deadline is not None and self._clock.seconds() + wait >= deadline:
+                raise ClientTimeout(0, ErrorCode.TIMEOUT, f"no answer within {timeout:g}s, retries included")
+            await deferLater(self._clock, wait, lambda: None)
+
+    def _within(self, waiting: Any, deadline: float | None) -> Any:
+        """``waiting`` (a coroutine or Deferred), failed with ``ClientTimeout`` if not done by ``deadline``."""
+        d = ensureDeferred(waiting)
+        if deadline is None:
+            return d
+        left = deadline - self._clock.seconds()
+
+        def timedOut(result: object, timeout: float) -> object:
+            raise ClientTimeout(0, ErrorCode.TIMEOUT, "no connection within the request's timeout")
+
+        return d.addTimeout(max(0.0, left), self._clock, onTimeoutCancel=timedOut)
 
     def close(self) -> Deferred[None]:
         """Close every connection (requests still in flight fail); no request is retried after this."""

@@ -66,12 +66,21 @@ def done(reqId: int, tokens: int = 3) -> bytes:
 
 class RetryPolicyTests(SynchronousTestCase):
     def test_retryableBeforeAnyChunk(self) -> None:
-        """SHUTTING_DOWN, OVERLOADED, UPSTREAM_UNAVAILABLE and a lost or failed connection are retried."""
+        """
+        SHUTTING_DOWN, OVERLOADED and a failed connection are retried; what
+        the server may have run already (a connection lost after sending,
+        UPSTREAM_UNAVAILABLE) only with ``retryMaybeExecuted``.
+        """
         policy = RetryPolicy()
-        for code in (ErrorCode.SHUTTING_DOWN, ErrorCode.OVERLOADED, ErrorCode.UPSTREAM_UNAVAILABLE):
+        for code in (ErrorCode.SHUTTING_DOWN, ErrorCode.OVERLOADED):
             self.assertTrue(policy.retryable(ClientError(1, code, "x"), streamed=False), code)
-        self.assertTrue(policy.retryable(ConnectionLost(), streamed=False))
         self.assertTrue(policy.retryable(ConnectionRefusedError(), streamed=False))
+        self.assertFalse(policy.retryable(ClientError(1, ErrorCode.UPSTREAM_UNAVAILABLE, "x"), streamed=False))
+        self.assertFalse(policy.retryable(ConnectionLost(), streamed=False))
+        bold = RetryPolicy(retryMaybeExecuted=True)
+        self.assertTrue(bold.retryable(ClientError(1, ErrorCode.UPSTREAM_UNAVAILABLE, "x"), streamed=False))
+        self.assertTrue(bold.retryable(ConnectionLost(), streamed=False))
+        self.assertFalse(bold.retryable(ConnectionLost(), streamed=True))
 
     def test_neverAfterAChunk(self) -> None:
         """Text already delivered would be repeated or contradicted: nothing is retried once streaming began."""
@@ -166,8 +175,8 @@ class ClientPoolTests(SynchronousTestCase):
         self.assertEqual(pool.retries, 0)
         self.assertEqual(len(self.servers.connections), 1)
 
-    def test_connectionLostBeforeAnyChunkIsRetried(self) -> None:
-        pool = self.pool()
+    def test_connectionLostBeforeAnyChunkIsRetriedWhenAllowed(self) -> None:
+        pool = self.pool(policy=RetryPolicy(attempts=3, initialDelay=0.1, maxDelay=1.0, retryMaybeExecuted=True))
         result = Deferred.fromCoroutine(pool.infer("p", 3))
         client, _ = self.servers.last()
         client.connectionLost(Failure(ConnectionLost("reset")))
