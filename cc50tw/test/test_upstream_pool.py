@@ -325,6 +325,25 @@ class PassiveHealthTests(SynchronousTestCase):
         self.assertTrue(p.backend.pool.isUp(p.member(A)))
         self.assertEqual(p.member(A).failures, 0)
 
+    def test_staleThenRefusedStillMovesOn(self) -> None:
+        """
+        The upstream died: its kept-alive connection is dead (the one retry,
+        a new connection to it) and then refused.  Refused, nothing was sent,
+        so the request still goes to the other upstream: two POSTs at most.
+        """
+        p = Pool()
+        first, _ = p.generate()
+        p.complete(A, ["ok"])  # A's connection goes back to the pool
+        second, _ = p.generate()
+        p.complete(B, ["ok"])  # round-robin: B's turn
+        p.upstreams[A].refuse = netError.ConnectionRefusedError()
+        results, sink = p.generate()
+        p.upstreams[A].lose(netError.ConnectionDone())  # the reused connection, dead
+        p.complete(B, ["saved"])
+        self.assertEqual(sink.text, "saved")
+        self.assertEqual(results, [GenerationResult(4, 1, "length")])
+        self.assertLessEqual(p.posts(A) + p.posts(B), 4)  # two earlier requests, then at most two POSTs
+
     def test_newConnectionClosedBeforeAnsweringIsTriedElsewhere(self) -> None:
         """Not a stale connection: the upstream itself closed on us, so the one retry goes to another upstream."""
         p = Pool()

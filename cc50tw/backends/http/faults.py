@@ -45,6 +45,9 @@ class Fault:
     #: Overloaded: keep it out of routing this long (None: the pool's back-off).
     holdOff: float | None = None
     overloaded: bool = False
+    #: The request may have reached the upstream.  A connection that was
+    #: never made sent nothing, so moving on does not count as the retry.
+    sent: bool = True
 
     @classmethod
     def backendError(cls, message: str) -> Fault:
@@ -215,13 +218,14 @@ def connectionFault(failure: Failure, where: str, connectTimeout: float, optionP
 
     tls = _tlsReason(failure)
     if tls is not None:
-        return Fault(ErrorCode.UPSTREAM_UNAVAILABLE, f"TLS with {where} failed: {tls}", True, True)
+        return Fault(ErrorCode.UPSTREAM_UNAVAILABLE, f"TLS with {where} failed: {tls}", True, True, sent=False)
     if failure.check(netError.TimeoutError):
         return Fault(
             ErrorCode.TIMEOUT,
             f"could not connect to {where} within {connectTimeout:g}s (--{optionPrefix}-connect-timeout)",
             True,
             True,
+            sent=False,
         )
     if failure.check(netError.ConnectError, netError.DNSLookupError):
         return Fault(
@@ -229,6 +233,7 @@ def connectionFault(failure: Failure, where: str, connectTimeout: float, optionP
             f"{where} is not reachable ({failure.getErrorMessage()}); is it running?",
             True,
             True,
+            sent=False,
         )
     if neverAnswered(failure):
         return Fault(

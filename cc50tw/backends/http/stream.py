@@ -93,7 +93,8 @@ class UpstreamStream:
         self._ended = False
         self._draining = False
         self._bodyEnd: Failure | None = None
-        self._retried = False
+        self._staleRetried = False  # the retry on a new connection to the same upstream
+        self._moved = False  # the one move to another upstream
         self._holding = False
         self._chunks = 0  # sink writes: once there is one, the request is not retried
         self.upstream: Upstream | None = None
@@ -173,10 +174,10 @@ class UpstreamStream:
     def attemptFailed(self, attempt: Attempt, fault: Fault, stale: bool) -> None:
         if attempt is not self.attempt or self._ended:
             return
-        if stale and self._chunks == 0 and not self._retried:
+        if stale and self._chunks == 0 and not self._staleRetried and not self._moved:
             # A pooled connection the upstream had closed: another pooled one
             # might be just as dead, so the one retry uses a brand new one.
-            self._retried = True
+            self._staleRetried = True
             self.log.debug(
                 "retrying request {req_id} on a new connection: {why}", req_id=self._request.req_id, why=fault.message
             )
@@ -198,7 +199,12 @@ class UpstreamStream:
             pool.failed(upstream, fault.message)
         elif fault.overloaded:
             pool.holdOff(upstream, fault.holdOff, fault.message)
-        if fault.retry and self._chunks == 0 and not self._retried:
+        # One retry in all: one move to another upstream, unless the stale
+        # connection's retry was spent on this one, and then only if this
+        # attempt sent nothing (its connection was never made: the upstream
+        # died), so that no request is POSTed more than twice.
+        mayMove = not self._moved and (not self._staleRetried or not fault.sent)
+        if fault.retry and self._chunks == 0 and mayMove:
             # Only to another upstream serving the same model.
             try:
                 other = pool.choose(exclude=upstream, model=self.model)
@@ -207,7 +213,7 @@ class UpstreamStream:
             # Only to one that takes requests: with every other one down (or
             # held off after a 429), a second try is just a second failure.
             if other is not None and pool.isUp(other):
-                self._retried = True
+                self._moved = True
                 pool.retried(upstream)
                 self.log.info(
                     "request {req_id}: {message}; retrying on {url}",
