@@ -499,9 +499,6 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         self.bytesSent += len(frame)
         self.transport.write(frame)
 
-    def sendError(self, req_id: int, code: ErrorCode, message: str) -> None:
-        self.sendUnsolicited(encode_error(req_id, code, message))
-
     def _abort(self, why: str) -> None:
         if self.state is ConnectionState.CLOSED:
             return
