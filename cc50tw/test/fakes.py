@@ -226,6 +226,38 @@ class BoundedTransport(StringTransport):
             protocol.connectionLost(Failure(ConnectionDone()))
 
 
+class ServedConnection:
+    """
+    A server protocol on a ``BoundedTransport`` (flow control and closing as
+    Twisted's transports do them), with every frame the peer read kept in order.
+    """
+
+    def __init__(self, factory: CC50ServerFactory, bufferSize: int = 65536) -> None:
+        self.factory = factory
+        self.transport = BoundedTransport(bufferSize)
+        protocol = factory.buildProtocol(None)
+        assert isinstance(protocol, CC50ServerProtocol)
+        self.protocol: CC50ServerProtocol = protocol
+        self.transport.attach(protocol)
+        self._decoder: FrameDecoder = FrameDecoder(1 << 30)
+        self.frames: list[Frame] = []
+
+    def send(self, data: bytes) -> None:
+        """The peer sends ``data``."""
+        self.transport.peerSends(data)
+
+    def read(self, size: int | None = None) -> list[Frame]:
+        """The peer reads ``size`` bytes (default: all): the frames they complete."""
+        new = [f for f in self._decoder.feed(self.transport.peerReads(size)) if isinstance(f, Frame)]
+        self.frames.extend(new)
+        return new
+
+    def terminals(self, reqId: int) -> list[Frame]:
+        return [
+            f for f in self.frames if f.req_id == reqId and f.type in (MessageType.RESP_DONE, MessageType.RESP_ERR)
+        ]
+
+
 class Connection:
     """A server protocol on a StringTransport, with the frames it sent decoded."""
 
@@ -273,6 +305,7 @@ def error_code(frame: Frame) -> ErrorCode:
 
 __all__ = [
     "BoundedTransport",
+    "ServedConnection",
     "Connection",
     "ManualBackend",
     "ManualStream",

@@ -33,25 +33,16 @@ from cc50tw.codec import (
 from cc50tw.errors import RequestFailed
 from cc50tw.interfaces import GenerationResult, InferenceRequest, ITokenSink
 from cc50tw.server import MAX_HELLO_BYTES, SERVER_NAME, CC50ServerFactory, CC50ServerProtocol, ServerConfig
-from cc50tw.test.fakes import BoundedTransport, ManualBackend, error_code, make_factory
+from cc50tw.test.fakes import ManualBackend, ServedConnection, error_code, make_factory
 
 
 def frames(data: bytes) -> list[Frame]:
     return [item for item in FrameDecoder(1 << 30).feed(data) if isinstance(item, Frame)]
 
 
-class Served:
-    """A server protocol on a ``BoundedTransport``."""
-
-    def __init__(self, factory: CC50ServerFactory, bufferSize: int = 4096) -> None:
-        self.transport = BoundedTransport(bufferSize)
-        protocol = factory.buildProtocol(None)
-        assert isinstance(protocol, CC50ServerProtocol)
-        self.protocol: CC50ServerProtocol = protocol
-        self.transport.attach(protocol)
-
-    def readAll(self) -> list[Frame]:
-        return frames(self.transport.peerReads())
+def Served(factory: CC50ServerFactory, bufferSize: int = 4096) -> ServedConnection:
+    """A small send buffer, so that a few writes fill it."""
+    return ServedConnection(factory, bufferSize)
 
 
 class CloseTests(SynchronousTestCase):
@@ -73,7 +64,7 @@ class CloseTests(SynchronousTestCase):
         self.clock.advance(5.0)  # stalled: CREDIT_STALL written into the full buffer
         self.clock.advance(4.0)  # idle: loseConnection
         self.assertTrue(served.transport.disconnecting)
-        received = served.readAll()
+        received = served.read()
         self.assertTrue(served.transport.closedCleanly, "the peer read everything but the connection was not closed")
         self.assertFalse(served.transport.aborted)
         self.assertEqual(received[-1].type, MessageType.RESP_ERR)
@@ -88,10 +79,10 @@ class CloseTests(SynchronousTestCase):
         # Sent while the server cannot write: it waits unread in the socket.
         served.transport.peerSends(b"XXXX" + bytes(20))
         self.assertFalse(first.cancelled)
-        received = served.readAll()  # the buffer drains: the server resumes, reads, and fails the connection
+        received = served.read()  # the buffer drains: the server resumes, reads, and fails the connection
         self.assertTrue(first.cancelled and second.cancelled)
         first.write(" late")  # a backend write that was already under way
-        received += served.readAll()
+        received += served.read()
         self.assertEqual((received[-1].type, received[-1].req_id), (MessageType.RESP_ERR, 0))
         self.assertEqual(error_code(received[-1]), ErrorCode.BAD_FRAME)
         self.assertTrue(served.transport.closedCleanly)
@@ -128,7 +119,7 @@ class InputBackpressureTests(SynchronousTestCase):
         # Once the peer reads, every HELLO gets its reply, in order.
         replies = 0
         while served.transport.value() or served.transport.inboundBytes:
-            replies += len(served.readAll())
+            replies += len(served.read())
         self.assertEqual(replies, 100_000)
 
     def test_dataDeliveredWhilePausedIsHeldThenCapped(self) -> None:
@@ -200,7 +191,7 @@ class StallTests(SynchronousTestCase):
             clock.advance(0.5)
             backend.streams[1].write("steady progress " * 100)
         clock.advance(0.6)
-        [terminal] = [f for f in served.readAll() if f.type == MessageType.RESP_ERR]
+        [terminal] = [f for f in served.read() if f.type == MessageType.RESP_ERR]
         self.assertEqual(error_code(terminal), ErrorCode.TIMEOUT)
         self.assertIn(b"--max-request-seconds", terminal.payload)
         self.assertTrue(backend.streams[1].cancelled)
@@ -215,7 +206,7 @@ class TerminalFrameTests(SynchronousTestCase):
         served.transport.peerSends(encode_infer(1, "p"))
         backend.streams[1].write("a")
         backend.streams[1].finish()
-        done = served.readAll()[-1]
+        done = served.read()[-1]
         self.assertEqual(done.type, MessageType.RESP_DONE)
         stats = decode_done(done)
         self.assertEqual((stats.elapsed_us, stats.ttft_us), (0, 0))
@@ -227,7 +218,7 @@ class TerminalFrameTests(SynchronousTestCase):
         served = Served(factory, bufferSize=1 << 20)
         served.transport.peerSends(encode_infer(1, "p"))
         backend.streams[1].fail(RequestFailed("upstream said \ud800" + "!" * 10000, ErrorCode.BACKEND_ERROR))
-        [terminal] = served.readAll()
+        [terminal] = served.read()
         self.assertEqual(error_code(terminal), ErrorCode.BACKEND_ERROR)
         self.assertTrue(terminal.payload.startswith(b"upstream said ?"))
         self.assertLessEqual(len(terminal.payload), 4096)
@@ -242,7 +233,7 @@ class TerminalFrameTests(SynchronousTestCase):
         sink.writeSequence(["", "a", ""])
         sink.writeSequence([])
         sink.write("")
-        chunks = [f.payload for f in served.readAll() if f.type == MessageType.RESP_CHUNK]
+        chunks = [f.payload for f in served.read() if f.type == MessageType.RESP_CHUNK]
         self.assertEqual(chunks, [b"a"])
 
 
@@ -253,21 +244,21 @@ class AuthenticationFirstTests(SynchronousTestCase):
     def test_oversizedFrameBeforeHelloIsRefusedAndCloses(self) -> None:
         served = Served(self.factory, bufferSize=1 << 20)
         served.transport.peerSends(HEADER.pack(MAGIC, 1, MessageType.REQ_INFER, 1, 0, MAX_HELLO_BYTES + 1))
-        [refusal] = served.readAll()
+        [refusal] = served.read()
         self.assertEqual(error_code(refusal), ErrorCode.UNAUTHORIZED)
         self.assertTrue(served.transport.closedCleanly)
 
     def test_wrongHelloThenGarbageGetsOneError(self) -> None:
         served = Served(self.factory, bufferSize=1 << 20)
         served.transport.peerSends(encode_hello(b"wrong") + b"garbage garbage garbage garbage!")
-        [refusal] = served.readAll()
+        [refusal] = served.read()
         self.assertEqual(error_code(refusal), ErrorCode.UNAUTHORIZED)
         self.assertTrue(served.transport.closedCleanly)
 
     def test_garbageBeforeHelloIsUnauthorized(self) -> None:
         served = Served(self.factory, bufferSize=1 << 20)
         served.transport.peerSends(b"GET / HTTP/1.1\r\n\r\n" + bytes(10))
-        [refusal] = served.readAll()
+        [refusal] = served.read()
         self.assertEqual(error_code(refusal), ErrorCode.UNAUTHORIZED)
 
     def test_largeFramesAreAllowedOnceAuthenticated(self) -> None:
@@ -275,12 +266,12 @@ class AuthenticationFirstTests(SynchronousTestCase):
         self.factory.backend = backend
         served = Served(self.factory, bufferSize=1 << 20)
         served.transport.peerSends(encode_hello(b"s3cret") + encode_infer(1, "x" * (MAX_HELLO_BYTES * 4)))
-        self.assertEqual([f.type for f in served.readAll()], [MessageType.HELLO])
+        self.assertEqual([f.type for f in served.read()], [MessageType.HELLO])
         self.assertEqual(len(backend.streams[1].request.prompt), MAX_HELLO_BYTES * 4)
 
     def test_unknownFrameBeforeHelloCloses(self) -> None:
         served = Served(self.factory, bufferSize=1 << 20)
         served.transport.peerSends(encode_frame(99, 5))
-        [refusal] = served.readAll()
+        [refusal] = served.read()
         self.assertEqual(error_code(refusal), ErrorCode.UNAUTHORIZED)
         self.assertTrue(served.transport.closedCleanly)

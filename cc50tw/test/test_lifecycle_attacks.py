@@ -20,8 +20,6 @@ from cc50tw.codec import (
     HEADER,
     MAGIC,
     ErrorCode,
-    Frame,
-    FrameDecoder,
     MessageType,
     encode_cancel,
     encode_credit,
@@ -31,39 +29,19 @@ from cc50tw.codec import (
 )
 from cc50tw.errors import RequestFailed
 from cc50tw.interfaces import GenerationResult, InferenceRequest, ITokenSink
-from cc50tw.server import CC50ServerFactory, CC50ServerProtocol
+from cc50tw.server import CC50ServerFactory
 from cc50tw.stream import Running
-from cc50tw.test.fakes import BoundedTransport, ManualBackend, error_code, make_factory
+from cc50tw.test.fakes import ManualBackend, ServedConnection, error_code, make_factory
 
 TERMINAL = (MessageType.RESP_DONE, MessageType.RESP_ERR)
 
 
-class Served:
-    """A server protocol on a ``BoundedTransport``, with everything the peer read kept in order."""
-
-    def __init__(self, factory: CC50ServerFactory, bufferSize: int = 1 << 20) -> None:
-        self.factory = factory
-        self.transport = BoundedTransport(bufferSize)
-        protocol = factory.buildProtocol(None)
-        assert isinstance(protocol, CC50ServerProtocol)
-        self.protocol: CC50ServerProtocol = protocol
-        self.transport.attach(protocol)
-        self._decoder: FrameDecoder = FrameDecoder(1 << 30)
-        self.frames: list[Frame] = []
-
-    def send(self, data: bytes) -> None:
-        self.transport.peerSends(data)
-
-    def read(self, size: int | None = None) -> list[Frame]:
-        new = [f for f in self._decoder.feed(self.transport.peerReads(size)) if isinstance(f, Frame)]
-        self.frames.extend(new)
-        return new
-
-    def terminals(self, reqId: int) -> list[Frame]:
-        return [f for f in self.frames if f.req_id == reqId and f.type in TERMINAL]
+def Served(factory: CC50ServerFactory, bufferSize: int = 1 << 20) -> ServedConnection:
+    """A served connection with room for whole answers unless a test wants the buffer to fill."""
+    return ServedConnection(factory, bufferSize)
 
 
-def assertLifecycle(case: SynchronousTestCase, served: Served) -> None:
+def assertLifecycle(case: SynchronousTestCase, served: ServedConnection) -> None:
     """Nothing for a req_id after its terminal frame, nothing after a req_id 0 error, slots = Running streams."""
     ended: set[int] = set()
     connectionError = False
@@ -100,7 +78,7 @@ class ReturningBackend(ManualBackend):
 class BuggyBackendTerminalFrameTests(SynchronousTestCase):
     """A buggy backend must still leave every accepted request with exactly one terminal frame and no slot."""
 
-    def _served(self, backend: ManualBackend, **config: Any) -> tuple[Served, CC50ServerFactory]:
+    def _served(self, backend: ManualBackend, **config: Any) -> tuple[ServedConnection, CC50ServerFactory]:
         factory, self.clock = make_factory(backend, **config)
         return Served(factory), factory
 
@@ -382,7 +360,7 @@ class OneTerminalFrameTests(SynchronousTestCase):
 
 
 class ReentrantBackendTests(SynchronousTestCase):
-    def _serve(self, make: Any, **config: Any) -> tuple[Served, CC50ServerFactory]:
+    def _serve(self, make: Any, **config: Any) -> tuple[ServedConnection, CC50ServerFactory]:
         factory, self.clock = make_factory(ReturningBackend(make), **config)
         served = Served(factory)
         served.send(encode_infer(1, "p", credit_bytes=4))
