@@ -253,15 +253,15 @@ class RequestStream:
     def _generated(self, result: GenerationResult, running: Running) -> None:
         if self.state is not running:
             return
-        if type(result) is not GenerationResult and isinstance(result, tuple) and len(result) == 2:
-            result = GenerationResult(*result)
-        if type(result) is not GenerationResult and not isinstance(result, GenerationResult):
-            self._fail(
-                ErrorCode.BACKEND_ERROR,
-                f"backend bug: its Deferred fired with {type(result).__name__}, not a GenerationResult",
-                fromBackend=True,
-            )
-            return
+        if not isinstance(result, GenerationResult):
+            if not (isinstance(result, tuple) and len(result) == 2):
+                self._fail(
+                    ErrorCode.BACKEND_ERROR,
+                    f"backend bug: its Deferred fired with {type(result).__name__}, not a GenerationResult",
+                    fromBackend=True,
+                )
+                return
+            result = GenerationResult(*result)  # a plain (prompt, generated) pair
         self.state = Flushing(result)
         self.services.admission.release()
         if not self._pending:
