@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install, test and benchmark the CUDA toy backend on the lent GPU machine
-# (issue 9), in one call: that machine has nvcc, the driver, Python 3.12 and
+# (issues 9 and 18), in one call: that machine has nvcc, the driver, Python 3.12 and
 # numpy but no package registry, and starts bare every time.
 #
 # Before the call, on a machine with pip (repo root; /.whl/ is git-ignored):
@@ -19,7 +19,7 @@
 # then run it with .whl carried:  bash benchmarks/gpu/run_on_gpu.sh
 # A pycuda wheel built here is copied to $OUT; put it in .whl/ and the next
 # run skips the two-minute build.  Everything lands in $OUT (run.log, trial.log,
-# results.json, results.md).
+# batching.json, batching.md; results.json and results.md with BENCH_GPU=1).
 set -uo pipefail
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -79,17 +79,23 @@ print('pycuda', pycuda.VERSION_TEXT, '|', cuda.Device(0).name(), '| driver API',
 
 cd "$REPO" || exit 1
 
-step "GPU tests: trial cc50tw.test.test_cuda"
-$PY -m twisted.trial cc50tw.test.test_cuda 2>&1 | tee "$OUT/trial.log"
+step "GPU tests: trial cc50tw.test.test_cuda cc50tw.test.test_batching"
+timeout 300 $PY -m twisted.trial --temp-directory=/tmp/trial-gpu cc50tw.test.test_cuda cc50tw.test.test_batching 2>&1 \
+    | tee "$OUT/trial.log"
 if grep -q "cc50tw.test.test_cuda.CUDAEngineTests" "$OUT/trial.log"; then
     echo "WARNING: some CUDAEngineTests were skipped or failed; see trial.log"
 fi
 
-step "benchmark"
-$PY benchmarks/gpu/bench_gpu.py --out "$OUT" --require-cuda
+step "benchmark: continuous batching against the floor (issue 18)"
+timeout 400 $PY benchmarks/gpu/bench_batching.py --out "$OUT" ${QUICK:+--quick}
 bench=$?
 
-if [ "${FULL_SUITE:-1}" = 1 ]; then
+if [ "${BENCH_GPU:-0}" = 1 ]; then
+    step "benchmark: engine and end to end, CUDA against the CPU fallback (issue 9)"
+    $PY benchmarks/gpu/bench_gpu.py --out "$OUT" --require-cuda ${QUICK:+--quick}
+fi
+
+if [ "${FULL_SUITE:-0}" = 1 ]; then
     step "whole suite on this machine (information only)"
     timeout 120 $PY -m twisted.trial cc50tw 2>&1 | tail -25
 fi

@@ -1,18 +1,16 @@
 """
 The toy backend's unit of work on an NVIDIA GPU, through PyCUDA.
 
-``spin_kernel`` is the C++ original's kernel, launched once per token.  Two
+``spin_kernel`` is the C++ original's kernel (the probe still checks it);
+requests run as decode steps of ``step_kernel``, one launch per step for
+every running request, scheduled by ``cc50tw.backends.batching``.  Two
 constraints shape this module:
 
 * The reactor thread must never wait on the GPU.  A CUDA context is current
   on one thread at a time, so the engine gives the GPU a thread of its own:
-  that worker owns the context, launches the kernel, waits for it by copying
-  the result back (which blocks only the worker), and hands the value to the
-  reactor with ``callFromThread``.  Requests share the one worker through a
-  FIFO queue, which is also the order one GPU queue would run them in; each
-  toy stream has at most one token in that queue, so streams take turns.
-  The worker launches every token waiting (one kernel each) before it waits
-  once for all of them, so concurrent streams keep the GPU busy.
+  that worker owns the context, launches the steps, waits on their events
+  (which blocks only the worker), and hands the values to the reactor with
+  ``callFromThread``.
 
 * CUDA does not survive ``fork()``.  ``twistd`` builds the backend, then
   daemonises, so nothing here may initialise the driver in the process that
@@ -26,19 +24,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import queue
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
+from cc50tw.backends.batching import DEFAULT_DEPTH, DEFAULT_SLOTS, DecodeReceiver, DecodeScheduler, DecodeTicket
 from cc50tw.backends.lcg import spin_lane
 from cc50tw.errors import BackendError
 
@@ -74,13 +71,6 @@ PROBE_ITERS = 1000
 PROBE_TIMEOUT = 180.0
 
 NO_DEVICE = "no CUDA device"
-
-#: Most launches the worker queues before it waits for them.  Each token is
-#: still one launch; taking every token already waiting (one per busy
-#: stream) and waiting once for all of them keeps the GPU busy while Python
-#: does the per-token bookkeeping, which is what many concurrent streams need.
-MAX_BATCH = 256
-
 
 # Telling people why CUDA is not used -------------------------------------
 
@@ -259,87 +249,147 @@ def select_engine(
 
 # The engine ------------------------------------------------------------------
 
+#: One decode step for every request in it: ``blocksPerRequest`` blocks per
+#: request, each thread running the C++ original's LCG loop.  A request's
+#: chain lives in ``state[slot]``: its first step (``FRESH`` set) starts from
+#: 0, each later step from the last step's value, as a real decoder's next
+#: token depends on the last one.  Lane 0 of a request (thread 0 of its first
+#: block) carries the chain and reports it; the other lanes are the work the
+#: toy stands for, started from the same value (a later block of a large
+#: grid can start after lane 0 has written the next one: only unobserved
+#: lanes then differ).  ``entries`` and ``out`` live in host memory mapped
+#: into the device, so a step costs one launch and one event, no copies.
+STEP_KERNEL_SOURCE = r"""
+__global__ void step_kernel(unsigned iters, unsigned blocksPerRequest,
+                            const unsigned *entries, unsigned *state, unsigned *out)
+{
+    __shared__ unsigned start, slot;
+    const unsigned request = blockIdx.x / blocksPerRequest;
+    const unsigned block = blockIdx.x % blocksPerRequest;
+    if (threadIdx.x == 0) {
+        const unsigned entry = entries[request];
+        slot = entry & 0x7fffffffu;
+        start = (entry & 0x80000000u) ? 0u : state[slot];
+    }
+    __syncthreads();
+    unsigned x = start + threadIdx.x + block * blockDim.x;
+    for (unsigned i = 0; i < iters; ++i) {
+        x = x * 1664525u + 1013904223u;
+    }
+    if (threadIdx.x == 0 && block == 0) {
+        state[slot] = x;
+        out[request] = x;
+    }
+}
+"""
 
-class _Job:
-    """One token's launch, as queued for the worker."""
 
-    __slots__ = ("iters", "deferred", "cancelled")
+class _StepDevice:
+    """
+    The worker thread's CUDA state for decode steps (a ``StepDevice``):
+    context, compiled kernel, per-slot chain state, and ``depth`` ring
+    buffers of entries and results with one event each.
+    """
 
-    def __init__(self, iters: int) -> None:
-        self.iters = iters
-        self.cancelled = False
-        self.deferred: Deferred[int] = Deferred(self._cancel)
-
-    def _cancel(self, _: Deferred[int]) -> None:
-        # Read by the worker without a lock: at worst a job cancelled as it
-        # is taken still runs, and its result is then dropped.
-        self.cancelled = True
-
-
-class _Device:
-    """The worker thread's CUDA state: context, compiled kernel, result words."""
-
-    def __init__(self, ordinal: int, grid: int, block: int) -> None:
+    def __init__(self, ordinal: int, blocksPerRequest: int, block: int, depth: int, slots: int) -> None:
         import numpy
         import pycuda.driver as cuda
         from pycuda.compiler import SourceModule
 
-        self._cuda = cuda
+        self.depth = depth
+        self.slots = slots
         cuda.init()
         device = cuda.Device(ordinal)
         self.name = str(device.name())
-        self._context = device.make_context()
+        self._context = device.make_context(flags=cuda.ctx_flags.MAP_HOST)
         try:
-            self._module = SourceModule(KERNEL_SOURCE)
-            self._kernel = self._module.get_function("spin_kernel")
-            self._kernel.prepare("IP")
-            # One output word per launch of a batch, reused by every batch:
-            # only the worker launches, and it reads a batch back before the
-            # next one starts.
-            self._out = cuda.mem_alloc(4 * MAX_BATCH)
-            self._address = int(self._out)
-            self._host = cuda.pagelocked_empty(MAX_BATCH, numpy.uint32)
+            self._module = SourceModule(STEP_KERNEL_SOURCE)
+            self._kernel = self._module.get_function("step_kernel")
+            self._kernel.prepare("IIPPP")
+            self._stream = cuda.Stream()
+            self._state = cuda.mem_alloc(4 * slots)
+            mapped = cuda.host_alloc_flags.DEVICEMAP
+            self._entries = cuda.pagelocked_zeros((depth, slots), numpy.uint32, mem_flags=mapped)
+            self._out = cuda.pagelocked_zeros((depth, slots), numpy.uint32, mem_flags=mapped)
+            self._entriesAddress = int(self._entries.base.get_device_pointer())
+            self._outAddress = int(self._out.base.get_device_pointer())
+            self._stateAddress = int(self._state)
+            self._events = [cuda.Event(cuda.event_flags.DISABLE_TIMING) for _ in range(depth)]
         except BaseException:
             self._context.pop()
             self._context.detach()
             raise
-        self._grid = (grid, 1)
+        self._blocksPerRequest = blocksPerRequest
         self._block = (block, 1, 1)
+        self._rowBytes = 4 * slots
 
-    def launch(self, iters: int, slot: int = 0) -> None:
-        """Queue one launch (it returns before the kernel runs); its ``x`` goes to word ``slot``."""
-        self._kernel.prepared_call(self._grid, self._block, iters, self._address + 4 * slot)
+    def launchStep(self, ring: int, iters: int, entries: Sequence[int]) -> None:
+        count = len(entries)
+        self._entries[ring, :count] = entries
+        offset = ring * self._rowBytes
+        self._kernel.prepared_async_call(
+            (self._blocksPerRequest * count, 1),
+            self._block,
+            self._stream,
+            iters,
+            self._blocksPerRequest,
+            self._entriesAddress + offset,
+            self._stateAddress,
+            self._outAddress + offset,
+        )
+        self._events[ring].record(self._stream)
 
-    def results(self, count: int) -> list[int]:
-        """
-        Thread 0's ``x`` of the last ``count`` launches, slots 0 to count - 1.
+    def stepDone(self, ring: int) -> bool:
+        return bool(self._events[ring].query())
 
-        The synchronous copy on the launches' stream is how the worker waits
-        for them: it blocks this thread only, and returns once they are done.
-        """
-        host = self._host[:count]
-        self._cuda.memcpy_dtoh(host, self._out)
-        return [int(value) for value in host]
+    def waitStep(self, ring: int) -> None:
+        # Blocks this worker only; PyCUDA lets go of the GIL meanwhile.
+        self._events[ring].synchronize()
+
+    def stepResults(self, ring: int, count: int) -> list[int]:
+        return self._out[ring, :count].tolist()  # type: ignore[no-any-return]
 
     def close(self) -> None:
         # Free while the context is still current, or PyCUDA complains at
         # exit about objects outliving their context.
-        self._out.free()
-        pinned = getattr(self._host, "base", None)
-        if pinned is not None and hasattr(pinned, "free"):
-            pinned.free()
-        del self._host, self._kernel, self._module
+        self._stream.synchronize()
+        self._state.free()
+        for pinned in (self._entries, self._out):
+            allocation = getattr(pinned, "base", None)
+            if allocation is not None and hasattr(allocation, "free"):
+                allocation.free()
+        del self._entries, self._out, self._events, self._stream, self._kernel, self._module
         self._context.pop()
         self._context.detach()
 
 
+class _OneToken:
+    """A ``DecodeReceiver`` for ``spin``: a request of one token, as a Deferred."""
+
+    def __init__(self) -> None:
+        self.ticket: DecodeTicket | None = None
+        self.deferred: Deferred[int] = Deferred(self._cancel)
+
+    def _cancel(self, _: Deferred[int]) -> None:
+        if self.ticket is not None:
+            self.ticket.cancel()
+
+    def tokensReady(self, values: list[int]) -> None:
+        if not self.deferred.called:
+            self.deferred.callback(values[-1])
+
+    def decodeFailed(self, reason: str) -> None:
+        if not self.deferred.called:
+            self.deferred.errback(BackendError(reason))
+
+
 class CUDAEngine:
     """
-    Runs ``spin_kernel`` once per token on a worker thread that owns the GPU.
+    Runs the toy's requests as decode steps on a worker thread that owns the GPU.
 
-    ``spin`` may be called from the reactor thread only.  Cancelling the
-    Deferred it returns drops the launch if it has not started yet; a result
-    that arrives after cancellation is discarded.
+    ``admit`` (reactor thread only) puts a request into the continuous batch;
+    its tokens come back to its ``DecodeReceiver`` on the reactor thread.
+    ``spin`` is a request of one token, for callers that want one value.
     """
 
     def __init__(
@@ -349,18 +399,21 @@ class CUDAEngine:
         block: int = DEFAULT_BLOCK,
         device_name: str | None = None,
         ordinal: int = 0,
+        depth: int = DEFAULT_DEPTH,
+        slots: int = DEFAULT_SLOTS,
     ) -> None:
         self.grid = grid
         self.block = block
+        self.depth = depth
+        self.slots = slots
         self.description = (
-            f"CUDA spin_kernel<<<{grid}, {block}>>> on {device_name or f'CUDA device {ordinal}'} "
-            "(PyCUDA, one worker thread)"
+            f"CUDA step_kernel, {grid} blocks of {block} threads per request, on "
+            f"{device_name or f'CUDA device {ordinal}'} (PyCUDA, continuous batching: one launch per "
+            f"decode step for up to {slots} requests, {depth} steps ahead)"
         )
-        #: Kernels launched; written by the worker thread only.
-        self.launches = 0
+        self.scheduler = DecodeScheduler(reactor)
         self._reactor = reactor
         self._ordinal = ordinal
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._ready = False
         self._error: str | None = None
@@ -369,6 +422,11 @@ class CUDAEngine:
         self._exited = False
         self._exitWaiters: list[Deferred[None]] = []
 
+    @property
+    def launches(self) -> int:
+        """Kernels launched: one per decode step, whatever the number of requests in it."""
+        return self.scheduler.steps
+
     # Lifecycle -------------------------------------------------------------
 
     def start(self) -> Deferred[None]:
@@ -376,7 +434,7 @@ class CUDAEngine:
         Start the worker; fire when the kernel is compiled and the GPU ready.
 
         Fails with ``BackendError`` if the context or the kernel cannot be
-        made; every ``spin`` then fails the same way.
+        made; every request then fails the same way.
         """
         if self._thread is None and not self._stopping:
             self._thread = threading.Thread(target=self._work, name="cc50-cuda-worker", daemon=True)
@@ -390,29 +448,35 @@ class CUDAEngine:
         return waiter
 
     def stop(self) -> Deferred[None]:
-        """End the worker after the launches already queued; fire once it has exited."""
+        """End the worker, failing requests still in the batch; fire once it has exited."""
+        self._stopping = True
         if self._thread is None or self._exited:
             return succeed(None)
-        if not self._stopping:
-            self._stopping = True
-            self._jobs.put(None)
+        self.scheduler.stop()
         waiter: Deferred[None] = Deferred()
         self._exitWaiters.append(waiter)
         return waiter
 
-    def spinNow(self, iters: int) -> int | None:
-        return None  # every token is a kernel launch, observed asynchronously
-
-    def spin(self, iters: int) -> Deferred[int]:
-        if self._stopping:
-            return fail(BackendError("the CUDA engine has stopped"))
-        if self._error is not None:
-            return fail(BackendError(self._error))
-        if self._thread is None:
+    def admit(self, iters: int, tokens: int, receiver: DecodeReceiver) -> DecodeTicket:
+        refusal = self._refusal()
+        if refusal is None and self._thread is None:
             self.start()
-        job = _Job(iters)
-        self._jobs.put(job)
-        return job.deferred
+        return self.scheduler.admit(iters, tokens, receiver, refusal)
+
+    def _refusal(self) -> str | None:
+        if self._stopping:
+            return "the CUDA engine has stopped"
+        return self._error or self.scheduler.brokenReason
+
+    def spinNow(self, iters: int) -> int | None:
+        return None  # every token is a decode step, observed asynchronously
+
+    def spin(self, iters: int, seed: int = 0) -> Deferred[int]:
+        if seed:
+            raise ValueError("the CUDA engine runs chains as decode steps (admit); spin starts from 0")
+        receiver = _OneToken()
+        receiver.ticket = self.admit(iters, 1, receiver)
+        return receiver.deferred
 
     # On the reactor thread -------------------------------------------------
 
@@ -426,16 +490,6 @@ class CUDAEngine:
             else:
                 waiter.errback(BackendError(error))
 
-    def _deliver(self, done: list[tuple[_Job, int]]) -> None:
-        for job, value in done:
-            if not job.deferred.called:
-                job.deferred.callback(value)
-
-    def _fail(self, jobs: list[_Job], failure: Failure) -> None:
-        for job in jobs:
-            if not job.deferred.called:
-                job.deferred.errback(failure)
-
     def _workerExited(self) -> None:
         self._exited = True
         waiters, self._exitWaiters = self._exitWaiters, []
@@ -448,46 +502,16 @@ class CUDAEngine:
         call = self._reactor.callFromThread
         try:
             try:
-                device = _Device(self._ordinal, self.grid, self.block)
+                device = _StepDevice(self._ordinal, self.grid, self.block, self.depth, self.slots)
             except Exception as e:
                 error = f"the CUDA engine could not start: {e}"
                 call(self._started, error)
-                self._serve(None, error)
+                self.scheduler.refuseAll(error)
                 return
             call(self._started, None)
             try:
-                self._serve(device, None)
+                self.scheduler.serve(device)
             finally:
                 device.close()
         finally:
             call(self._workerExited)
-
-    def _take(self) -> tuple[list[_Job], bool]:
-        """Wait for work; return every job waiting (up to a batch), and whether to stop after them."""
-        taken = [self._jobs.get()]
-        while len(taken) < MAX_BATCH:
-            try:
-                taken.append(self._jobs.get_nowait())
-            except queue.Empty:
-                break
-        # Nothing is queued after the stop sentinel: spin() refuses work once stopping.
-        return [job for job in taken if job is not None and not job.cancelled], None in taken
-
-    def _serve(self, device: _Device | None, error: str | None) -> None:
-        call = self._reactor.callFromThread
-        while True:
-            jobs, stop = self._take()
-            if jobs and device is None:
-                call(self._fail, jobs, Failure(BackendError(error or "the CUDA engine is not running")))
-            elif jobs and device is not None:
-                try:
-                    for slot, job in enumerate(jobs):
-                        device.launch(job.iters, slot)
-                        self.launches += 1
-                    values = device.results(len(jobs))
-                except Exception as e:
-                    call(self._fail, jobs, Failure(BackendError(f"CUDA launch failed: {e}")))
-                else:
-                    call(self._deliver, list(zip(jobs, values, strict=True)))
-            if stop:
-                return

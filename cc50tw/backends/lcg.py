@@ -21,12 +21,24 @@ LCG_INCREMENT = 1013904223
 U32 = 0xFFFFFFFF
 
 
-def spin_lane(iters: int, lane: int = 0) -> int:
-    """Thread ``lane``'s final ``x`` after ``iters`` steps, exactly as the kernel computes it."""
-    x = lane
+def spin_lane(iters: int, lane: int = 0, seed: int = 0) -> int:
+    """Thread ``lane``'s final ``x`` after ``iters`` steps from ``seed``, exactly as the kernels compute it."""
+    x = (seed + lane) & U32
     for _ in range(iters):
         x = (x * LCG_MULTIPLIER + LCG_INCREMENT) & U32
     return x
+
+
+def spin_chain(iters: int, tokens: int) -> list[int]:
+    """
+    A request's token values on the GPU's decode steps: each token's lane 0
+    starts from the previous token's value, the first from 0.
+    """
+    values, x = [], 0
+    for _ in range(tokens):
+        x = spin_lane(iters, 0, x)
+        values.append(x)
+    return values
 
 
 class CPUEngine:
@@ -44,11 +56,11 @@ class CPUEngine:
         self._pool = pool
         self.launches = 0
 
-    def spin(self, iters: int) -> Deferred[int]:
+    def spin(self, iters: int, seed: int = 0) -> Deferred[int]:
         self.launches += 1
         if iters == 0:
-            return succeed(0)
-        return deferToThreadPool(self._reactor, self._pool, spin_lane, iters)
+            return succeed(seed)
+        return deferToThreadPool(self._reactor, self._pool, spin_lane, iters, 0, seed)
 
     def spinNow(self, iters: int) -> int | None:
         if iters:

@@ -11,7 +11,7 @@ stops new work between tokens, and cancelling stops it for good.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cc50tw.backends import BackendSpec
+from cc50tw.backends.batching import DecodeReceiver, DecodeTicket
 from cc50tw.errors import BackendError
 from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest, ITokenSink
 
@@ -47,16 +48,30 @@ class ToyEngine(Protocol):
     """The seam between the toy's token loop and where its work runs."""
 
     description: str
-    launches: int
 
-    def spin(self, iters: int) -> Deferred[int]:
-        """Run one token's work; fire with thread 0's final LCG value."""
+    @property
+    def launches(self) -> int:
+        """Units of work started (kernel launches on a GPU)."""
+
+    def spin(self, iters: int, seed: int = 0) -> Deferred[int]:
+        """Run one token's work from ``seed`` (the last token's value); fire with thread 0's final LCG value."""
 
     def spinNow(self, iters: int) -> int | None:
         """
         The value at once, if this engine can compute it without blocking the
         reactor (the CPU engine at zero iterations); else None, and ``spin``.
         """
+
+
+@runtime_checkable
+class BatchingEngine(Protocol):
+    """
+    An engine that runs whole requests as members of its decode steps
+    (``cc50tw.backends.batching``) rather than one ``spin`` per token.
+    """
+
+    def admit(self, iters: int, tokens: int, receiver: DecodeReceiver) -> DecodeTicket:
+        """Add a request of ``tokens`` tokens; its values go to ``receiver``."""
 
 
 @implementer(IPushProducer)
@@ -104,7 +119,7 @@ class ToyStream:
             for _ in range(BATCH_TOKENS):
                 if not self._canRun():
                     return
-                work = self._backend.engine.spin(self._backend.iters)
+                work = self._backend.engine.spin(self._backend.iters, self.last_value or 0)
                 self._work = work
                 work.addCallbacks(self._workDone, self._workFailed)
                 if self._work is not None:
@@ -182,6 +197,76 @@ class ToyStream:
             self._scheduled = None
 
 
+@implementer(IPushProducer)
+class BatchedToyStream:
+    """
+    One request as a member of a batching engine's decode steps (the CUDA
+    engine): the engine runs the token loop, this passes credit to it.
+
+    Pausing takes the request out of the steps to come (tokens already
+    enqueued still arrive, at most the engine's lookahead); stopping takes it
+    out for good.
+    """
+
+    def __init__(self, backend: ToyBackend, engine: BatchingEngine, request: InferenceRequest, sink: ITokenSink) -> None:
+        self._backend = backend
+        self._engine = engine
+        self._sink = sink
+        self._maxTokens = request.max_tokens
+        self._tokens = 0
+        self._stopped = False
+        self._ticket: DecodeTicket | None = None
+        self.last_value: int | None = None
+        self.prompt_tokens = len(request.prompt.split())
+        self.done: Deferred[GenerationResult] = Deferred(lambda _: self.stopProducing())
+
+    def start(self) -> None:
+        self._sink.registerProducer(self, True)
+        if self._maxTokens <= 0:
+            self._finish()
+        else:
+            self._ticket = self._engine.admit(self._backend.iters, self._maxTokens, self)
+
+    def tokensReady(self, values: list[int]) -> None:
+        if self._stopped:
+            return
+        count = len(values)
+        self.last_value = values[-1]
+        self._tokens += count
+        self._backend.tokens_emitted += count
+        if count == 1:
+            self._sink.write(TOKEN_TEXT)
+        else:
+            self._sink.writeSequence([TOKEN_TEXT] * count)
+        if self._tokens >= self._maxTokens and not self._stopped:
+            self._finish()
+
+    def decodeFailed(self, reason: str) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._sink.unregisterProducer()
+        self.done.errback(BackendError(f"toy engine failed: {reason}"))
+
+    def _finish(self) -> None:
+        self._stopped = True
+        self._sink.unregisterProducer()
+        self.done.callback(GenerationResult(self.prompt_tokens, self._tokens, "length"))
+
+    def pauseProducing(self) -> None:
+        if self._ticket is not None and not self._stopped:
+            self._ticket.pause()
+
+    def resumeProducing(self) -> None:
+        if self._ticket is not None and not self._stopped:
+            self._ticket.resume()
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        if self._ticket is not None:
+            self._ticket.cancel()
+
+
 @implementer(IBackend)
 class ToyBackend:
     name = "toy"
@@ -202,7 +287,11 @@ class ToyBackend:
         return ["toy"]
 
     def generate(self, request: InferenceRequest, sink: ITokenSink) -> Deferred[GenerationResult]:
-        stream = ToyStream(self, request, sink)
+        stream: ToyStream | BatchedToyStream
+        if isinstance(self.engine, BatchingEngine):
+            stream = BatchedToyStream(self, self.engine, request, sink)
+        else:
+            stream = ToyStream(self, request, sink)
         stream.start()
         return stream.done
 

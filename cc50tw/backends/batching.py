@@ -1,0 +1,387 @@
+"""
+Continuous batching: one kernel launch per decode step for every running request.
+
+A GPU runs one small kernel in tens of microseconds, but Python launches only
+a few tens of thousands a second, so a kernel per token per request makes
+Python's launch rate, not the GPU, the limit as soon as a few requests run at
+once.  Inference engines answer this with decode steps: each step is one
+launch that advances every running request by one token, requests join and
+leave between steps, and the host enqueues a bounded number of steps ahead so
+that the GPU never waits for Python.  This module is that scheduler, apart
+from the GPU itself (``StepDevice``): the CUDA engine gives it a device, and
+the tests give it a fake one that behaves the same way on any machine.
+
+Threads.  The scheduler's loop runs on one worker thread, which owns the
+device (a CUDA context is current on one thread at a time) and is the only
+thread that waits on it.  The reactor thread talks to the loop through a
+queue of commands (admit, pause, resume, cancel) and gets tokens back through
+``callFromThread``, in order, in batches: a request's tokens of every step
+that completed since the last hand-over arrive in one call.  The loop sends a
+new hand-over only once the reactor has taken the last one, so a busy
+reactor gets fewer, larger batches rather than an unbounded queue of calls,
+and the loop stops launching once a hand-over's worth of steps waits for the
+reactor: memory stays bounded whatever the load.
+
+Flow control.  A paused request (its client has no credit) leaves the batch
+until it is resumed: it joins no new step.  Steps already enqueued for it
+still complete and deliver, so a pause lets through at most ``depth`` more
+tokens, a bound the connection's buffers already allow for.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.logger import Logger
+
+log = Logger()
+
+#: A step's entry for a request: its state slot, with this bit set on its
+#: first step so the kernel starts its chain afresh rather than from whatever
+#: the slot's last owner left there.
+FRESH = 1 << 31
+
+#: Steps enqueued ahead of the one the host waits for.  Enough that the GPU
+#: always has the next step queued while Python collects the last one; few
+#: enough that a paused or cancelled request runs on only briefly.
+DEFAULT_DEPTH = 8
+
+#: Most requests in one step (each has a state slot on the device).  Past
+#: this, requests wait their turn in arrival order.
+DEFAULT_SLOTS = 256
+
+
+class StepDevice(Protocol):
+    """
+    What the scheduler needs of a GPU.  Every method is called on the worker
+    thread only; ``ring`` names one of ``depth`` buffers, reused once the
+    step launched on it has been collected.
+    """
+
+    #: Most steps in flight at once (the number of ring buffers).
+    depth: int
+    #: Most entries in one step (the number of state slots).
+    slots: int
+
+    def launchStep(self, ring: int, iters: int, entries: Sequence[int]) -> None:
+        """Enqueue one step over ``entries`` (slot numbers, ``FRESH`` or'd in) and return at once."""
+
+    def stepDone(self, ring: int) -> bool:
+        """Whether the step on ``ring`` has completed, without waiting."""
+
+    def waitStep(self, ring: int) -> None:
+        """Block this thread until the step on ``ring`` completes."""
+
+    def stepResults(self, ring: int, count: int) -> list[int]:
+        """The completed step's values, one per entry, in the entries' order."""
+
+
+class DecodeReceiver(Protocol):
+    """Where a request's tokens go, on the reactor thread."""
+
+    def tokensReady(self, values: list[int]) -> None:
+        """The values of the request's next tokens, in order (at least one)."""
+
+    def decodeFailed(self, reason: str) -> None:
+        """The request's work cannot go on; no more tokens will come."""
+
+
+class DecodeTicket:
+    """
+    One request's place in the scheduler.
+
+    The reactor thread calls ``pause``, ``resume`` and ``cancel``; the fields
+    after ``receiver`` belong to the worker thread alone.
+    """
+
+    __slots__ = ("_scheduler", "receiver", "cancelled", "iters", "toLaunch", "pending", "paused", "slot", "fresh")
+
+    def __init__(self, scheduler: DecodeScheduler, receiver: DecodeReceiver, iters: int, tokens: int) -> None:
+        self._scheduler = scheduler
+        self.receiver = receiver
+        #: Reactor side: set by ``cancel``; tokens that arrive after it are dropped.
+        self.cancelled = False
+        # Worker side.
+        self.iters = iters
+        self.toLaunch = tokens
+        #: Steps launched for it and not yet collected.
+        self.pending = 0
+        self.paused = False
+        self.slot = -1
+        self.fresh = True
+
+    def pause(self) -> None:
+        self._scheduler._command(self._paused, self)
+
+    def resume(self) -> None:
+        self._scheduler._command(self._resumed, self)
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self._scheduler._command(self._cancelled, self)
+
+    # On the worker thread, as commands.
+
+    @staticmethod
+    def _paused(scheduler: DecodeScheduler, ticket: DecodeTicket) -> None:
+        ticket.paused = True
+
+    @staticmethod
+    def _resumed(scheduler: DecodeScheduler, ticket: DecodeTicket) -> None:
+        ticket.paused = False
+
+    @staticmethod
+    def _cancelled(scheduler: DecodeScheduler, ticket: DecodeTicket) -> None:
+        scheduler._leave(ticket)
+
+
+Command = Callable[["DecodeScheduler", DecodeTicket], None]
+
+
+class _Step:
+    """A launched step: its ring buffer and the requests it advances, in entry order."""
+
+    __slots__ = ("ring", "tickets")
+
+    def __init__(self, ring: int, tickets: list[DecodeTicket]) -> None:
+        self.ring = ring
+        self.tickets = tickets
+
+
+class DecodeScheduler:
+    """
+    Runs decode steps on a ``StepDevice`` from one worker thread.
+
+    ``admit`` (reactor thread) adds a request of ``tokens`` steps; the loop
+    (``serve``, worker thread) launches steps over every running, unpaused
+    request, collects them in order and hands their values to the reactor.
+    """
+
+    def __init__(self, reactor: IReactorFromThreads) -> None:
+        self._reactor = reactor
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        # Shared, under the lock.
+        self._commands: list[tuple[Command, DecodeTicket]] = []
+        self._handOverPending = False
+        self._stopping = False
+        #: Set once the loop has ended: later requests are refused with it.
+        self._closedReason: str | None = None
+        #: Why the loop ended early (the device failed), once it has.
+        self.brokenReason: str | None = None
+        # Worker side.
+        self._device: StepDevice | None = None
+        self._running: dict[DecodeTicket, None] = {}  # insertion-ordered set
+        self._waiting: deque[DecodeTicket] = deque()
+        self._freeSlots: list[int] = []
+        self._inFlight: deque[_Step] = deque()
+        self._nextRing = 0
+        self._outbox: dict[DecodeTicket, list[int]] = {}
+        self._outboxSteps = 0
+        #: Steps launched; read from any thread for tests and metrics.
+        self.steps = 0
+
+    # Reactor thread ------------------------------------------------------
+
+    def admit(self, iters: int, tokens: int, receiver: DecodeReceiver, refusal: str | None = None) -> DecodeTicket:
+        """
+        Queue a request of ``tokens`` steps at ``iters`` iterations each.
+
+        Given a ``refusal`` (the engine cannot take work), or once the loop
+        has ended, the receiver hears ``decodeFailed`` on a later reactor
+        turn instead: never from inside this call, whose caller is still
+        setting itself up.
+        """
+        ticket = DecodeTicket(self, receiver, iters, tokens)
+        with self._lock:
+            refusal = refusal or self._closedReason
+            if refusal is None:
+                self._commands.append((DecodeScheduler._admitted, ticket))
+                self._wake.notify()
+                return ticket
+        self._reactor.callFromThread(self._failAll, [ticket], refusal)
+        return ticket
+
+    def refuseAll(self, reason: str) -> None:
+        """The loop will never run (the device could not start): fail what waits and all that comes."""
+        self._abandonAll(reason)
+
+    def stop(self) -> None:
+        """Ask the loop to end: requests still running get ``decodeFailed``."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+
+    def _command(self, command: Command, ticket: DecodeTicket) -> None:
+        with self._lock:
+            if self._closedReason is None:  # else the ticket has been failed already
+                self._commands.append((command, ticket))
+                self._wake.notify()
+
+    def _handOver(self, batch: list[tuple[DecodeTicket, list[int]]]) -> None:
+        with self._lock:
+            self._handOverPending = False
+            self._wake.notify()
+        for ticket, values in batch:
+            if not ticket.cancelled:
+                ticket.receiver.tokensReady(values)
+
+    def _failAll(self, tickets: list[DecodeTicket], reason: str) -> None:
+        for ticket in tickets:
+            if not ticket.cancelled:
+                ticket.cancelled = True
+                ticket.receiver.decodeFailed(reason)
+
+    # Worker thread -------------------------------------------------------
+
+    def serve(self, device: StepDevice) -> None:
+        """
+        The loop: returns once ``stop`` was called (or the device failed),
+        after failing every request still admitted.
+        """
+        self._device = device
+        self._freeSlots = list(range(device.slots - 1, -1, -1))
+        reason = "the CUDA engine has stopped"
+        try:
+            while True:
+                commands, stopping, mayHandOver = self._exchange()
+                for command, ticket in commands:
+                    command(self, ticket)
+                if stopping:
+                    break
+                self._fillSlots()
+                if mayHandOver and self._outbox:
+                    self._sendOutbox()
+                if self._mayLaunch():
+                    self._launch()
+                    self._collect(block=False)
+                elif self._inFlight:
+                    self._collect(block=True)
+        except Exception as e:
+            reason = f"CUDA step failed: {e}"
+            self.brokenReason = reason
+            log.failure("the decode loop failed; failing every request in it")
+        finally:
+            self._abandonAll(reason)
+
+    def _exchange(self) -> tuple[list[tuple[Command, DecodeTicket]], bool, bool]:
+        """Take the reactor's commands; wait for some when there is nothing else to do."""
+        with self._lock:
+            while not (self._commands or self._stopping or self._hasWork(not self._handOverPending)):
+                self._wake.wait()
+            commands, self._commands = self._commands, []
+            return commands, self._stopping, not self._handOverPending
+
+    def _hasWork(self, mayHandOver: bool) -> bool:
+        return bool(self._inFlight) or (mayHandOver and bool(self._outbox)) or self._mayLaunch()
+
+    def _mayLaunch(self) -> bool:
+        if len(self._inFlight) >= self._depth() or self._outboxSteps >= self._depth():
+            return False
+        return any(not ticket.paused and ticket.toLaunch > 0 for ticket in self._running)
+
+    def _depth(self) -> int:
+        assert self._device is not None
+        return self._device.depth
+
+    def _admitted(self, ticket: DecodeTicket) -> None:
+        if not ticket.cancelled and ticket.toLaunch > 0:
+            self._waiting.append(ticket)
+            self._fillSlots()
+
+    def _fillSlots(self) -> None:
+        while self._waiting and self._freeSlots:
+            ticket = self._waiting.popleft()
+            ticket.slot = self._freeSlots.pop()
+            self._running[ticket] = None
+
+    def _retire(self, ticket: DecodeTicket) -> None:
+        """
+        Free a request's slot for the next one at once: steps run in order,
+        and a newcomer's first step starts its chain afresh (``FRESH``)
+        whatever earlier steps left in the slot.
+        """
+        if ticket in self._running:
+            del self._running[ticket]
+            self._freeSlots.append(ticket.slot)
+            self._fillSlots()
+
+    def _leave(self, ticket: DecodeTicket) -> None:
+        """A cancelled request: out of the batch, and nothing more delivered."""
+        self._retire(ticket)
+        if ticket in self._waiting:
+            self._waiting.remove(ticket)
+        self._outbox.pop(ticket, None)
+
+    def _launch(self) -> None:
+        """Launch one step over the requests ready to advance (those of the first one's iteration count)."""
+        assert self._device is not None
+        ready = [ticket for ticket in self._running if not ticket.paused and ticket.toLaunch > 0]
+        iters = ready[0].iters
+        tickets = [ticket for ticket in ready if ticket.iters == iters]
+        entries = []
+        for ticket in tickets:
+            entries.append(ticket.slot | FRESH if ticket.fresh else ticket.slot)
+            ticket.fresh = False
+            ticket.toLaunch -= 1
+            ticket.pending += 1
+        ring = self._nextRing
+        self._nextRing = (ring + 1) % self._device.depth
+        self._device.launchStep(ring, iters, entries)
+        self._inFlight.append(_Step(ring, tickets))
+        self.steps += 1
+
+    def _collect(self, block: bool) -> None:
+        """Take completed steps in launch order (waiting for the oldest if ``block``)."""
+        assert self._device is not None
+        device = self._device
+        if block and self._inFlight:
+            device.waitStep(self._inFlight[0].ring)
+        collected = False
+        while self._inFlight and device.stepDone(self._inFlight[0].ring):
+            step = self._inFlight.popleft()
+            values = device.stepResults(step.ring, len(step.tickets))
+            for ticket, value in zip(step.tickets, values, strict=True):
+                ticket.pending -= 1
+                if ticket in self._running:
+                    self._outbox.setdefault(ticket, []).append(value)
+                    if ticket.toLaunch == 0 and ticket.pending == 0:
+                        self._retire(ticket)
+            self._outboxSteps += 1
+            collected = True
+        if collected:
+            with self._lock:
+                mayHandOver = not self._handOverPending
+            if mayHandOver:
+                self._sendOutbox()
+
+    def _sendOutbox(self) -> None:
+        batch = list(self._outbox.items())
+        self._outbox = {}
+        self._outboxSteps = 0
+        with self._lock:
+            self._handOverPending = True
+        self._reactor.callFromThread(self._handOver, batch)
+
+    def _abandonAll(self, reason: str) -> None:
+        """
+        Hand over what was computed, then fail every request not finished:
+        each request the reactor admitted hears either all its tokens or a failure.
+        """
+        if self._outbox:
+            self._sendOutbox()
+        with self._lock:
+            commands, self._commands = self._commands, []
+            self._closedReason = reason
+        tickets = list(self._running) + list(self._waiting)
+        tickets += [ticket for command, ticket in commands if command is DecodeScheduler._admitted]
+        self._running.clear()
+        self._waiting.clear()
+        self._inFlight.clear()
+        if tickets:
+            self._reactor.callFromThread(self._failAll, tickets, reason)
