@@ -135,8 +135,34 @@ async def client_load(
     }
 
 
-async def end_to_end(reactor: Any, log_dir: str, quick: bool) -> dict[str, Any]:
-    server = Server("cuda", ITERS, os.path.join(log_dir, "twistd-batching.log"))
+async def profiled(reactor: Any, server: Server, out: str) -> dict[str, Any]:
+    """
+    A longer 16-client run with py-spy sampling twistd meanwhile (raw folded
+    stacks into ``out``): where the reactor's time goes under that load.
+    """
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy") or "/tmp/cc50-site/bin/py-spy"
+    command = [spy, "record", "--pid", str(server.process.pid), "--rate", "1000", "--nonblocking"]
+    command += ["--format", "raw", "--duration", "3", "-o", os.path.join(out, "twistd-pyspy.txt")]
+    try:
+        recorder = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    except OSError as e:
+        return {"failed": f"py-spy: {e}"}
+    run = await client_load(reactor, server, 16, 4000, 256, 4)
+    try:
+        output, _ = recorder.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        recorder.kill()
+        output, _ = recorder.communicate()
+    run["py_spy"] = output.decode(errors="replace")[-500:]
+    return run
+
+
+async def end_to_end(reactor: Any, log_dir: str, quick: bool, profile_to: str | None = None) -> dict[str, Any]:
+    # As a user runs it: default options, the request log on (to the log file).
+    server = Server("cuda", ITERS, os.path.join(log_dir, "twistd-batching.log"), quiet=False)
     outcome: dict[str, Any] = {"command": " ".join(server.command[3:])}
     scale = 10 if quick else 1
     try:
@@ -159,6 +185,9 @@ async def end_to_end(reactor: Any, log_dir: str, quick: bool) -> dict[str, Any]:
                 f"TTFT p50 {run['ttft_ms'].get('p50', 0):.3f} ms, errors {run['error_count']}",
                 flush=True,
             )
+        if profile_to is not None:
+            outcome["profiled"] = await profiled(reactor, server, profile_to)
+            print(f"  profiled: {outcome['profiled'].get('tokens_per_s')} tokens/s", flush=True)
     except Exception as e:
         outcome["failed"] = f"{type(e).__name__}: {e}"
         print(f"  end to end FAILED: {outcome['failed']}", flush=True)
@@ -239,7 +268,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, run in e2e.items():
-        if isinstance(run, dict) and "latency_ms" in run:
+        if isinstance(run, dict) and "latency_ms" in run and name != "profiled":
             lat = run["latency_ms"]
             lines.append(
                 f"| {name} | {run['clients']} | {run['processes']} | {run['max_tokens']} | {run['completed']} | "
@@ -281,7 +310,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     print(json.dumps(results["in_process"], indent=1), flush=True)
     save()
     print("end to end ...", flush=True)
-    results["end_to_end"] = await end_to_end(reactor, args.log_dir, args.quick)
+    results["end_to_end"] = await end_to_end(reactor, args.log_dir, args.quick, args.out if args.profile else None)
     results["targets"] = targets(results)
     save()
     report = markdown(results)
@@ -295,6 +324,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-gpu-out"))
     parser.add_argument("--log-dir", default="/tmp", help="where the twistd log goes")
     parser.add_argument("--quick", action="store_true", help="few samples: to check the script, not to measure")
+    parser.add_argument("--profile", action="store_true", help="also a 16-client run under py-spy (twistd-pyspy.txt)")
     return parser.parse_args(argv)
 
 

@@ -204,7 +204,7 @@ def free_port() -> int:
 class Server:
     """A ``twistd -n cc50`` subprocess with the toy backend."""
 
-    def __init__(self, device: str, iters: int, log_path: str, nodelay: bool = False) -> None:
+    def __init__(self, device: str, iters: int, log_path: str, nodelay: bool = False, quiet: bool = True) -> None:
         from cc50tw.tap import Options
 
         self.port = free_port()
@@ -222,7 +222,7 @@ class Server:
             f"--toy-iters={iters}",
             f"--listen=tcp:{self.port}:interface=127.0.0.1",
         ]
-        if "quiet-requests" in Options():
+        if quiet and "quiet-requests" in Options():
             command.append("--quiet-requests")
         self.command = command
         for stale in (log_path, log_path + ".out"):

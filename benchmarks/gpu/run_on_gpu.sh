@@ -87,7 +87,7 @@ if grep -q "cc50tw.test.test_cuda.CUDAEngineTests" "$OUT/trial.log"; then
 fi
 
 step "benchmark: continuous batching against the floor (issue 18)"
-timeout 400 $PY benchmarks/gpu/bench_batching.py --out "$OUT" ${QUICK:+--quick}
+timeout 400 $PY benchmarks/gpu/bench_batching.py --out "$OUT" ${QUICK:+--quick} ${PROFILE:+--profile}
 bench=$?
 
 if [ "${BENCH_GPU:-0}" = 1 ]; then

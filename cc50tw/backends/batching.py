@@ -18,14 +18,17 @@ queue of commands (admit, pause, resume, cancel) and gets tokens back through
 ``callFromThread``, in order, in batches: a request's tokens of every step
 that completed since the last hand-over arrive in one call.  The loop sends a
 new hand-over only once the reactor has taken the last one, so a busy
-reactor gets fewer, larger batches rather than an unbounded queue of calls,
-and the loop stops launching once a hand-over's worth of steps waits for the
-reactor: memory stays bounded whatever the load.
+reactor gets fewer, larger batches rather than an unbounded queue of calls
+(a stream's tokens of many steps then go out in one write, one send: what
+lets many streams through a reactor that costs microseconds per write), and
+the loop stops launching once ``HELD_STEPS`` steps wait for the reactor:
+memory stays bounded whatever the load.
 
 Flow control.  A paused request (its client has no credit) leaves the batch
-until it is resumed: it joins no new step.  Steps already enqueued for it
-still complete and deliver, so a pause lets through at most ``depth`` more
-tokens, a bound the connection's buffers already allow for.
+until it is resumed: it joins no new step.  Steps already enqueued or
+completed for it still deliver, so a pause lets through at most ``depth +
+HELD_STEPS`` more tokens (72 by default, under half a kilobyte of toy text),
+a bound the connection's per-request buffer already allows for.
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ FRESH = 1 << 31
 #: always has the next step queued while Python collects the last one; few
 #: enough that a paused or cancelled request runs on only briefly.
 DEFAULT_DEPTH = 8
+
+#: Most completed steps the loop keeps for a reactor that has not taken the
+#: last hand-over, before it stops launching.  Alone, a request's hand-overs
+#: are a step or two (the reactor keeps up); under load they grow up to this,
+#: so the reactor's cost per write is spread over many tokens.
+HELD_STEPS = 64
 
 #: Most requests in one step (each has a state slot on the device).  Past
 #: this, requests wait their turn in arrival order.
@@ -281,7 +290,7 @@ class DecodeScheduler:
         return bool(self._inFlight) or (mayHandOver and bool(self._outbox)) or self._mayLaunch()
 
     def _mayLaunch(self) -> bool:
-        if len(self._inFlight) >= self._depth() or self._outboxSteps >= self._depth():
+        if len(self._inFlight) >= self._depth() or self._outboxSteps >= HELD_STEPS:
             return False
         return any(not ticket.paused and ticket.toLaunch > 0 for ticket in self._running)
 
