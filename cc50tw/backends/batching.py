@@ -16,19 +16,26 @@ device (a CUDA context is current on one thread at a time) and is the only
 thread that waits on it.  The reactor thread talks to the loop through a
 queue of commands (admit, pause, resume, cancel) and gets tokens back through
 ``callFromThread``, in order, in batches: a request's tokens of every step
-that completed since the last hand-over arrive in one call.  The loop sends a
-new hand-over only once the reactor has taken the last one, so a busy
-reactor gets fewer, larger batches rather than an unbounded queue of calls
-(a stream's tokens of many steps then go out in one write, one send: what
-lets many streams through a reactor that costs microseconds per write), and
-the loop stops launching once ``HELD_STEPS`` steps wait for the reactor:
-memory stays bounded whatever the load.
+that completed since the last hand-over arrive in one call.
+
+At most one hand-over is outstanding.  Until the reactor has taken it, the
+loop only tops the GPU's queue up to ``depth`` steps, then sleeps on a
+condition: it does not wait on the GPU meanwhile.  Two things follow.  The
+reactor gets the GIL at once (a thread that spins on the GPU and retakes the
+GIL after every step can starve the reactor for Python's whole switch
+interval, 5 ms, long enough to hold a request's first token until its last);
+and a busy reactor gets fewer, larger hand-overs, so a stream's tokens of
+several steps go out in one write and one send, which is what lets many
+streams through a reactor that costs microseconds per write.  With ``depth``
+steps queued, the GPU keeps working while the reactor writes.  Memory stays
+bounded whatever the load: ``depth`` steps on the device, one hand-over of at
+most ``depth`` steps with the reactor.
 
 Flow control.  A paused request (its client has no credit) leaves the batch
-until it is resumed: it joins no new step.  Steps already enqueued or
-completed for it still deliver, so a pause lets through at most ``depth +
-HELD_STEPS`` more tokens (72 by default, under half a kilobyte of toy text),
-a bound the connection's per-request buffer already allows for.
+until it is resumed: it joins no new step.  Steps already enqueued for it
+still complete and deliver (at most ``2 * depth`` tokens: the queue and the
+hand-over in the reactor's hands), and the toy's stream holds those until
+the client has credit again.
 """
 
 from __future__ import annotations
@@ -48,16 +55,11 @@ log = Logger()
 #: the slot's last owner left there.
 FRESH = 1 << 31
 
-#: Steps enqueued ahead of the one the host waits for.  Enough that the GPU
-#: always has the next step queued while Python collects the last one; few
-#: enough that a paused or cancelled request runs on only briefly.
-DEFAULT_DEPTH = 8
-
-#: Most completed steps the loop keeps for a reactor that has not taken the
-#: last hand-over, before it stops launching.  Alone, a request's hand-overs
-#: are a step or two (the reactor keeps up); under load they grow up to this,
-#: so the reactor's cost per write is spread over many tokens.
-HELD_STEPS = 64
+#: Steps enqueued ahead of the one the host waits for: enough that the GPU
+#: still has work while the reactor writes a hand-over out (16 steps of
+#: about 20 µs at the toy's default work), few enough that a paused or
+#: cancelled request runs on only briefly.
+DEFAULT_DEPTH = 16
 
 #: Most requests in one step (each has a state slot on the device).  Past
 #: this, requests wait their turn in arrival order.
@@ -191,7 +193,6 @@ class DecodeScheduler:
         self._inFlight: deque[_Step] = deque()
         self._nextRing = 0
         self._outbox: dict[DecodeTicket, list[int]] = {}
-        self._outboxSteps = 0
         #: Steps launched; read from any thread for tests and metrics.
         self.steps = 0
 
@@ -258,19 +259,19 @@ class DecodeScheduler:
         reason = "the CUDA engine has stopped"
         try:
             while True:
-                commands, stopping, mayHandOver = self._exchange()
+                commands, stopping, handOverPending = self._exchange()
                 for command, ticket in commands:
                     command(self, ticket)
                 if stopping:
                     break
-                self._fillSlots()
-                if mayHandOver and self._outbox:
-                    self._sendOutbox()
                 if self._mayLaunch():
                     self._launch()
-                    self._collect(block=False)
-                elif self._inFlight:
-                    self._collect(block=True)
+                elif not handOverPending:
+                    if self._inFlight:
+                        # Wait on the GPU only with nothing to hand over.
+                        self._collect(block=not self._outbox)
+                    if self._outbox:
+                        self._sendOutbox()
         except Exception as e:
             reason = f"CUDA step failed: {e}"
             self.brokenReason = reason
@@ -279,18 +280,23 @@ class DecodeScheduler:
             self._abandonAll(reason)
 
     def _exchange(self) -> tuple[list[tuple[Command, DecodeTicket]], bool, bool]:
-        """Take the reactor's commands; wait for some when there is nothing else to do."""
+        """
+        Take the reactor's commands, and whether a hand-over is still with
+        it; sleep until one of them changes when there is nothing to do.
+        """
         with self._lock:
-            while not (self._commands or self._stopping or self._hasWork(not self._handOverPending)):
+            while not (self._commands or self._stopping or self._hasWork(self._handOverPending)):
                 self._wake.wait()
             commands, self._commands = self._commands, []
-            return commands, self._stopping, not self._handOverPending
+            return commands, self._stopping, self._handOverPending
 
-    def _hasWork(self, mayHandOver: bool) -> bool:
-        return bool(self._inFlight) or (mayHandOver and bool(self._outbox)) or self._mayLaunch()
+    def _hasWork(self, handOverPending: bool) -> bool:
+        if self._mayLaunch():
+            return True
+        return not handOverPending and bool(self._inFlight or self._outbox)
 
     def _mayLaunch(self) -> bool:
-        if len(self._inFlight) >= self._depth() or self._outboxSteps >= HELD_STEPS:
+        if len(self._inFlight) >= self._depth():
             return False
         return any(not ticket.paused and ticket.toLaunch > 0 for ticket in self._running)
 
@@ -351,7 +357,6 @@ class DecodeScheduler:
         device = self._device
         if block and self._inFlight:
             device.waitStep(self._inFlight[0].ring)
-        collected = False
         while self._inFlight and device.stepDone(self._inFlight[0].ring):
             step = self._inFlight.popleft()
             values = device.stepResults(step.ring, len(step.tickets))
@@ -361,18 +366,10 @@ class DecodeScheduler:
                     self._outbox.setdefault(ticket, []).append(value)
                     if ticket.toLaunch == 0 and ticket.pending == 0:
                         self._retire(ticket)
-            self._outboxSteps += 1
-            collected = True
-        if collected:
-            with self._lock:
-                mayHandOver = not self._handOverPending
-            if mayHandOver:
-                self._sendOutbox()
 
     def _sendOutbox(self) -> None:
         batch = list(self._outbox.items())
         self._outbox = {}
-        self._outboxSteps = 0
         with self._lock:
             self._handOverPending = True
         self._reactor.callFromThread(self._handOver, batch)

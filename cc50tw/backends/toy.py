@@ -203,8 +203,9 @@ class BatchedToyStream:
     One request as a member of a batching engine's decode steps (the CUDA
     engine): the engine runs the token loop, this passes credit to it.
 
-    Pausing takes the request out of the steps to come (tokens already
-    enqueued still arrive, at most the engine's lookahead); stopping takes it
+    Pausing takes the request out of the steps to come; tokens of steps
+    already enqueued still arrive, and wait here until the client has credit
+    again, so a paused sink gets nothing more.  Stopping takes the request
     out for good.
     """
 
@@ -214,7 +215,11 @@ class BatchedToyStream:
         self._sink = sink
         self._maxTokens = request.max_tokens
         self._tokens = 0
+        self._paused = False
         self._stopped = False
+        #: Tokens that arrived while paused, written on resume.
+        self._held = 0
+        self._flushing: IDelayedCall | None = None
         self._ticket: DecodeTicket | None = None
         self.last_value: int | None = None
         self.prompt_tokens = len(request.prompt.split())
@@ -230,8 +235,13 @@ class BatchedToyStream:
     def tokensReady(self, values: list[int]) -> None:
         if self._stopped:
             return
-        count = len(values)
         self.last_value = values[-1]
+        if self._paused or self._held:
+            self._held += len(values)
+        else:
+            self._emit(len(values))
+
+    def _emit(self, count: int) -> None:
         self._tokens += count
         self._backend.tokens_emitted += count
         if count == 1:
@@ -254,15 +264,37 @@ class BatchedToyStream:
         self.done.callback(GenerationResult(self.prompt_tokens, self._tokens, "length"))
 
     def pauseProducing(self) -> None:
-        if self._ticket is not None and not self._stopped:
+        if self._stopped or self._paused:
+            return
+        self._paused = True
+        if self._flushing is not None:
+            self._flushing.cancel()
+            self._flushing = None
+        if self._ticket is not None:
             self._ticket.pause()
 
     def resumeProducing(self) -> None:
-        if self._ticket is not None and not self._stopped:
+        if self._stopped or not self._paused:
+            return
+        self._paused = False
+        if self._ticket is not None:
             self._ticket.resume()
+        if self._held and self._flushing is None:
+            # On a later turn: the sink is in the middle of granting credit.
+            self._flushing = self._backend.reactor.callLater(0, self._flushHeld)
+
+    def _flushHeld(self) -> None:
+        self._flushing = None
+        if self._stopped or self._paused or not self._held:
+            return
+        count, self._held = self._held, 0
+        self._emit(count)
 
     def stopProducing(self) -> None:
         self._stopped = True
+        if self._flushing is not None:
+            self._flushing.cancel()
+            self._flushing = None
         if self._ticket is not None:
             self._ticket.cancel()
 

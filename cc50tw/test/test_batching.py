@@ -22,7 +22,7 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from cc50tw.backends.batching import FRESH, HELD_STEPS, DecodeScheduler, DecodeTicket
+from cc50tw.backends.batching import FRESH, DecodeScheduler, DecodeTicket
 from cc50tw.backends.lcg import spin_chain, spin_lane
 from cc50tw.backends.toy import TOKEN_TEXT, BatchedToyStream, ToyBackend
 from cc50tw.errors import BackendError
@@ -258,8 +258,8 @@ class SchedulerTests(unittest.TestCase):
     def test_busyReactorBoundsTheWork(self) -> None:
         """
         While the reactor has not taken a hand-over, the loop keeps at most
-        ``HELD_STEPS`` completed steps plus ``depth`` in flight, then waits:
-        memory stays bounded whatever the load.
+        ``depth`` steps in flight beyond it, then sleeps: memory stays
+        bounded whatever the load.
         """
         device = FakeStepDevice(depth=4)
         scheduler, calls, thread = self.start(device)
@@ -269,7 +269,7 @@ class SchedulerTests(unittest.TestCase):
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline and len(device.steps) < 1000:
             time.sleep(0.01)
-        self.assertLessEqual(len(device.steps), 1 + HELD_STEPS + device.depth)
+        self.assertLessEqual(len(device.steps), 1 + 2 * device.depth)
         self.assertEqual(calls.pending(), 1)
         calls.pump(lambda: len(receiver.values) == 10_000)
         self.assertEqual(receiver.values[-1], spin_chain(1, 10_000)[-1])
@@ -418,17 +418,17 @@ class BatchedToyStreamTests(unittest.TestCase):
     @inlineCallbacks
     def test_pauseHoldsTokensBack(self) -> Any:
         """
-        A sink that pauses after every 100 tokens gets at most ``depth +
-        HELD_STEPS`` more until it resumes, then the rest.
+        A sink that pauses after every 100 tokens gets at most the rest of
+        the hand-over it was in (``depth`` tokens) and then nothing until it
+        resumes; then the rest.
         """
         sink = PausingSink(window=100)
-        bound = self.device.depth + HELD_STEPS
         done = self.backend.generate(InferenceRequest(req_id=1, prompt="x", max_tokens=1000), sink)
         for round in range(1, 6):
             yield sleep(0.05)
             held = len(sink.chunks)
             self.assertGreaterEqual(held, 100 * round)
-            self.assertLessEqual(held, 100 * round + bound)
+            self.assertLessEqual(held, 100 * round + self.device.depth)
             yield sleep(0.05)
             self.assertEqual(len(sink.chunks), held, "tokens kept coming while paused")
             assert sink.producer is not None
