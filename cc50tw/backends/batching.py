@@ -61,6 +61,12 @@ FRESH = 1 << 31
 #: cancelled request runs on only briefly.
 DEFAULT_DEPTH = 16
 
+#: Steps a stream's middle tokens may wait for before they are handed to
+#: the reactor (first and last tokens never wait): each wake-up of the
+#: reactor, and each switch of the GIL between the two threads, then carries
+#: up to this many tokens per stream.  About 0.2 ms at the toy's default work.
+COALESCE_STEPS = 8
+
 #: Most requests in one step (each has a state slot on the device).  Past
 #: this, requests wait their turn in arrival order.
 DEFAULT_SLOTS = 256
@@ -109,7 +115,18 @@ class DecodeTicket:
     after ``receiver`` belong to the worker thread alone.
     """
 
-    __slots__ = ("_scheduler", "receiver", "cancelled", "iters", "toLaunch", "pending", "paused", "slot", "fresh")
+    __slots__ = (
+        "_scheduler",
+        "receiver",
+        "cancelled",
+        "iters",
+        "toLaunch",
+        "pending",
+        "paused",
+        "slot",
+        "fresh",
+        "started",
+    )
 
     def __init__(self, scheduler: DecodeScheduler, receiver: DecodeReceiver, iters: int, tokens: int) -> None:
         self._scheduler = scheduler
@@ -124,6 +141,8 @@ class DecodeTicket:
         self.paused = False
         self.slot = -1
         self.fresh = True
+        #: Whether its first token has been collected.
+        self.started = False
 
     def pause(self) -> None:
         self._scheduler._command(self._paused, self)
@@ -193,6 +212,9 @@ class DecodeScheduler:
         self._inFlight: deque[_Step] = deque()
         self._nextRing = 0
         self._outbox: dict[DecodeTicket, list[int]] = {}
+        #: Steps gathered into the outbox, and whether it holds a first or last token.
+        self._gathered = 0
+        self._urgent = False
         #: Steps launched; read from any thread for tests and metrics.
         self.steps = 0
 
@@ -268,9 +290,8 @@ class DecodeScheduler:
                     self._launch()
                 elif not handOverPending:
                     if self._inFlight:
-                        # Wait on the GPU only with nothing to hand over.
-                        self._collect(block=not self._outbox)
-                    if self._outbox:
+                        self._collect(block=True)
+                    if self._outbox and self._handOverDue():
                         self._sendOutbox()
         except Exception as e:
             reason = f"CUDA step failed: {e}"
@@ -364,12 +385,28 @@ class DecodeScheduler:
                 ticket.pending -= 1
                 if ticket in self._running:
                     self._outbox.setdefault(ticket, []).append(value)
+                    if not ticket.started:
+                        ticket.started = self._urgent = True
                     if ticket.toLaunch == 0 and ticket.pending == 0:
                         self._retire(ticket)
+                        self._urgent = True
+            self._gathered += 1
+
+    def _handOverDue(self) -> bool:
+        """
+        Hand over now, or gather another step first?  A first token (time to
+        first token) and a last one (the request's end) go at once, as does
+        everything once ``COALESCE_STEPS`` steps are gathered or nothing more
+        is coming; a stream's middle tokens otherwise wait for a few more
+        steps, so each wake-up of the reactor carries more of them.
+        """
+        return self._urgent or self._gathered >= COALESCE_STEPS or not self._inFlight
 
     def _sendOutbox(self) -> None:
         batch = list(self._outbox.items())
         self._outbox = {}
+        self._urgent = False
+        self._gathered = 0
         with self._lock:
             self._handOverPending = True
         self._reactor.callFromThread(self._handOver, batch)

@@ -22,7 +22,7 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from cc50tw.backends.batching import FRESH, DecodeScheduler, DecodeTicket
+from cc50tw.backends.batching import COALESCE_STEPS, FRESH, DecodeScheduler, DecodeTicket
 from cc50tw.backends.lcg import spin_chain, spin_lane
 from cc50tw.backends.toy import TOKEN_TEXT, BatchedToyStream, ToyBackend
 from cc50tw.errors import BackendError
@@ -274,6 +274,30 @@ class SchedulerTests(unittest.TestCase):
         calls.pump(lambda: len(receiver.values) == 10_000)
         self.assertEqual(receiver.values[-1], spin_chain(1, 10_000)[-1])
         self.assertLess(len(receiver.batches), 10_000, "no batching under load")
+
+    def test_middleTokensAreGatheredFirstAndLastAreNot(self) -> None:
+        """
+        A request's first token is handed over as soon as its step completes;
+        middle tokens wait until ``COALESCE_STEPS`` steps are gathered; the
+        last goes at once.
+        """
+        device = FakeStepDevice(depth=16, held=True)
+        scheduler, calls, thread = self.start(device)
+        receiver = Receiver()
+        scheduler.admit(1, 12, receiver)
+        thread.start()
+        device.release(1)
+        calls.pump(lambda: len(receiver.values) == 1)
+        device.release(COALESCE_STEPS - 1)
+        deadline = time.monotonic() + 0.2
+        calls.pump(lambda: time.monotonic() > deadline)
+        self.assertEqual(receiver.batches, [1], "middle tokens handed over one step at a time")
+        device.release(1)
+        calls.pump(lambda: len(receiver.values) == 1 + COALESCE_STEPS)
+        device.unhold()
+        calls.pump(lambda: len(receiver.values) == 12)
+        self.assertEqual(receiver.batches, [1, COALESCE_STEPS, 12 - 1 - COALESCE_STEPS])
+        self.assertEqual(receiver.values, spin_chain(1, 12))
 
     def test_deviceFailureFailsEveryRequestAndLaterOnes(self) -> None:
         """A step that cannot launch fails every request in the batch, once, and refuses later requests."""
