@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -46,13 +49,16 @@ from cc50tw.backends.http import (
     upstreamAgent,
 )
 from cc50tw.client import CC50ClientProtocol, connect
+from cc50tw.codec import HEADER, HEADER_SIZE, MessageType, encode_infer
 from cc50tw.sse import SSEParser, TextAssembler
 from cc50tw.stats import summarize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers import cc50_server_command, start_server, stop_process  # noqa: E402
+from tests.helpers import ServerProcess, cc50_server_command, start_server, stop_process  # noqa: E402
 from tests.llama_support import LlamaServer, find_llama_server, generated_model  # noqa: E402
+
+ITERATIONS, MAX_TOKENS = 80, 128
 
 PROMPTS = [
     "The history of the printing press",
@@ -244,6 +250,187 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
+# Against the floor (issue 18) ------------------------------------------------------------
+
+def floor_requests(address: tuple[str, int], count: int, max_tokens: int) -> tuple[list[float], int]:
+    """
+    ``count`` sequential requests on one raw-socket connection (headers
+    walked, payloads never decoded: the bridges' cost, not this client's);
+    latencies in ms and the tokens the RESP_DONE frames counted.
+    """
+    with socket.create_connection(address) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buffer, offset, tokens = bytearray(), 0, 0
+        latencies: list[float] = []
+        for number in range(count):
+            started = time.perf_counter()
+            sock.sendall(encode_infer(number + 1, PROMPTS[number % len(PROMPTS)], max_tokens, 0xFFFFFFFF))
+            while True:
+                if len(buffer) - offset >= HEADER_SIZE:
+                    _magic, _version, kind, _reqId, _flags, length = HEADER.unpack_from(buffer, offset)
+                    if len(buffer) - offset >= HEADER_SIZE + length:
+                        payload = offset + HEADER_SIZE
+                        offset = payload + length
+                        if kind == MessageType.RESP_CHUNK:
+                            continue
+                        if kind != MessageType.RESP_DONE:
+                            raise AssertionError(f"request {number + 1} ended with frame type {kind}")
+                        tokens += int.from_bytes(buffer[payload : payload + 4], "little")
+                        break
+                del buffer[:offset]
+                offset = 0
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise ConnectionError("the bridge closed the connection")
+                buffer += data
+            latencies.append((time.perf_counter() - started) * 1e3)
+    return latencies, tokens
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """
+    The process's CPU time so far, two ways: utime+stime from /proc/PID/stat
+    (in clock ticks, 10 ms), and the sum of its threads' run time from
+    /proc/PID/task/*/schedstat (in ns, so short rounds can be measured;
+    NaN where the kernel has no schedstat).
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        ns = sum(int((task / "schedstat").read_text().split()[0]) for task in Path(f"/proc/{pid}/task").iterdir())
+    except (OSError, ValueError):
+        return ticks, math.nan
+    return ticks, ns / 1e9
+
+
+def floor_comparison(
+    directory: Path,
+    rounds: int = 20,
+    requests: int = 30,
+    warmup: int = 10,
+    max_tokens: int = 64,
+    preset: str = "small",
+    threads: int = 1,
+    twistd_args: tuple[str, ...] = (),
+    baseline: str | None = None,
+) -> dict[str, Any]:
+    """
+    ``benchmarks/floor_bridge.py`` and ``twistd cc50 --backend=llama_server``
+    (default options: the request log on, to a file) against one llama-server,
+    measured in turn, the order rotating each round: each bridge's CPU per
+    token (its CPU time over the tokens its RESP_DONE frames counted) and its
+    request latency p50, and cc50tw's over the floor's, per round and as the
+    median of the rounds.  ``baseline``: also ``cc50tw@base``, twistd run
+    from that checkout (its path first on ``PYTHONPATH``), in the same run.
+    """
+    binary, how = find_llama_server()
+    if binary is None:
+        return {"skipped": "llama-server not installed", "detail": how}
+    model = generated_model(preset)
+    llama = LlamaServer(binary, model, directory / "llama-server.log", parallel=1, threads=threads)
+    llama.start()
+    floor = str(Path(__file__).resolve().parent / "floor_bridge.py")
+    commands: dict[str, Callable[[str], list[str]]] = {
+        "floor": lambda listen: [sys.executable, floor, listen, llama.url],
+        "cc50tw": lambda listen: cc50_server_command(
+            listen, "--backend=llama_server", f"--llama-url={llama.url}", *twistd_args
+        ),
+    }
+    if baseline:
+        # env execs twistd: the pid stays the bridge's own.
+        commands["cc50tw@base"] = lambda listen: ["env", f"PYTHONPATH={baseline}"] + commands["cc50tw"](listen)
+    names = list(commands)
+    servers: dict[str, ServerProcess] = {}
+    perRound: list[dict[str, dict[str, float]]] = []
+    try:
+        for name, command in commands.items():
+            servers[name] = start_server(command, directory / f"{name}.log")
+        addresses: dict[str, tuple[str, int]] = {}
+        for name, server in servers.items():
+            address = server.socket_address
+            assert isinstance(address, tuple)
+            addresses[name] = address
+            floor_requests(address, warmup, max_tokens)
+        for number in range(rounds):
+            figures: dict[str, dict[str, float]] = {}
+            shift = number % len(names)
+            for name in names[shift:] + names[:shift]:
+                pid = servers[name].process.pid
+                ticks, ns = cpu_seconds(pid)
+                latencies, tokens = floor_requests(addresses[name], requests, max_tokens)
+                ticksAfter, nsAfter = cpu_seconds(pid)
+                figures[name] = {
+                    # The precise clock where there is one: rounds are short, so
+                    # that drift on a shared machine hits every bridge alike.
+                    "cpu_us_per_token": (nsAfter - ns if not math.isnan(ns) else ticksAfter - ticks)
+                    / max(1, tokens)
+                    * 1e6,
+                    "stat_cpu_us_per_token": (ticksAfter - ticks) / max(1, tokens) * 1e6,
+                    "p50_ms": statistics.median(latencies),
+                    "tokens": tokens,
+                }
+            perRound.append(figures)
+    finally:
+        for server in servers.values():
+            stop_process(server.process)
+        llama.stop()
+    bridges: dict[str, dict[str, Any]] = {}
+    for name in names:
+        total = sum(r[name]["tokens"] for r in perRound)
+        bridges[name] = {
+            "cpu_us_per_token": statistics.median([r[name]["cpu_us_per_token"] for r in perRound]),
+            # Over all rounds: ticks of 10 ms add up to a figure worth reading.
+            "stat_cpu_us_per_token": sum(r[name]["stat_cpu_us_per_token"] * r[name]["tokens"] for r in perRound)
+            / max(1, total),
+            "p50_ms": statistics.median([r[name]["p50_ms"] for r in perRound]),
+            "tokens": total,
+        }
+        if name != "floor":
+            cpu = [r[name]["cpu_us_per_token"] / r["floor"]["cpu_us_per_token"] for r in perRound]
+            p50 = [r[name]["p50_ms"] / r["floor"]["p50_ms"] for r in perRound]
+            bridges[name].update(
+                cpu_ratio_per_round=cpu,
+                p50_ratio_per_round=p50,
+                cpu_ratio=statistics.median(cpu),
+                p50_ratio=statistics.median(p50),
+                log_problems=servers[name].log_problems(),
+            )
+    return {
+        "llama_server": how,
+        "model": model.name,
+        "threads": threads,
+        "max_tokens": max_tokens,
+        "rounds": rounds,
+        "requests_per_round": requests,
+        "twistd_args": list(twistd_args),
+        "baseline": baseline,
+        "per_round": perRound,
+        "bridges": bridges,
+        "cpu_ratio": bridges["cc50tw"]["cpu_ratio"],
+        "p50_ratio": bridges["cc50tw"]["p50_ratio"],
+    }
+
+
+def print_floor(result: dict[str, Any]) -> None:
+    print(
+        f"bridge against the floor: llama-server ({result['llama_server']}, model {result['model']}, "
+        f"{result['threads']} thread(s)), {result['max_tokens']}-token requests, sequential, "
+        f"{result['rounds']} rounds x {result['requests_per_round']} requests per bridge, order rotating"
+    )
+    print(f"  {'bridge':<12}{'CPU/token':>12}{'(stat)':>10}{'p50':>10}{'tokens':>9}{'CPU x floor':>13}{'p50 x floor':>13}")
+    for name, f in result["bridges"].items():
+        ratios = f"{f['cpu_ratio']:>13.3f}{f['p50_ratio']:>13.3f}" if "cpu_ratio" in f else ""
+        print(
+            f"  {name:<12}{f['cpu_us_per_token']:>10.1f}µs{f['stat_cpu_us_per_token']:>8.1f}µs"
+            f"{f['p50_ms']:>8.2f}ms{f['tokens']:>9}{ratios}"
+        )
+    for name, f in result["bridges"].items():
+        if "cpu_ratio" in f:
+            print(f"  {name} / floor per round, CPU: " + ", ".join(f"{r:.2f}" for r in f["cpu_ratio_per_round"]))
+            print(f"  {name} / floor per round, p50: " + ", ".join(f"{r:.2f}" for r in f["p50_ratio_per_round"]))
+    print("  CPU/token: median of rounds (threads' run time); (stat): /proc utime+stime over all rounds")
+
+
 def print_level(concurrency: int, level: dict[str, dict[str, float]]) -> None:
     print(f"\nconcurrency {concurrency}, {level['direct']['requests']} requests per path")
     print(f"  {'path':<8}{'tokens/s':>10}{'TTFT p50':>11}{'TTFT p99':>11}{'lat p50':>11}{'lat p99':>11}")
@@ -264,14 +451,14 @@ def print_level(concurrency: int, level: dict[str, dict[str, float]]) -> None:
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=["small", "large"], help="generated model size")
-    parser.add_argument("--iterations", type=int, default=80, help="requests per path and concurrency level")
+    parser.add_argument("--iterations", type=int, default=ITERATIONS, help="requests per path and concurrency level")
     parser.add_argument(
         "--rounds",
         type=int,
         default=0,
         help="alternations between the paths per level (default: every CONCURRENCY requests)",
     )
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument(
         "--threads",
@@ -286,8 +473,42 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="extra twistd cc50 option for the bridge, e.g. --twistd-arg=--llama-idle-timeout=30 (repeatable)",
     )
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="instead: twistd cc50 against benchmarks/floor_bridge.py, CPU per token and p50 "
+        "(--rounds, default 6; --iterations per round, default 100; --max-tokens, default 64)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="TREE",
+        help="with --floor: also twistd cc50 from this checkout (e.g. `git archive HEAD` unpacked), as cc50tw@base",
+    )
     return parser.parse_args(argv)
 
 
+def floor_main(args: argparse.Namespace) -> None:
+    iterations = 30 if args.iterations == ITERATIONS else args.iterations
+    maxTokens = 64 if args.max_tokens == MAX_TOKENS else args.max_tokens
+    result = floor_comparison(
+        Path(tempfile.mkdtemp(prefix="cc50-bench-floor-")),
+        rounds=args.rounds or 20,
+        requests=iterations,
+        max_tokens=maxTokens,
+        preset=args.preset,
+        threads=args.threads,
+        twistd_args=tuple(args.twistd_arg),
+        baseline=args.baseline,
+    )
+    if "skipped" in result:
+        raise SystemExit(f"bench_llama_bridge: {result['detail']}")
+    print_floor(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
 if __name__ == "__main__":
+    if "--floor" in sys.argv[1:]:
+        floor_main(parse(sys.argv[1:]))
+        raise SystemExit(0)
     react(lambda reactor: Deferred.fromCoroutine(main(reactor, parse(sys.argv[1:]))))

@@ -616,6 +616,57 @@ def bridge_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+# 5b. The bridge against the floor (issue 18) ----------------------------------------------
+
+
+#: Targets of issue 18: cc50tw's bridge over the floor bridge, medians of per-round ratios.
+BRIDGE_FLOOR_TARGETS = {"cpu_ratio": 1.1, "p50_ratio": 1.05}
+
+
+def bridge_floor(options: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """
+    ``benchmarks/floor_bridge.py`` (a minimal Twisted SSE-to-CC50 bridge)
+    against ``twistd cc50 --backend=llama_server`` with its default options,
+    one real llama-server behind both (``bench_llama_bridge.floor_comparison``).
+    """
+    from benchmarks import bench_llama_bridge
+
+    result: dict[str, Any] = bench_llama_bridge.floor_comparison(
+        directory,
+        rounds=options["rounds"],
+        requests=options["requests"],
+        max_tokens=options["max_tokens"],
+        baseline=options.get("baseline"),
+    )
+    return result
+
+
+def bridge_floor_table(result: dict[str, Any]) -> list[str]:
+    if "skipped" in result:
+        return [f"bridge against the floor: skipped: {result['skipped']} ({result.get('detail', '')})"]
+    lines = [
+        f"bridge against the floor: llama-server ({result['llama_server']}, model {result['model']}, "
+        f"{result['threads']} thread(s)), {result['max_tokens']}-token requests, sequential, raw-socket client; "
+        f"{result['rounds']} rounds x {result['requests_per_round']} requests per bridge, order rotating",
+        f"  {'bridge':<13}{'CPU/token':>11}{'(stat)':>10}{'p50':>10}{'CPU x floor':>13}{'p50 x floor':>13}",
+    ]
+    for name, f in result["bridges"].items():
+        ratios = f"{f['cpu_ratio']:>13.3f}{f['p50_ratio']:>13.3f}" if "cpu_ratio" in f else ""
+        lines.append(
+            f"  {name:<13}{f['cpu_us_per_token']:>9.1f}µs{f['stat_cpu_us_per_token']:>8.1f}µs"
+            f"{f['p50_ms']:>8.2f}ms{ratios}"
+        )
+    for name, f in result["bridges"].items():
+        if "cpu_ratio" in f:
+            lines.append(f"  {name} / floor, CPU per round: " + ", ".join(f"{r:.2f}" for r in f["cpu_ratio_per_round"]))
+            lines.append(f"  {name} / floor, p50 per round: " + ", ".join(f"{r:.2f}" for r in f["p50_ratio_per_round"]))
+    lines.append(
+        "  CPU/token: median of the rounds (the threads' run time, /proc/PID/task/*/schedstat); "
+        "(stat): /proc/PID/stat utime+stime over all rounds; x floor: median of the per-round ratios"
+    )
+    return lines
+
+
 # 6. Slow reader -------------------------------------------------------------------------
 
 
@@ -692,6 +743,12 @@ SCENARIOS = {
             "connections", "10,000 idle connections: server RSS per connection", connections_held, connections_table
         ),
         Scenario("bridge", "llama-server direct vs through cc50tw (bench_llama_bridge.py)", bridge, bridge_table),
+        Scenario(
+            "bridge_floor",
+            "llama-server through twistd cc50 (defaults) against a minimal Twisted bridge: CPU/token, p50",
+            bridge_floor,
+            bridge_floor_table,
+        ),
         Scenario("slow_reader", "a client that stops reading (bench_slow_reader.py)", slow_reader, slow_reader_table),
         Scenario(
             "client",
@@ -747,6 +804,11 @@ def targets(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, boo
             rows.append((f"bridge tokens/s loss, concurrency {level}", f"{loss:+.2f}%", "<= 1%", loss <= 1))
             delta = r["ttft_p50_delta_ms"]
             rows.append((f"bridge TTFT p50 added, concurrency {level}", f"{delta:+.2f} ms", "<= 1 ms", delta <= 1))
+    if "bridge_floor" in results and "skipped" not in results["bridge_floor"]:
+        r = results["bridge_floor"]
+        for key, label in (("cpu_ratio", "CPU per token"), ("p50_ratio", "p50")):
+            limit = BRIDGE_FLOOR_TARGETS[key]
+            rows.append((f"bridge {label} / floor bridge", f"x{r[key]:.3f}", f"<= x{limit}", r[key] <= limit))
     return rows
 
 
@@ -803,6 +865,19 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         help="passed to bench_llama_bridge.py (repeatable), e.g. --bridge-arg=--iterations=20",
     )
+    g = p.add_argument_group("bridge_floor")
+    g.add_argument(
+        "--bridge-floor-rounds", type=int, default=20, help="rounds, each bridge measured once (default 20)"
+    )
+    g.add_argument(
+        "--bridge-floor-requests", type=int, default=30, help="requests per bridge per round (default 30)"
+    )
+    g.add_argument("--bridge-floor-tokens", type=int, default=64, help="tokens per request (default 64)")
+    g.add_argument(
+        "--bridge-floor-baseline",
+        metavar="TREE",
+        help="also twistd cc50 from this checkout (e.g. `git archive HEAD` unpacked), as cc50tw@base",
+    )
     g = p.add_argument_group("slow_reader")
     g.add_argument("--slow-requests", type=int, default=100, help="requests the slow client sends (default 100)")
     g.add_argument("--slow-tokens", type=int, default=100_000, help="tokens per request (default 100000)")
@@ -831,6 +906,12 @@ def scenario_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         },
         "connections": {"count": args.idle_connections},
         "bridge": {"args": args.bridge_arg},
+        "bridge_floor": {
+            "rounds": args.bridge_floor_rounds,
+            "requests": args.bridge_floor_requests,
+            "max_tokens": args.bridge_floor_tokens,
+            "baseline": args.bridge_floor_baseline,
+        },
         "slow_reader": {"requests": args.slow_requests, "tokens": args.slow_tokens, "stall": args.slow_stall},
         "client": {"tokens": args.client_tokens, "requests": args.client_requests, "repeats": 5},
     }

@@ -52,6 +52,12 @@ class SSEEvent(NamedTuple):
     retry: int | None = None
 
 
+#: Builds an ``SSEEvent`` from a tuple of all four fields without the
+#: NamedTuple's generated ``__new__`` (a Python call), as ``cc50tw.codec``
+#: builds its frames: this is once per token.
+_newEvent = tuple.__new__
+
+
 class SSEParser:
     """
     Incremental ``text/event-stream`` parser.
@@ -103,9 +109,24 @@ class SSEParser:
             lines = buffer.split(b"\n")  # the common case: LF only, one C-level split
         self._buffer = lines.pop()  # what follows the last line ending: an incomplete line
         for raw in lines:
-            event = self._line(raw)
-            if event is not None:
-                events.append(event)
+            # What every inference server sends, once per token: one ``data``
+            # line, then a blank line.  Both are handled here, without a call
+            # per line; anything else takes the general path in ``_line``.
+            if raw[:6] == b"data: " and not self._firstLine:
+                size = self._eventBytes + len(raw)
+                if size > self.max_event_bytes:
+                    raise SSEError(f"event larger than {self.max_event_bytes} bytes without a blank line")
+                self._eventBytes = size
+                self._data.append(raw[6:].decode("utf-8", "replace"))
+                self._hasData = True
+            elif not raw and len(self._data) == 1 and not (self._eventType or self._errorField) and self._retry is None:
+                events.append(_newEvent(SSEEvent, (self._data.pop(), "message", self._lastId, None)))
+                self._hasData = False
+                self._eventBytes = 0
+            else:
+                event = self._line(raw)
+                if event is not None:
+                    events.append(event)
         if self._eventBytes + len(self._buffer) > self.max_event_bytes:
             raise SSEError(f"event larger than {self.max_event_bytes} bytes without a blank line")
         return events
@@ -116,11 +137,6 @@ class SSEParser:
         self._eventBytes += len(raw)
         if self._eventBytes > self.max_event_bytes:
             raise SSEError(f"event larger than {self.max_event_bytes} bytes without a blank line")
-        if raw.startswith(b"data: ") and not self._firstLine:
-            # What every inference server sends, once per token: skip the generic path.
-            self._data.append(raw[6:].decode("utf-8", "replace"))
-            self._hasData = True
-            return None
         line = raw.decode("utf-8", "replace")
         if self._firstLine:
             self._firstLine = False
@@ -209,6 +225,8 @@ class TextAssembler:
             self._highSurrogate = ""
         if not piece:
             return ""
+        if piece.isascii():
+            return piece  # most tokens: no surrogate to pair, nothing held
         if "\ud800" <= piece[-1] <= "\udbff":
             self._highSurrogate = piece[-1]
             piece = piece[:-1]

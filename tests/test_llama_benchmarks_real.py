@@ -67,3 +67,19 @@ def test_trace_llama_bridge_times_every_path(tmp_path: Path) -> None:
             assert trace["arrivals"] == sorted(trace["arrivals"])
             assert trace["arrivals"][-1] <= trace["end"]
     assert all(t["server_first"] > 0 for t in report["traces"]["bridge"])
+
+
+def test_bench_llama_bridge_against_the_floor(tmp_path: Path) -> None:
+    out = tmp_path / "floor.json"
+    result = run_benchmark(
+        "bench_llama_bridge.py", "--floor", "--rounds=2", "--iterations=3", "--max-tokens=8", f"--json={out}"
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["bridges"]) == {"floor", "cc50tw"}
+    for figures in report["bridges"].values():
+        assert figures["tokens"] == 2 * 3 * 8  # both bridges stream every token, RESP_DONE counts them
+        assert figures["cpu_us_per_token"] > 0
+    assert len(report["bridges"]["cc50tw"]["cpu_ratio_per_round"]) == 2
+    assert report["bridges"]["cc50tw"]["log_problems"] == []
+    assert "cc50tw / floor per round" in result.stdout

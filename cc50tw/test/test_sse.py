@@ -97,6 +97,32 @@ class SSEParserTests(SynchronousTestCase):
         events = parseWhole(b"event: error\nid: 7\nretry: 1500\nfoo: bar\ndata: x\n\ndata: y\n\n")
         self.assertEqual(events, [SSEEvent("x", "error", "7", 1500), SSEEvent("y", "message", "7", None)])
 
+    def test_commonEventThenOtherFields(self) -> None:
+        """
+        The path for what inference servers send (one ``data: `` line, then a
+        blank one) hands every other shape of event to the general rules.
+        """
+        data = (
+            b"data: first\n\n"
+            b"data: a\nretry: 5\n\n"
+            b"data: b\nevent: named\n\n"
+            b"data: c\ndata: d\n\n"
+            b"data: e\nerror: ignored with data\n\n"
+            b"id: 9\ndata: f\n\n"
+            b"data: g\n\n"
+        )
+        expected = [
+            SSEEvent("first"),
+            SSEEvent("a", "message", None, 5),
+            SSEEvent("b", "named"),
+            SSEEvent("c\nd"),
+            SSEEvent("e"),
+            SSEEvent("f", "message", "9"),
+            SSEEvent("g", "message", "9"),
+        ]
+        self.assertEqual(parseWhole(data), expected)
+        self.assertEqual(parseSplit(data, list(range(len(data)))), expected)
+
     def test_fieldWithoutColon(self) -> None:
         self.assertEqual(parseWhole(b"data\ndata\n\n"), [SSEEvent("\n")])
 

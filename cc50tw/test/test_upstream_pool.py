@@ -15,7 +15,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from twisted.internet import error as netError
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python import usage
@@ -161,6 +162,31 @@ class RoutingTests(SynchronousTestCase):
         self.assertIn(A, description)
         self.assertIn(B, description)
         self.assertIn("pool of 2", description)
+
+
+class QuietConnectionTests(SynchronousTestCase):
+    def test_connectionFactoriesLogNothing(self) -> None:
+        """
+        The pool makes a factory per connection, and llama-server closes its
+        connection after every streamed answer: a noisy factory's "Starting
+        factory" and "Stopping factory" would be two log lines per request.
+        """
+        given: list[Any] = []
+
+        @implementer(IStreamClientEndpoint)
+        class Endpoint:
+            def connect(self, factory: Any) -> Deferred[Any]:
+                given.append(factory)
+                return Deferred()
+
+        for persistent in (True, False):
+            pooledConnections(MemoryReactorClock(), persistent).getConnection(("key", persistent), Endpoint())
+        self.assertEqual(len(given), 2)
+        with capturedLogs() as events:
+            for factory in given:
+                factory.doStart()
+                factory.doStop()
+        self.assertEqual([formatEvent(event) for event in events], [])
 
 
 # Passive health ----------------------------------------------------------------------

@@ -134,6 +134,11 @@ class _Counted:
 
     def connect(self, protocolFactory: Any) -> Deferred[Any]:
         self.pool.newConnections += 1
+        # The pool makes a factory per connection, and a noisy one logs
+        # "Starting factory" and "Stopping factory" with its long repr: since
+        # llama-server closes after every streamed answer, that was two log
+        # lines per request, costing more than the request's own line.
+        protocolFactory.noisy = False
         return self.endpoint.connect(protocolFactory)  # type: ignore[no-any-return]
 
 

@@ -21,7 +21,8 @@ shapes, and each becomes ``Delta.error``, never a finished answer:
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import attrs
 
@@ -39,9 +40,14 @@ LLAMA_STOP_TYPES = {"eos": "stop", "word": "stop", "limit": "length"}
 FAILED_FINISH_REASONS = ("error", "abort")
 
 
-@attrs.frozen
-class Delta:
-    """What one event adds to the answer."""
+class Delta(NamedTuple):
+    """
+    What one event adds to the answer.
+
+    A NamedTuple rather than a frozen attrs class: one is built per token,
+    and a tuple is built in one C call where a frozen class sets its eight
+    fields one ``object.__setattr__`` at a time.
+    """
 
     text: str = ""
     #: A reasoning model's thinking (``reasoning_content``), apart from the answer.
@@ -111,7 +117,7 @@ class _Malformed(Exception):
 
 
 def _count(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    return value if type(value) is int and value >= 0 else None  # JSON's ints are ints; not a bool
 
 
 def _string(value: object, what: str) -> str:
@@ -147,16 +153,26 @@ def streamError(event: SSEEvent, value: dict[str, Any] | None, where: str) -> Fa
     return None
 
 
-def _interpreted(where: str, event: SSEEvent, read: Any) -> Delta:
+def _interpreted(where: str, event: SSEEvent, read: Callable[[dict[str, Any]], Delta]) -> Delta:
     """Run a dialect's reading of one event; whatever is malformed becomes the error."""
     try:
+        if event.event == "message":
+            # Once per token: an ordinary event's JSON object goes straight to
+            # ``read``; anything else (not JSON, not an object, an error in
+            # any shape) takes the careful path below.
+            try:
+                value = json.loads(event.data)
+            except (ValueError, RecursionError):
+                pass
+            else:
+                if type(value) is dict and value.get("error") is None and value.get("object") != "error":
+                    return read(value)
         value = None if event.event == "error" else _load(event)
         error = streamError(event, value, where)
         if error is not None:
             return Delta(error=error)
         assert value is not None
-        result: Delta = read(value)
-        return result
+        return read(value)
     except _Malformed as e:
         return Delta(error=Fault.backendError(f"{where} {e.message}"))
 
@@ -181,15 +197,19 @@ class CompletionDialect:
 
     def interpret(self, event: SSEEvent, progress: Progress) -> Delta:
         def read(value: dict[str, Any]) -> Delta:
-            text = _string(value.get("content"), "content")
-            reasoning = _string(value.get("reasoning_content"), "reasoning_content")
-            prompt, generated = _count(value.get("tokens_evaluated")), _count(value.get("tokens_predicted"))
-            if value.get("stop") is True:
-                stopType = value.get("stop_type")
+            get = value.get
+            text = get("content")
+            if type(text) is not str:
+                text = _string(text, "content")
+            reasoning = get("reasoning_content")
+            reasoning = "" if reasoning is None else _string(reasoning, "reasoning_content")
+            prompt, generated = _count(get("tokens_evaluated")), _count(get("tokens_predicted"))
+            if get("stop") is True:
+                stopType = get("stop_type")
                 reason = LLAMA_STOP_TYPES.get(stopType, stopType) if isinstance(stopType, str) else "stop"
                 return Delta(text, reasoning, True, reason, prompt, generated)
-            tokens = value.get("tokens")
-            count = len(tokens) if isinstance(tokens, list) else 0
+            tokens = get("tokens")
+            count = len(tokens) if type(tokens) is list else 0
             # Once the last token the request allows has been streamed,
             # llama-server's final event (stop: true, stop_type "limit")
             # follows with no text a few hundred microseconds later: RESP_DONE

@@ -252,16 +252,18 @@ class UpstreamStream:
         if self._draining:
             return
         self._draining = True
+        events, progress, dialect = self._events, self.progress, self._dialect
+        assert dialect is not None
         try:
-            while self._events and not self._paused and not self._ended:
-                assert self._dialect is not None
-                delta = self._dialect.interpret(self._events.popleft(), self.progress)
-                self.progress.apply(delta)
+            while events and not self._paused and not self._ended:
+                delta = dialect.interpret(events.popleft(), progress)
+                progress.apply(delta)
                 if delta.error is not None:
                     self._fault(delta.error)
                     return
-                self._write(delta)
-                if self.progress.finished:
+                if delta.text or delta.reasoning:
+                    self._write(delta)
+                if progress.finished:
                     self._finish()
                     return
         finally:
