@@ -281,10 +281,11 @@ class SchedulerTests(unittest.TestCase):
         middle tokens wait until ``COALESCE_STEPS`` steps are gathered; the
         last goes at once.
         """
-        device = FakeStepDevice(depth=16, held=True)
+        device = FakeStepDevice(depth=2 * COALESCE_STEPS, held=True)
         scheduler, calls, thread = self.start(device)
         receiver = Receiver()
-        scheduler.admit(1, 12, receiver)
+        tokens = 4 + COALESCE_STEPS
+        scheduler.admit(1, tokens, receiver)
         thread.start()
         device.release(1)
         calls.pump(lambda: len(receiver.values) == 1)
@@ -295,9 +296,9 @@ class SchedulerTests(unittest.TestCase):
         device.release(1)
         calls.pump(lambda: len(receiver.values) == 1 + COALESCE_STEPS)
         device.unhold()
-        calls.pump(lambda: len(receiver.values) == 12)
-        self.assertEqual(receiver.batches, [1, COALESCE_STEPS, 12 - 1 - COALESCE_STEPS])
-        self.assertEqual(receiver.values, spin_chain(1, 12))
+        calls.pump(lambda: len(receiver.values) == tokens)
+        self.assertEqual(receiver.batches, [1, COALESCE_STEPS, tokens - 1 - COALESCE_STEPS])
+        self.assertEqual(receiver.values, spin_chain(1, tokens))
 
     def test_deviceFailureFailsEveryRequestAndLaterOnes(self) -> None:
         """A step that cannot launch fails every request in the batch, once, and refuses later requests."""
