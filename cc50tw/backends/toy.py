@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cc50tw.backends import BackendSpec
-from cc50tw.backends.batching import DecodeReceiver, DecodeTicket
+from cc50tw.backends.batching import DEFAULT_SLOTS, DecodeReceiver, DecodeTicket
 from cc50tw.errors import BackendError
 from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest, ITokenSink
 
@@ -401,7 +401,14 @@ SPEC = BackendSpec(
             "else CPU), cuda, or cpu.",
             _device,
         ],
-        ["toy-grid", None, 8, "CUDA blocks per kernel launch.", _count_up_to(2**31 - 1)],
+        [
+            "toy-grid",
+            None,
+            8,
+            "CUDA blocks per request in each decode step.",
+            # A step's grid is this times the requests in it, and must stay a valid grid size.
+            _count_up_to((2**31 - 1) // DEFAULT_SLOTS),
+        ],
         ["toy-block", None, 256, "CUDA threads per block (at most 1024).", _count_up_to(1024)],
     ],
     build=build,

@@ -331,7 +331,7 @@ class SelectionTests(unittest.TestCase):
         self.assertEqual((defaults["toy-device"], defaults["toy-grid"], defaults["toy-block"]), ("auto", 8, 256))
 
     def test_badOptions(self) -> None:
-        for argument in ("--toy-device=gpu", "--toy-block=2048", "--toy-block=0", "--toy-grid=0"):
+        for argument in ("--toy-device=gpu", "--toy-block=2048", "--toy-block=0", "--toy-grid=0", "--toy-grid=8388608"):
             self.assertRaises(usage.UsageError, Options().parseOptions, [argument])
 
 
