@@ -261,13 +261,21 @@ class DecodeScheduler:
             self._wake.notify()
         for ticket, values in batch:
             if not ticket.cancelled:
-                ticket.receiver.tokensReady(values)
+                try:
+                    ticket.receiver.tokensReady(values)
+                except Exception:
+                    # One broken receiver must not cost the others in this batch their tokens.
+                    log.failure("a decode receiver failed on its tokens; its request is cancelled")
+                    ticket.cancel()
 
     def _failAll(self, tickets: list[DecodeTicket], reason: str) -> None:
         for ticket in tickets:
             if not ticket.cancelled:
                 ticket.cancelled = True
-                ticket.receiver.decodeFailed(reason)
+                try:
+                    ticket.receiver.decodeFailed(reason)
+                except Exception:
+                    log.failure("a decode receiver failed on its failure")
 
     # Worker thread -------------------------------------------------------
 

@@ -466,6 +466,11 @@ class CUDAEngine:
     def _refusal(self) -> str | None:
         if self._stopping:
             return "the CUDA engine has stopped"
+        return self.brokenReason
+
+    @property
+    def brokenReason(self) -> str | None:
+        """Why the engine cannot take work (it did not start, or the device failed), or None."""
         return self._error or self.scheduler.brokenReason
 
     def spinNow(self, iters: int) -> int | None:

@@ -226,11 +226,15 @@ class BatchedToyStream:
         self.done: Deferred[GenerationResult] = Deferred(lambda _: self.stopProducing())
 
     def start(self) -> None:
+        # The sink may pause or stop this producer from inside registerProducer
+        # (its connection is already blocked): both are honoured once admitted.
         self._sink.registerProducer(self, True)
         if self._maxTokens <= 0:
             self._finish()
-        else:
+        elif not self._stopped:
             self._ticket = self._engine.admit(self._backend.iters, self._maxTokens, self)
+            if self._paused:
+                self._ticket.pause()
 
     def tokensReady(self, values: list[int]) -> None:
         if self._stopped:
@@ -244,10 +248,16 @@ class BatchedToyStream:
     def _emit(self, count: int) -> None:
         self._tokens += count
         self._backend.tokens_emitted += count
-        if count == 1:
-            self._sink.write(TOKEN_TEXT)
-        else:
-            self._sink.writeSequence([TOKEN_TEXT] * count)
+        try:
+            if count == 1:
+                self._sink.write(TOKEN_TEXT)
+            else:
+                self._sink.writeSequence([TOKEN_TEXT] * count)
+        except Exception as e:
+            if not self._stopped:
+                self.stopProducing()
+                self.done.errback(BackendError(f"the sink refused the toy's tokens: {e}"))
+            return
         if self._tokens >= self._maxTokens and not self._stopped:
             self._finish()
 
@@ -328,7 +338,8 @@ class ToyBackend:
         return stream.done
 
     def checkHealth(self) -> Deferred[bool]:
-        return succeed(True)
+        # A CUDA engine whose device failed refuses every request until a restart.
+        return succeed(getattr(self.engine, "brokenReason", None) is None)
 
     def startBackend(self) -> Any:
         # The CUDA engine starts its worker (and so the driver) here rather
@@ -375,7 +386,7 @@ def build(options: Mapping[str, Any], reactor: Any) -> ToyBackend:
 
     device = options.get("toy-device", "auto")
     if device == "auto" and options["toy-iters"] == 0:
-        # No work to offload: the CUDA engine would launch a kernel per token,
+        # No work to offload: the CUDA engine would run a decode step per token,
         # a thread hop each way, and a transport benchmark would measure that.
         device = "cpu"
         log.info("toy backend: --toy-iters=0 leaves no work for a GPU, so --toy-device=auto uses the CPU")

@@ -364,6 +364,10 @@ class FakeBatchingEngine:
     def launches(self) -> int:
         return self.scheduler.steps
 
+    @property
+    def brokenReason(self) -> str | None:
+        return self.scheduler.brokenReason
+
     def spin(self, iters: int, seed: int = 0) -> Deferred[int]:
         raise NotImplementedError
 
@@ -488,6 +492,8 @@ class BatchedToyStreamTests(unittest.TestCase):
         self.assertIn("the device fell over", str(failure))
         self.assertIsNone(sink.producer)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        healthy = yield self.backend.checkHealth()
+        self.assertFalse(healthy, "a backend whose device failed still says it is healthy")
 
     @inlineCallbacks
     def test_zeroTokens(self) -> Any:
