@@ -8,11 +8,12 @@ timestamp built with ``strftime`` and a write and flush per line, all before
 the reactor got back to sending the reply.  A production access log formats
 once and writes in batches, and so does this one: when cc50tw's own observer
 owns twistd's log (``cc50tw.logs``, which installs it for the text and json
-formats), each line is formatted once with plain string formatting, in
-exactly the form the observer would have written it, and appended to a
-buffer that is written and flushed every ``FLUSH_INTERVAL`` seconds, before
-any other log event (so lines stay in order), when it grows large, and at
-shutdown.
+formats), a finished request only appends its figures (a ``RequestRecord``)
+and the time to a buffer.  The buffer is formatted, with plain string
+formatting, in exactly the form the observer would have written each line,
+then written and flushed every ``FLUSH_INTERVAL`` seconds, before any other
+log event (so lines stay in order), when it grows large, and at shutdown:
+the formatting is paid in batches, off the path from request to reply.
 
 Anywhere else (tests capturing events, ``twist``, syslog, a ``--logger`` of
 the user's), the line is the ``twisted.logger`` event it always was.
@@ -24,7 +25,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from twisted.internet.interfaces import IDelayedCall, IReactorCore, IReactorTime
 from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, eventAsJSON, formatTime
@@ -51,12 +52,57 @@ _SAVED = json.loads(eventAsJSON({"log_level": LogLevel.info, "log_logger": objec
 _INFO_JSON, _UNPERSISTABLE_JSON = _SAVED["log_level"], _SAVED["log_logger"]
 
 
+class RequestRecord(NamedTuple):
+    """One finished request's figures, as ``logRequest`` takes them."""
+
+    reqId: int
+    peer: str
+    outcome: str
+    backend: str
+    model: str | None
+    tokens: int | None
+    promptTokens: int | None
+    bytesSent: int
+    latencyMs: float
+    ttftMs: float | None
+    message: str
+    finishReason: str | None
+
+
+_newTuple = tuple.__new__
+
+
+def requestFields(record: RequestRecord) -> dict[str, Any]:
+    """The request line's event fields: what ``REQUEST_FORMAT`` and the json form show."""
+    (reqId, peer, outcome, backend, model, tokens, promptTokens, bytesSent, latencyMs, ttftMs, message, finishReason) = record
+    return {
+        "req_id": reqId,
+        "peer": peer,
+        "outcome": outcome,
+        "backend": backend,
+        "model": model,
+        "model_text": f" model={model if model.isprintable() and ' ' not in model else repr(model)}"
+        if model is not None
+        else "",
+        "tokens": tokens,
+        "prompt_tokens": promptTokens,
+        "bytes": bytesSent,
+        "latency_ms": latencyMs,
+        "ttft_ms": ttftMs,
+        "ttft_text": f"{ttftMs:.3f}" if ttftMs is not None else "none",
+        "detail": f" ({message})" if message else "",
+        "finish_reason": finishReason,
+        "finish_text": f" finish={finishReason}" if finishReason else "",
+    }
+
+
 class AccessLogSink:
     """
-    A buffered writer of finished lines to the file the log observer writes to.
+    A buffered writer of request lines to the file the log observer writes to.
 
-    ``formatLine(namespace, fields, when)`` turns a request's fields into the
-    line the observer would have written for the equivalent event.
+    ``formatLine(namespace, fields, when)`` turns a request's fields
+    (``requestFields``) into the line the observer would have written for the
+    equivalent event; it runs when the buffer is flushed.
     """
 
     observer: ILogObserver
@@ -72,7 +118,8 @@ class AccessLogSink:
         self.formatLine = formatLine
         self.reactor = reactor
         self.interval = interval
-        self.lines: list[str] = []
+        #: What is waiting to be written: (namespace, record or fields, time).
+        self.pending: list[tuple[str, RequestRecord | dict[str, Any], float]] = []
         #: The wall clock stamped on lines, as ``Logger.emit`` stamps events.
         self.now: Callable[[], float] = time.time
         self._timer: IDelayedCall | None = None
@@ -80,10 +127,11 @@ class AccessLogSink:
         self._encode = ioType(output) is not str
         self._torn = False
 
-    def add(self, namespace: str, fields: dict[str, Any]) -> None:
-        lines = self.lines
-        lines.append(self.formatLine(namespace, fields, self.now()))
-        if len(lines) >= MAX_BUFFERED_LINES:
+    def add(self, namespace: str, request: RequestRecord | dict[str, Any]) -> None:
+        """Buffer one line: a request's record, or its fields (``requestFields``) already made."""
+        pending = self.pending
+        pending.append((namespace, request, self.now()))
+        if len(pending) >= MAX_BUFFERED_LINES:
             self.flush()
         elif self._timer is None:
             self._timer = self.reactor.callLater(self.interval, self._timerFlush)
@@ -97,9 +145,20 @@ class AccessLogSink:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if not self.lines:
+        if not self.pending:
             return
-        text, self.lines = "".join(self.lines), []
+        pending, self.pending = self.pending, []
+        formatLine = self.formatLine
+        lines = []
+        for namespace, request, when in pending:
+            try:
+                fields = request if isinstance(request, dict) else requestFields(request)
+                lines.append(formatLine(namespace, fields, when))
+            except Exception as e:  # a line that cannot be formatted is lost alone, and said so
+                stderr = sys.__stderr__
+                if stderr is not None:
+                    stderr.write(f"cc50: could not format a request log line: {e!r}\n")
+        text = "".join(lines)
         if self._torn:
             text = "\n" + text  # the last batch may have stopped mid-line
         # Replacement, not an error: one unencodable line must not lose its batch.
@@ -190,30 +249,16 @@ def logRequest(
     finishReason: str | None,
 ) -> None:
     """One request's line: buffered when a sink is installed, else a ``twisted.logger`` event."""
-    fields = {
-        "req_id": reqId,
-        "peer": peer,
-        "outcome": outcome,
-        "backend": backend,
-        "model": model,
-        "model_text": f" model={model if model.isprintable() and ' ' not in model else repr(model)}"
-        if model is not None
-        else "",
-        "tokens": tokens,
-        "prompt_tokens": promptTokens,
-        "bytes": bytesSent,
-        "latency_ms": latencyMs,
-        "ttft_ms": ttftMs,
-        "ttft_text": f"{ttftMs:.3f}" if ttftMs is not None else "none",
-        "detail": f" ({message})" if message else "",
-        "finish_reason": finishReason,
-        "finish_text": f" finish={finishReason}" if finishReason else "",
-    }
+    # Built as the bare tuple it is: a NamedTuple's generated ``__new__`` is a Python call.
+    record = _newTuple(
+        RequestRecord,
+        (reqId, peer, outcome, backend, model, tokens, promptTokens, bytesSent, latencyMs, ttftMs, message, finishReason),
+    )
     sink = _sink
     if sink is None:
-        log.info(REQUEST_FORMAT, **fields)
+        log.info(REQUEST_FORMAT, **requestFields(record))
     else:
-        sink.add(log.namespace, fields)
+        sink.add(log.namespace, record)
 
 
 def requestText(fields: dict[str, Any]) -> str:

@@ -5,16 +5,30 @@ Per-request figures (outcomes, latencies, tokens) are recorded once, when a
 request ends; per-chunk and per-byte figures are plain integers that the
 protocol already keeps, read only when Prometheus scrapes.  That keeps the
 hot path free of locks and label look-ups, which matters at 200,000 frames/s.
+
+The per-request series are plain numbers too, not ``prometheus_client``
+metric objects: one ``Counter.inc`` or ``Histogram.observe`` checks the
+metric's state, takes a lock per value and, for a labelled series, another
+for the label look-up; seven of them cost a 1-token request more than its
+parsing and framing together (issue 18).  A request adds to lists and dicts
+instead, and ``_RequestCollector`` turns them into the same samples at scrape
+time, ``_created`` included.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from bisect import bisect_left
 from collections.abc import Collection, Iterable
-from typing import Any, Protocol
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram, PlatformCollector, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+import prometheus_client.metrics
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 from twisted.logger import Logger
 
 from cc50tw.interfaces import IBackendMetrics
@@ -117,49 +131,164 @@ class _FactoryCollector(Collector):
         )
 
 
+def _exportCreated() -> bool:
+    """Whether ``_created`` samples are exported (``PROMETHEUS_DISABLE_CREATED_SERIES``, as prometheus_client decides)."""
+    return bool(getattr(prometheus_client.metrics, "_use_created", True))
+
+
+class PlainHistogram:
+    """
+    One unlabelled histogram as plain numbers, exported as
+    ``prometheus_client.Histogram`` would export it.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        bounds = [float(bound) for bound in buckets]
+        if bounds[-1] != math.inf:
+            bounds.append(math.inf)
+        self.bounds = tuple(bounds)
+        #: Observations per bucket, not cumulative; ``le`` is inclusive, as Prometheus's.
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def family(self, created: bool) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=())
+        cumulative = 0.0
+        buckets = []
+        for bound, count in zip(self.bounds, self.counts):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        family.add_metric((), buckets, self.sum)
+        if created:
+            family.samples.append(Sample(self.name + "_created", {}, self.created, None, None))
+        return family
+
+
+class PlainCounter:
+    """One counter, labelled or not, as plain numbers; a labelled child appears with its first count."""
+
+    def __init__(self, name: str, documentation: str, labelNames: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelNames = labelNames
+        self.values: dict[tuple[str, ...], float] = {}
+        self.created: dict[tuple[str, ...], float] = {}
+        if not labelNames:
+            self.values[()] = 0
+            self.created[()] = time.time()
+
+    def inc(self, labels: tuple[str, ...] = (), amount: float = 1) -> None:
+        values = self.values
+        if labels in values:
+            values[labels] += amount
+        else:
+            values[labels] = amount
+            self.created[labels] = time.time()
+
+    def family(self, created: bool) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelNames)
+        for labels, value in self.values.items():
+            family.add_metric(labels, float(value), self.created[labels] if created else None)
+        return family
+
+
+class _RequestCollector(Collector):
+    """Exports a ``ServerMetrics``'s per-request series, in the order they were declared."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        created = _exportCreated()
+        for series in self._metrics.series:
+            yield series.family(created)
+
+    def describe(self) -> Iterable[Metric]:
+        """The names, so that a backend's collector that reuses one is refused (``registerBackendCollectors``)."""
+        for series in self._metrics.series:
+            kind = HistogramMetricFamily if isinstance(series, PlainHistogram) else CounterMetricFamily
+            yield kind(series.name, series.documentation)
+
+
 class ServerMetrics:
-    """The per-request series; ``requestsEnded`` caches each outcome's child (a label look-up takes a lock)."""
+    """The per-request series, recorded by ``requestEnded`` once per request."""
 
     def __init__(self, factory: ServerState, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.requests = Counter(
-            "cc50_requests", "Requests ended, by outcome: done, or the error code's name.", ["outcome"], registry=self.registry
+        self.requests = PlainCounter("cc50_requests", "Requests ended, by outcome: done, or the error code's name.", ("outcome",))
+        self.backend_errors = PlainCounter(
+            "cc50_backend_errors", "Requests the backend failed, by error code's name.", ("kind",)
         )
-        self.backend_errors = Counter(
-            "cc50_backend_errors", "Requests the backend failed, by error code's name.", ["kind"], registry=self.registry
+        self.ttft = PlainHistogram(
+            "cc50_time_to_first_token_seconds", "From REQ_INFER to the first chunk sent.", TTFT_BUCKETS
         )
-        self.ttft = Histogram(
-            "cc50_time_to_first_token_seconds", "From REQ_INFER to the first chunk sent.", buckets=TTFT_BUCKETS,
-            registry=self.registry,
-        )
-        self.inter_token = Histogram(
+        self.inter_token = PlainHistogram(
             "cc50_inter_token_latency_seconds",
             "Mean gap between a request's chunks, one observation per request.",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            LATENCY_BUCKETS,
         )
-        self.duration = Histogram(
-            "cc50_request_duration_seconds", "From REQ_INFER to its terminal frame.", buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.duration = PlainHistogram(
+            "cc50_request_duration_seconds", "From REQ_INFER to its terminal frame.", LATENCY_BUCKETS
         )
-        self._outcomes: dict[str, Any] = {}
-        self.model_requests = Counter(
+        self.model_requests = PlainCounter(
             "cc50_model_requests",
             "Requests ended, by the model they were routed by (one the backend serves) and outcome.",
-            ["model", "outcome"],
-            registry=self.registry,
+            ("model", "outcome"),
         )
-        self.generated_tokens = Counter("cc50_generated_tokens", "Tokens generated.", registry=self.registry)
-        self.prompt_tokens = Counter("cc50_prompt_tokens", "Prompt tokens processed.", registry=self.registry)
+        self.generated_tokens = PlainCounter("cc50_generated_tokens", "Tokens generated.")
+        self.prompt_tokens = PlainCounter("cc50_prompt_tokens", "Prompt tokens processed.")
+        self.series: tuple[PlainCounter | PlainHistogram, ...] = (
+            self.requests,
+            self.backend_errors,
+            self.ttft,
+            self.inter_token,
+            self.duration,
+            self.model_requests,
+            self.generated_tokens,
+            self.prompt_tokens,
+        )
+        self.registry.register(_RequestCollector(self))
         self.registry.register(_FactoryCollector(factory))
         registerRuntimeCollectors(self.registry)
         registerBackendCollectors(self.registry, factory.backend)
 
-    def requestsEnded(self, outcome: str) -> Any:
-        child = self._outcomes.get(outcome)
-        if child is None:
-            child = self._outcomes[outcome] = self.requests.labels(outcome)
-        return child
+    def requestEnded(
+        self,
+        outcome: str,
+        latency: float,
+        ttft: float | None,
+        interToken: float | None,
+        generatedTokens: int,
+        promptTokens: int,
+        backendError: bool,
+        model: str | None,
+    ) -> None:
+        """
+        One finished request, in every series it touches.  ``model``: one the
+        backend serves, or None (a label per name a client made up would grow
+        without bound).
+        """
+        self.requests.inc((outcome,))
+        self.duration.observe(latency)
+        if backendError:
+            self.backend_errors.inc((outcome,))
+        if ttft is not None:
+            self.ttft.observe(ttft)
+            if interToken is not None:
+                self.inter_token.observe(interToken)
+        if generatedTokens > 0:
+            self.generated_tokens.values[()] += generatedTokens
+        if promptTokens > 0:
+            self.prompt_tokens.values[()] += promptTokens
+        if model is not None:
+            self.model_requests.inc((model, outcome))
 
 
 def registerRuntimeCollectors(registry: CollectorRegistry) -> None:

@@ -24,7 +24,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -123,7 +122,7 @@ class _ServerTransport(typing.Protocol):
 
 
 @implementer(IPushProducer)
-class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
+class CC50ServerProtocol(CC50Receiver):
     """
     One client connection: frames in, many multiplexed request streams out.
 
@@ -150,6 +149,9 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         self._unsolicitedWhilePaused = 0
         self.framesDropped = 0
         self._peerKnown = False
+        self._idleTimer: IDelayedCall | None = None
+        #: When the idle time now being counted began (the reactor's seconds).
+        self._idleFrom = 0.0
 
     # Connection ------------------------------------------------------------
 
@@ -169,14 +171,14 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
             limit = config.max_connections
             self._failConnection(ErrorCode.OVERLOADED, f"server has {limit} connections open (--max-connections); retry later")
             return
-        self.setTimeout(config.idle_timeout)
+        self._startIdleClock()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Mark the connection gone first: ending the streams below must not
         # restart the idle timer (Protocol.connected is never reset).
         self.state = ConnectionState.CLOSED
         self._abandonStreams()
-        self.setTimeout(None)
+        self._stopIdleClock()
         if self._abortTimer is not None:
             if self._abortTimer.active():
                 self._abortTimer.cancel()
@@ -187,11 +189,41 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         self.factory.bytesReceived += self.bytesReceived
         self.bytesSent = self.bytesReceived = 0
 
-    def callLater(self, delay: float, call: Callable[..., object], *args: object, **kwargs: object) -> IDelayedCall:  # type: ignore[override]
-        """TimeoutMixin's clock: the factory's reactor, so tests can use a fake one."""
+    def callLater(self, delay: float, call: Callable[..., object], *args: object, **kwargs: object) -> IDelayedCall:
+        """The connection's clock: the factory's reactor, so tests can use a fake one."""
         return self.factory.reactor.callLater(delay, call, *args, **kwargs)
 
+    # Idle timeout ----------------------------------------------------------
+    #
+    # TimeoutMixin would cancel its timer when a request starts and schedule a
+    # new one when the last one ends: a DelayedCall made, pushed on the
+    # reactor's heap and later swept out, for every request.  Here one timer
+    # runs while the connection is open; activity only records when the idle
+    # time began, and the timer, when it fires, sleeps again for what is left.
+
+    def _startIdleClock(self) -> None:
+        """Count idle time from now (nothing in flight, or bytes from an unauthenticated peer)."""
+        self._idleFrom = self.factory.reactor.seconds()
+        if self._idleTimer is None:
+            self._idleTimer = self.callLater(self.factory.config.idle_timeout, self._idleTimerFired)
+
+    def _stopIdleClock(self) -> None:
+        timer, self._idleTimer = self._idleTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _idleTimerFired(self) -> None:
+        self._idleTimer = None
+        if self.state is not ConnectionState.OPEN or self.streams:
+            return  # busy: the last request to end starts the clock again
+        left = self._idleFrom + self.factory.config.idle_timeout - self.factory.reactor.seconds()
+        if left > 0:
+            self._idleTimer = self.callLater(left, self._idleTimerFired)
+        else:
+            self.timeoutConnection()
+
     def timeoutConnection(self) -> None:
+        """Nothing was in flight for ``--idle-timeout`` seconds."""
         self.log.info("closing idle connection from {peer}", peer=self.peer)
         self.close()
 
@@ -207,7 +239,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         if self.state is not ConnectionState.OPEN:
             return
         self.state = ConnectionState.CLOSING
-        self.setTimeout(None)
+        self._stopIdleClock()
         self.discardInput()
         self._abandonStreams()
         self.transport.unregisterProducer()
@@ -274,7 +306,7 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
         if not self.streams and self.authenticated:
             # Unauthenticated, the idle timeout runs from the connection's
             # start: a peer trickling a byte at a time cannot keep it open.
-            self.resetTimeout()
+            self._idleFrom = self.factory.reactor.seconds()
         CC50Receiver.dataReceived(self, data)
         if self._heldSize > self.MAX_LENGTH + MAX_UNSOLICITED_REPLY_BYTES:
             self._abort("it kept sending while the server could not write to it")
@@ -421,7 +453,6 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
             self, self.factory.services, request, decoded.credit_bytes or DEFAULT_CREDIT_BYTES, self.peer
         )
         self.streams[req_id] = stream
-        self.setTimeout(None)
         stream.start()
 
     def _cancel(self, frame: Frame) -> None:
@@ -513,8 +544,10 @@ class CC50ServerProtocol(CC50Receiver, TimeoutMixin):
             del self.streams[stream.reqId]
             if not self.streams:
                 if self.state is ConnectionState.OPEN:
-                    self.setTimeout(self.factory.config.idle_timeout)
-                self.factory.checkQuiet()
+                    self._startIdleClock()
+                factory = self.factory
+                if factory._quietWaiter is not None:
+                    factory.checkQuiet()
 
     # IPushProducer (towards the transport) ----------------------------------
 
@@ -698,37 +731,35 @@ class CC50ServerFactory(Factory):
         """Record one finished request: metrics, and one log line."""
         ended = stream.endedAt if stream.endedAt is not None else self.clock()
         started = stream.startedAt
-        metrics = self.metrics
-        metrics.requestsEnded(outcome).inc()
         latency = ended - started
         if latency < 0:  # a clock that stepped back (a test's; a monotonic one does not)
             latency = 0.0
-        metrics.duration.observe(latency)
-        if backendError:
-            metrics.backend_errors.labels(outcome).inc()
-        first, last = stream.firstChunkAt, stream.lastChunkAt
+        first = stream.firstChunkAt
         ttft = None if first is None else first - started if first >= started else 0.0
-        if ttft is not None:
-            metrics.ttft.observe(ttft)
-            if first is not None and last is not None and stream.chunksSent > 1 and last >= first:
-                metrics.inter_token.observe((last - first) / (stream.chunksSent - 1))
-        if result is not None:
-            if result.generated_tokens > 0:
-                metrics.generated_tokens.inc(result.generated_tokens)
-            if result.prompt_tokens > 0:
-                metrics.prompt_tokens.inc(result.prompt_tokens)
+        interToken = None
+        if first is not None and stream.chunksSent > 1:
+            last = stream.lastChunkAt
+            if last is not None and last >= first:
+                interToken = (last - first) / (stream.chunksSent - 1)
         options = stream.request.options
         model = options.model if options.model is not None else self._modelFor(options) if self._modelFor else None
-        if model is not None and model in self.servedModels:
-            # Only the models the backend lists: a label per name a client made up would grow without bound.
-            metrics.model_requests.labels(model, outcome).inc()
+        self.metrics.requestEnded(
+            outcome,
+            latency,
+            ttft,
+            interToken,
+            result.generated_tokens if result is not None else 0,
+            result.prompt_tokens if result is not None else 0,
+            backendError,
+            model if model is not None and model in self.servedModels else None,
+        )
         if self.config.log_requests:
             logRequest(
                 self.log,
                 stream.reqId,
                 stream.peer,
                 outcome,
-                self.backend.name,
+                self._backend.name,
                 model,
                 result.generated_tokens if result else None,
                 result.prompt_tokens if result else None,

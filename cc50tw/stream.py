@@ -247,6 +247,16 @@ class RequestStream:
                 generation.cancel()
             generation.addErrback(lambda _: None)
             return
+        if generation.called and not generation.paused:
+            # Already fired (a backend that finished inside generate(), as the
+            # toy's zero-cost work does): its result is final, as awaiting it
+            # would take it, and taking it here skips a callback chain per
+            # request.  A failure still goes through the errback, which
+            # consumes it.
+            result: Any = generation.result  # _generated checks what it is
+            if not isinstance(result, Failure):
+                self._generated(result, running)
+                return
         running.generation = generation
         generation.addCallbacks(self._generated, self._generationFailed, callbackArgs=(running,), errbackArgs=(running,))
 
@@ -312,18 +322,20 @@ class RequestStream:
             generated, prompt = result.generated_tokens, result.prompt_tokens
             if type(generated) is not int or type(prompt) is not int:
                 generated, prompt = _count(generated), _count(prompt)
-            stats = DoneStats(
-                tokens=generated,
-                elapsed_us=int((now - self.startedAt) * 1e6),
-                prompt_tokens=prompt,
-                generated_tokens=generated,
-                ttft_us=int((first - self.startedAt) * 1e6),
+            started = self.startedAt
+            stats = DoneStats(  # tokens, elapsed_us, prompt_tokens, generated_tokens, ttft_us, finish_reason
+                generated,
+                int((now - started) * 1e6),
+                prompt,
+                generated,
+                int((first - started) * 1e6),
                 # Only a client that sent options knows the field after ttft_us.
-                finish_reason=None if self.request.options is NO_OPTIONS else (result.finish_reason or "unknown"),
+                None if self.request.options is NO_OPTIONS else (result.finish_reason or "unknown"),
             )
         except Exception:  # counts a backend got wrong must not cost the request its DONE
             log.failure("request {req_id}: unusable counts in {result!r}", req_id=self.reqId, result=result)
             stats = DoneStats(0, 0, 0, 0, 0)
+        self.endedAt = now  # the log's latency is the elapsed_us the client reads
         self._finish(_doneFrame(self.reqId, stats), "done", result)
 
     def _finish(
@@ -343,10 +355,12 @@ class RequestStream:
         if state is ENDED:
             return
         self.state = ENDED
-        self.endedAt = self.services.clock()
+        if self.endedAt is None:
+            self.endedAt = self.services.clock()
         if frame is not None:
             self.connection.sendTerminal(self.reqId, frame)
-        self._pending = bytearray()
+        if self._pending:
+            self._pending = bytearray()
         self._producer = None
         if self._stallTimer is not None or self._deadline is not None:
             for timer in (self._stallTimer, self._deadline):

@@ -27,7 +27,9 @@ class ConnectionLostTimerTests(SynchronousTestCase):
         factory, clock = make_factory(ManualBackend(), idle_timeout=300.0)
         connection = Connection(factory)
         connection.send(encode_infer(1, "p", max_tokens=10))
-        self.assertEqual(clock.getDelayedCalls(), [])
+        # The idle timer may still be pending while a request is in flight
+        # (it does nothing when it fires then; see test_server's IdleTimerTests).
+        self.assertEqual(list(connection.protocol.streams), [1])
         connection.protocol.connectionLost()
         self.assertEqual([call for call in clock.getDelayedCalls() if call.active()], [])
 

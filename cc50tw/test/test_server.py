@@ -292,6 +292,31 @@ class LifecycleTests(SynchronousTestCase):
         self.clock.advance(2)
         self.assertTrue(self.connection.transport.disconnecting)
 
+    def test_idleTimeCountsFromTheLastRequestsEnd(self) -> None:
+        self.connection.send(encode_infer(1, "x"))
+        self.clock.advance(20)
+        self.backend.streams[1].finish()
+        self.clock.advance(29)  # the timer set at the start fires at 30, and sleeps again
+        self.assertFalse(self.connection.transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(self.connection.transport.disconnecting)
+
+    def test_bytesWhileIdleRestartTheClock(self) -> None:
+        """An authenticated peer that sends anything is not idle, even before a whole frame."""
+        self.clock.advance(20)
+        self.connection.send(encode_infer(1, "x")[:10])
+        self.clock.advance(29)
+        self.assertFalse(self.connection.transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(self.connection.transport.disconnecting)
+
+    def test_idleTimerIsGoneAfterClose(self) -> None:
+        self.connection.send(encode_infer(1, "x"))
+        self.backend.streams[1].finish()
+        self.connection.protocol.close()
+        self.connection.protocol.connectionLost(None)  # type: ignore[arg-type]
+        self.assertEqual([call for call in self.clock.getDelayedCalls() if call.active()], [])
+
     def test_connectionLostCancelsEverything(self) -> None:
         self.connection.send(encode_infer(1, "x") + encode_infer(2, "y"))
         self.connection.protocol.connectionLost(None)  # type: ignore[arg-type]
