@@ -397,14 +397,15 @@ class CC50ServerProtocol(CC50Receiver):
             self._failConnection(ErrorCode.BAD_REQUEST, "REQ_INFER on req_id 0, which is reserved for connection-level errors"
             )
             return
-        if req_id in self.streams:
+        streams, factory = self.streams, self.factory
+        if req_id in streams:
             self.frameRefused(
                 req_id,
                 ErrorCode.DUPLICATE_REQ_ID,
                 f"req_id {req_id} was sent again while in flight on this connection; the request is ended",
             )
             return
-        if self.factory.draining:
+        if factory.draining:
             self.frameRefused(req_id, ErrorCode.SHUTTING_DOWN, "server is shutting down; send new requests elsewhere", True)
             return
         try:
@@ -412,12 +413,12 @@ class CC50ServerProtocol(CC50Receiver):
         except ProtocolError as error:
             self.frameRefused(req_id, error.code, error.message, True)
             return
-        config = self.factory.config
-        if len(self.streams) >= config.max_inflight_per_connection:
+        config = factory.config
+        if len(streams) >= config.max_inflight_per_connection:
             self.frameRefused(
                 req_id,
                 ErrorCode.TOO_MANY_REQUESTS,
-                f"{len(self.streams)} requests already in flight on this connection "
+                f"{len(streams)} requests already in flight on this connection "
                 f"(--max-inflight-per-connection={config.max_inflight_per_connection})",
                 True,
             )
@@ -432,7 +433,7 @@ class CC50ServerProtocol(CC50Receiver):
             )
             return
         if decoded.options is not NO_OPTIONS:
-            backend = self.factory.backend
+            backend = factory.backend
             unsupported = unsupportedOptions(backend, decoded.options)
             if unsupported:
                 self.frameRefused(
@@ -449,10 +450,8 @@ class CC50ServerProtocol(CC50Receiver):
         request = InferenceRequest(
             req_id, decoded.prompt, decoded.max_tokens or config.default_max_tokens, decoded.options
         )
-        stream = RequestStream(
-            self, self.factory.services, request, decoded.credit_bytes or DEFAULT_CREDIT_BYTES, self.peer
-        )
-        self.streams[req_id] = stream
+        stream = RequestStream(self, factory.services, request, decoded.credit_bytes or DEFAULT_CREDIT_BYTES, self.peer)
+        streams[req_id] = stream
         stream.start()
 
     def _cancel(self, frame: Frame) -> None:
@@ -496,6 +495,11 @@ class CC50ServerProtocol(CC50Receiver):
 
     def sendChunks(self, reqId: int, datas: list[bytes]) -> None:
         """Several chunk frames for one request in a single write: one frame each, never merged."""
+        if len(datas) == 1:
+            data = datas[0]
+            self.bytesSent += HEADER_SIZE + len(data)
+            self.transport.write(HEADER.pack(MAGIC, VERSION, 2, reqId, 0, len(data)) + data)
+            return
         pack = HEADER.pack
         pieces: list[bytes] = []
         append = pieces.append

@@ -159,6 +159,19 @@ class BufferTests(SynchronousTestCase):
         self.sinked.clock.advance(accesslog.FLUSH_INTERVAL)
 
 
+    def test_unformattableLineIsLostAlone(self) -> None:
+        """Lines are formatted when flushed: one that cannot be is reported on stderr, the rest written."""
+        self.request(1)
+        self.sinked.sink.add(NAMESPACE, {"req_id": 2})  # no other fields: the formatter raises
+        self.request(3)
+        stderr = io.StringIO()
+        self.patch(sys, "__stderr__", stderr)
+        self.sinked.clock.advance(accesslog.FLUSH_INTERVAL)
+        self.assertIn("could not format a request log line", stderr.getvalue())
+        lines = self.sinked.output.getvalue().splitlines()
+        self.assertEqual([line.split("] ", 1)[1][:10] for line in lines], ["request 1 ", "request 3 "])
+
+
 class TwistdLogFileTests(SynchronousTestCase):
     """The file ``textObserver`` writes to is the one twistd's own logger would have chosen."""
 
