@@ -115,18 +115,7 @@ class DecodeTicket:
     after ``receiver`` belong to the worker thread alone.
     """
 
-    __slots__ = (
-        "_scheduler",
-        "receiver",
-        "cancelled",
-        "iters",
-        "toLaunch",
-        "pending",
-        "paused",
-        "slot",
-        "fresh",
-        "started",
-    )
+    __slots__ = ("_scheduler", "receiver", "cancelled", "iters", "toLaunch", "paused", "slot", "fresh", "gone")
 
     def __init__(self, scheduler: DecodeScheduler, receiver: DecodeReceiver, iters: int, tokens: int) -> None:
         self._scheduler = scheduler
@@ -135,14 +124,15 @@ class DecodeTicket:
         self.cancelled = False
         # Worker side.
         self.iters = iters
+        #: Steps still to launch for it, less those of the current batch
+        #: (``DecodeScheduler._charge`` settles the difference).
         self.toLaunch = tokens
-        #: Steps launched for it and not yet collected.
-        self.pending = 0
         self.paused = False
         self.slot = -1
+        #: Its first step is still to launch (it starts its chain from 0).
         self.fresh = True
-        #: Whether its first token has been collected.
-        self.started = False
+        #: Cancelled: steps still in flight for it deliver nothing.
+        self.gone = False
 
     def pause(self) -> None:
         self._scheduler._command(self._paused, self)
@@ -159,11 +149,15 @@ class DecodeTicket:
 
     @staticmethod
     def _paused(scheduler: DecodeScheduler, ticket: DecodeTicket) -> None:
-        ticket.paused = True
+        if not ticket.paused:
+            scheduler._charge()
+            ticket.paused = True
 
     @staticmethod
     def _resumed(scheduler: DecodeScheduler, ticket: DecodeTicket) -> None:
-        ticket.paused = False
+        if ticket.paused:
+            scheduler._charge()
+            ticket.paused = False
 
     @staticmethod
     def _cancelled(scheduler: DecodeScheduler, ticket: DecodeTicket) -> None:
@@ -174,13 +168,21 @@ Command = Callable[["DecodeScheduler", DecodeTicket], None]
 
 
 class _Step:
-    """A launched step: its ring buffer and the requests it advances, in entry order."""
+    """
+    A launched step: its ring buffer, the requests it advances in entry
+    order (one list shared by every step of a batch), its values once
+    collected, whether it carries a first or last token (``urgent``) and the
+    requests whose last step it is.
+    """
 
-    __slots__ = ("ring", "tickets")
+    __slots__ = ("ring", "tickets", "values", "urgent", "finishing")
 
-    def __init__(self, ring: int, tickets: list[DecodeTicket]) -> None:
+    def __init__(self, ring: int, tickets: list[DecodeTicket], urgent: bool, finishing: list[DecodeTicket]) -> None:
         self.ring = ring
         self.tickets = tickets
+        self.values: list[int] = []
+        self.urgent = urgent
+        self.finishing = finishing
 
 
 class DecodeScheduler:
@@ -211,10 +213,18 @@ class DecodeScheduler:
         self._freeSlots: list[int] = []
         self._inFlight: deque[_Step] = deque()
         self._nextRing = 0
-        self._outbox: dict[DecodeTicket, list[int]] = {}
-        #: Steps gathered into the outbox, and whether it holds a first or last token.
-        self._gathered = 0
+        #: Collected steps not yet handed over, and whether one holds a first or last token.
+        self._outbox: list[_Step] = []
         self._urgent = False
+        # The batch: the requests the next steps advance, kept from step to
+        # step until something changes (a request joins, pauses, resumes,
+        # leaves or runs out), so that a step costs no work per request.
+        self._batch: list[DecodeTicket] | None = None
+        self._batchEntries: list[int] = []
+        self._freshEntries: list[int] | None = None
+        self._batchIters = 0
+        self._batchSteps = 0
+        self._batchLeft = 0
         #: Steps launched; read from any thread for tests and metrics.
         self.steps = 0
 
@@ -327,6 +337,8 @@ class DecodeScheduler:
     def _mayLaunch(self) -> bool:
         if len(self._inFlight) >= self._depth():
             return False
+        if self._batch is not None:
+            return True
         return any(not ticket.paused and ticket.toLaunch > 0 for ticket in self._running)
 
     def _depth(self) -> int:
@@ -339,10 +351,22 @@ class DecodeScheduler:
             self._fillSlots()
 
     def _fillSlots(self) -> None:
+        if self._waiting and self._freeSlots:
+            self._charge()
         while self._waiting and self._freeSlots:
             ticket = self._waiting.popleft()
             ticket.slot = self._freeSlots.pop()
             self._running[ticket] = None
+
+    def _charge(self) -> None:
+        """End the current batch: charge its requests the steps launched with it."""
+        batch = self._batch
+        if batch is not None:
+            launched = self._batchSteps
+            for ticket in batch:
+                ticket.toLaunch -= launched
+            self._batch = None
+            self._batchSteps = 0
 
     def _retire(self, ticket: DecodeTicket) -> None:
         """
@@ -357,28 +381,49 @@ class DecodeScheduler:
 
     def _leave(self, ticket: DecodeTicket) -> None:
         """A cancelled request: out of the batch, and nothing more delivered."""
+        self._charge()
+        ticket.gone = True
         self._retire(ticket)
         if ticket in self._waiting:
             self._waiting.remove(ticket)
-        self._outbox.pop(ticket, None)
 
-    def _launch(self) -> None:
-        """Launch one step over the requests ready to advance (those of the first one's iteration count)."""
-        assert self._device is not None
+    def _newBatch(self) -> list[DecodeTicket]:
+        """The requests ready to advance (those of the first one's iteration count), in slot order of arrival."""
         ready = [ticket for ticket in self._running if not ticket.paused and ticket.toLaunch > 0]
         iters = ready[0].iters
         tickets = [ticket for ticket in ready if ticket.iters == iters]
-        entries = []
-        for ticket in tickets:
-            entries.append(ticket.slot | FRESH if ticket.fresh else ticket.slot)
-            ticket.fresh = False
-            ticket.toLaunch -= 1
-            ticket.pending += 1
+        self._batch = tickets
+        self._batchIters = iters
+        self._batchEntries = [ticket.slot for ticket in tickets]
+        self._batchLeft = min(ticket.toLaunch for ticket in tickets)
+        if any(ticket.fresh for ticket in tickets):
+            self._freshEntries = [ticket.slot | FRESH if ticket.fresh else ticket.slot for ticket in tickets]
+            for ticket in tickets:
+                ticket.fresh = False
+        return tickets
+
+    def _launch(self) -> None:
+        """Launch one step over the batch; end the batch when one of its requests has run out."""
+        assert self._device is not None
+        tickets = self._batch if self._batch is not None else self._newBatch()
+        entries = self._freshEntries
+        urgent = entries is not None  # a first token
+        if entries is None:
+            entries = self._batchEntries
+        else:
+            self._freshEntries = None
         ring = self._nextRing
         self._nextRing = (ring + 1) % self._device.depth
-        self._device.launchStep(ring, iters, entries)
-        self._inFlight.append(_Step(ring, tickets))
+        self._device.launchStep(ring, self._batchIters, entries)
         self.steps += 1
+        self._batchSteps += 1
+        self._batchLeft -= 1
+        finishing: list[DecodeTicket] = []
+        if self._batchLeft == 0:
+            self._charge()
+            finishing = [ticket for ticket in tickets if ticket.toLaunch == 0]
+            urgent = True  # a last token
+        self._inFlight.append(_Step(ring, tickets, urgent, finishing))
 
     def _collect(self, block: bool) -> None:
         """Take completed steps in launch order (waiting for the oldest if ``block``)."""
@@ -388,17 +433,12 @@ class DecodeScheduler:
             device.waitStep(self._inFlight[0].ring)
         while self._inFlight and device.stepDone(self._inFlight[0].ring):
             step = self._inFlight.popleft()
-            values = device.stepResults(step.ring, len(step.tickets))
-            for ticket, value in zip(step.tickets, values, strict=True):
-                ticket.pending -= 1
-                if ticket in self._running:
-                    self._outbox.setdefault(ticket, []).append(value)
-                    if not ticket.started:
-                        ticket.started = self._urgent = True
-                    if ticket.toLaunch == 0 and ticket.pending == 0:
-                        self._retire(ticket)
-                        self._urgent = True
-            self._gathered += 1
+            step.values = device.stepResults(step.ring, len(step.tickets))
+            self._outbox.append(step)
+            if step.urgent:
+                self._urgent = True
+            for ticket in step.finishing:
+                self._retire(ticket)
 
     def _handOverDue(self) -> bool:
         """
@@ -408,16 +448,36 @@ class DecodeScheduler:
         is coming; a stream's middle tokens otherwise wait for a few more
         steps, so each wake-up of the reactor carries more of them.
         """
-        return self._urgent or self._gathered >= COALESCE_STEPS or not self._inFlight
+        return self._urgent or len(self._outbox) >= COALESCE_STEPS or not self._inFlight
 
     def _sendOutbox(self) -> None:
-        batch = list(self._outbox.items())
-        self._outbox = {}
+        """
+        Hand the collected steps over as each request's values in order.
+        Consecutive steps of one batch are turned from rows (a step's
+        values) into columns (a request's) in one ``zip``, not token by token.
+        """
+        steps, self._outbox = self._outbox, []
         self._urgent = False
-        self._gathered = 0
+        perTicket: dict[DecodeTicket, list[int]] = {}
+        start, count = 0, len(steps)
+        while start < count:
+            tickets = steps[start].tickets
+            end = start + 1
+            while end < count and steps[end].tickets is tickets:
+                end += 1
+            columns = zip(*[step.values for step in steps[start:end]], strict=True)
+            for ticket, column in zip(tickets, columns, strict=True):
+                if ticket.gone:
+                    continue
+                held = perTicket.get(ticket)
+                if held is None:
+                    perTicket[ticket] = list(column)
+                else:
+                    held.extend(column)
+            start = end
         with self._lock:
             self._handOverPending = True
-        self._reactor.callFromThread(self._handOver, batch)
+        self._reactor.callFromThread(self._handOver, list(perTicket.items()))
 
     def _abandonAll(self, reason: str) -> None:
         """

@@ -322,21 +322,40 @@ class _StepDevice:
         self._blocksPerRequest = blocksPerRequest
         self._block = (block, 1, 1)
         self._rowBytes = 4 * slots
+        # A step's arguments differ only by ring buffer (and iteration
+        # count), so they are packed once per (ring, iters) and launched
+        # through the Function's own launch method: PyCUDA's
+        # prepared_async_call packs them anew on every call, the largest
+        # Python cost of a step.  Where that method is missing (another
+        # PyCUDA), prepared_async_call it is.
+        self._launchKernel: Callable[..., None] | None = getattr(self._kernel, "_launch_kernel", None)
+        self._packedArguments: dict[tuple[int, int], bytes] = {}
+        try:
+            from pycuda._pvt_struct import pack
+        except ImportError:
+            self._launchKernel = None
+        else:
+            self._pack = pack
+
+    def _arguments(self, ring: int, iters: int) -> tuple[Any, ...]:
+        offset = ring * self._rowBytes
+        return (iters, self._blocksPerRequest, self._entriesAddress + offset, self._stateAddress, self._outAddress + offset)
 
     def launchStep(self, ring: int, iters: int, entries: Sequence[int]) -> None:
         count = len(entries)
         self._entries[ring, :count] = entries
-        offset = ring * self._rowBytes
-        self._kernel.prepared_async_call(
-            (self._blocksPerRequest * count, 1),
-            self._block,
-            self._stream,
-            iters,
-            self._blocksPerRequest,
-            self._entriesAddress + offset,
-            self._stateAddress,
-            self._outAddress + offset,
-        )
+        grid = (self._blocksPerRequest * count, 1)
+        if self._launchKernel is not None:
+            packed = self._packedArguments.get((ring, iters))
+            if packed is None:
+                if len(self._packedArguments) >= 4 * self.depth:  # many iteration counts: keep it bounded
+                    self._packedArguments.clear()
+                packed = self._packedArguments[ring, iters] = self._pack(
+                    self._kernel.arg_format, *self._arguments(ring, iters)
+                )
+            self._launchKernel(grid, self._block, packed, 0, self._stream)
+        else:
+            self._kernel.prepared_async_call(grid, self._block, self._stream, *self._arguments(ring, iters))
         self._events[ring].record(self._stream)
 
     def stepDone(self, ring: int) -> bool:
