@@ -56,16 +56,16 @@ log = Logger()
 FRESH = 1 << 31
 
 #: Steps enqueued ahead of the one the host waits for: enough that the GPU
-#: still has work while the reactor writes a hand-over out (16 steps of
+#: still has work while the reactor writes a hand-over out (32 steps of
 #: about 20 µs at the toy's default work), few enough that a paused or
 #: cancelled request runs on only briefly.
-DEFAULT_DEPTH = 16
+DEFAULT_DEPTH = 32
 
 #: Steps a stream's middle tokens may wait for before they are handed to
 #: the reactor (first and last tokens never wait): each wake-up of the
 #: reactor, and each switch of the GIL between the two threads, then carries
-#: up to this many tokens per stream.  About 0.2 ms at the toy's default work.
-COALESCE_STEPS = 8
+#: up to this many tokens per stream.  About 0.3 ms at the toy's default work.
+COALESCE_STEPS = 16
 
 #: Most requests in one step (each has a state slot on the device).  Past
 #: this, requests wait their turn in arrival order.
