@@ -34,35 +34,16 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import react
-from zope.interface import implementer
 
-from benchmarks.gpu.bench_gpu import Server, summary
+from benchmarks.gpu.bench_gpu import NullSink, Server, summary
 from cc50tw.backends.cuda import CUDAEngine, probe_cuda
 from cc50tw.backends.toy import ToyBackend
-from cc50tw.interfaces import InferenceRequest, ITokenSink
+from cc50tw.interfaces import InferenceRequest
 
 ITERS = 20000
 #: Rounds of one client against sixteen (256-token requests) for the scaling ratio.
 ROUNDS = 5
 PROMPT = "hello from the batching benchmark"
-
-
-@implementer(ITokenSink)
-class NullSink:
-    def __init__(self) -> None:
-        self.tokens = 0
-
-    def write(self, text: str) -> None:
-        self.tokens += 1
-
-    def writeSequence(self, texts: Sequence[str]) -> None:
-        self.tokens += len(texts)
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        pass
-
-    def unregisterProducer(self) -> None:
-        pass
 
 
 def floor_in_child(iters: int, tokens: int) -> dict[str, Any]:

@@ -17,16 +17,15 @@ from typing import Any
 
 from twisted.internet import reactor as globalReactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from cc50tw.backends.batching import COALESCE_STEPS, FRESH, DecodeScheduler, DecodeTicket
 from cc50tw.backends.lcg import spin_chain, spin_lane
 from cc50tw.backends.toy import TOKEN_TEXT, BatchedToyStream, ToyBackend
 from cc50tw.errors import BackendError
-from cc50tw.interfaces import InferenceRequest, ITokenSink
+from cc50tw.interfaces import InferenceRequest
+from cc50tw.testing import RecordingSink
 
 reactor: Any = globalReactor
 
@@ -378,33 +377,6 @@ class FakeBatchingEngine:
         return self.scheduler.admit(iters, tokens, receiver)
 
 
-@implementer(ITokenSink)
-class PausingSink:
-    """Keeps tokens; pauses its producer after every ``window`` of them, as a client out of credit would."""
-
-    def __init__(self, window: int = 0) -> None:
-        self.chunks: list[str] = []
-        self.producer: IPushProducer | None = None
-        self.window = window
-        self.paused = False
-
-    def write(self, text: str) -> None:
-        self.chunks.append(text)
-        if self.window and len(self.chunks) % self.window == 0 and self.producer is not None:
-            self.paused = True
-            self.producer.pauseProducing()
-
-    def writeSequence(self, texts: Sequence[str]) -> None:
-        for text in texts:
-            self.write(text)
-
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-
 def sleep(seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
 
@@ -422,7 +394,7 @@ class BatchedToyStreamTests(unittest.TestCase):
     @inlineCallbacks
     def test_requestsShareSteps(self) -> Any:
         """Eight concurrent toy requests complete with their own tokens in far fewer launches than tokens."""
-        sinks = [PausingSink() for _ in range(8)]
+        sinks = [RecordingSink() for _ in range(8)]
         results = yield self._gather(sinks)
         for sink, result in zip(sinks, results, strict=True):
             self.assertEqual(sink.chunks, [TOKEN_TEXT] * 40)
@@ -430,14 +402,14 @@ class BatchedToyStreamTests(unittest.TestCase):
             self.assertEqual(result.finish_reason, "length")
         self.assertLess(self.engine.launches, 8 * 40 / 2)
 
-    def _gather(self, sinks: list[PausingSink]) -> Deferred[list[Any]]:
+    def _gather(self, sinks: list[RecordingSink]) -> Deferred[list[Any]]:
         from twisted.internet.defer import gatherResults
 
         return gatherResults([self.backend.generate(InferenceRequest(req_id=1, prompt="a b", max_tokens=40), s) for s in sinks])
 
     @inlineCallbacks
     def test_lastValueIsTheChain(self) -> Any:
-        sink = PausingSink()
+        sink = RecordingSink()
         request = InferenceRequest(req_id=1, prompt="x", max_tokens=12)
         stream = BatchedToyStream(self.backend, self.engine, request, sink)
         stream.start()
@@ -451,7 +423,7 @@ class BatchedToyStreamTests(unittest.TestCase):
         the hand-over it was in (``depth`` tokens) and then nothing until it
         resumes; then the rest.
         """
-        sink = PausingSink(window=100)
+        sink = RecordingSink(pauseEvery=100)
         done = self.backend.generate(InferenceRequest(req_id=1, prompt="x", max_tokens=1000), sink)
         for round in range(1, 6):
             yield sleep(0.05)
@@ -474,7 +446,7 @@ class BatchedToyStreamTests(unittest.TestCase):
 
     @inlineCallbacks
     def test_cancelStopsTheRequest(self) -> Any:
-        sink = PausingSink(window=3)
+        sink = RecordingSink(pauseEvery=3)
         done = self.backend.generate(InferenceRequest(req_id=1, prompt="x", max_tokens=10_000), sink)
         yield sleep(0.05)
         done.cancel()
@@ -486,7 +458,7 @@ class BatchedToyStreamTests(unittest.TestCase):
     @inlineCallbacks
     def test_engineFailureFailsTheRequest(self) -> Any:
         self.device.failAt = len(self.device.steps) + 2
-        sink = PausingSink()
+        sink = RecordingSink()
         done = self.backend.generate(InferenceRequest(req_id=1, prompt="x", max_tokens=50), sink)
         failure = yield self.assertFailure(done, BackendError)
         self.assertIn("the device fell over", str(failure))
@@ -497,7 +469,7 @@ class BatchedToyStreamTests(unittest.TestCase):
 
     @inlineCallbacks
     def test_zeroTokens(self) -> Any:
-        sink = PausingSink()
+        sink = RecordingSink()
         result = yield self.backend.generate(InferenceRequest(req_id=1, prompt="x", max_tokens=0), sink)
         self.assertEqual(result.generated_tokens, 0)
         self.assertEqual(self.engine.launches, 0)

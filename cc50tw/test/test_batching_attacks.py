@@ -17,13 +17,11 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
-from twisted.internet.interfaces import IPushProducer
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from cc50tw.backends.batching import DecodeScheduler, DecodeTicket
 from cc50tw.backends.lcg import spin_chain
@@ -35,11 +33,11 @@ from cc50tw.test.test_batching import (
     CallQueue,
     FakeBatchingEngine,
     FakeStepDevice,
-    PausingSink,
     Receiver,
     reactor,
     sleep,
 )
+from cc50tw.testing import RecordingSink
 
 
 def pumpCatching(
@@ -597,38 +595,6 @@ class RandomInterleavings(SchedulerAttackBase):
 # The toy's stream --------------------------------------------------------------------------
 
 
-@implementer(ITokenSink)
-class ScriptedSink:
-    """A sink whose ``write`` runs ``onWrite`` (after keeping the token) and whose ``registerProducer`` runs ``onRegister``."""
-
-    def __init__(self) -> None:
-        self.chunks: list[str] = []
-        self.producer: IPushProducer | None = None
-        self.registered = 0
-        self.unregistered = 0
-        self.onWrite: Callable[[ScriptedSink], None] | None = None
-        self.onRegister: Callable[[IPushProducer], None] | None = None
-
-    def write(self, text: str) -> None:
-        self.chunks.append(text)
-        if self.onWrite is not None:
-            self.onWrite(self)
-
-    def writeSequence(self, texts: Sequence[str]) -> None:
-        for text in texts:
-            self.write(text)
-
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
-        self.producer = producer
-        self.registered += 1
-        if self.onRegister is not None:
-            self.onRegister(producer)
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-        self.unregistered += 1
-
-
 class BatchedToyStreamAttacks(unittest.TestCase):
     timeout = 30
 
@@ -652,9 +618,9 @@ class BatchedToyStreamAttacks(unittest.TestCase):
     @inlineCallbacks
     def test_stopProducingInsideWrite(self) -> Any:
         """A sink that stops its producer from inside ``write``: nothing more is written, nothing fails."""
-        sink = ScriptedSink()
+        sink = RecordingSink()
 
-        def stopAtFive(s: ScriptedSink) -> None:
+        def stopAtFive(s: RecordingSink) -> None:
             if len(s.chunks) == 5 and s.producer is not None:
                 s.producer.stopProducing()
 
@@ -674,9 +640,9 @@ class BatchedToyStreamAttacks(unittest.TestCase):
     @inlineCallbacks
     def test_stopProducingOnTheLastToken(self) -> Any:
         """Stopping from inside the write of the last token: the stream neither finishes twice nor raises."""
-        sink = ScriptedSink()
+        sink = RecordingSink()
 
-        def stopAtLast(s: ScriptedSink) -> None:
+        def stopAtLast(s: RecordingSink) -> None:
             if len(s.chunks) == 8 and s.producer is not None:
                 s.producer.stopProducing()
 
@@ -692,7 +658,7 @@ class BatchedToyStreamAttacks(unittest.TestCase):
     @inlineCallbacks
     def test_doneCancelledThenTokensArrive(self) -> Any:
         """Cancelling ``done`` while steps are in flight: late tokens and failures are dropped, no AlreadyCalledError."""
-        sinks = [ScriptedSink() for _ in range(4)]
+        sinks = [RecordingSink() for _ in range(4)]
         dones = [self.generate(sink, 5000) for sink in sinks]
         yield self.until(lambda: all(s.chunks for s in sinks))
         for done in dones:
@@ -711,7 +677,7 @@ class BatchedToyStreamAttacks(unittest.TestCase):
     @inlineCallbacks
     def test_pauseResumeStormInOneTurn(self) -> Any:
         """Many pause/resume pairs in one reactor turn, many turns: every token arrives once."""
-        sink = ScriptedSink()
+        sink = RecordingSink()
         done = self.generate(sink, 2000)
         for _ in range(50):
             producer = sink.producer
@@ -731,7 +697,7 @@ class BatchedToyStreamAttacks(unittest.TestCase):
 
     @inlineCallbacks
     def test_resumeAndPauseAfterFinish(self) -> Any:
-        sink = ScriptedSink()
+        sink = RecordingSink()
         done = self.generate(sink, 20)
         yield self.until(lambda: sink.producer is not None)
         producer = sink.producer
@@ -749,12 +715,12 @@ class BatchedToyStreamAttacks(unittest.TestCase):
     @inlineCallbacks
     def test_engineFailsWhileTheStreamIsPausedWithHeldTokens(self) -> Any:
         """The engine fails while a stream is paused and holds tokens: its Deferred fails once, nothing more is written."""
-        sink = PausingSink(window=10)
+        sink = RecordingSink(pauseEvery=10)
         done = self.generate(sink, 10_000)
         yield self.until(lambda: sink.paused)
         written = len(sink.chunks)
         self.device.failAt = len(self.device.steps)
-        other = PausingSink()
+        other = RecordingSink()
         otherDone = self.generate(other, 100)
         yield self.assertFailure(done, BackendError)
         yield self.assertFailure(otherDone, BackendError)
@@ -765,14 +731,14 @@ class BatchedToyStreamAttacks(unittest.TestCase):
     @inlineCallbacks
     def test_engineStopsWhileStreamsPauseAndWait(self) -> Any:
         """Stopping the engine while streams are paused and waiting for slots fails every one of them."""
-        sinks = [PausingSink(window=5) for _ in range(12)]
+        sinks = [RecordingSink(pauseEvery=5) for _ in range(12)]
         dones = [self.generate(sink, 1000) for sink in sinks]
         yield self.until(lambda: sum(s.paused for s in sinks) >= 8)
         self.engine.scheduler.stop()
         for done in dones:
             failure = yield self.assertFailure(done, BackendError)
             self.assertIn("stopped", str(failure))
-        late = self.generate(PausingSink(), 10)
+        late = self.generate(RecordingSink(), 10)
         yield self.assertFailure(late, BackendError)
 
     @inlineCallbacks
@@ -786,14 +752,14 @@ class BatchedToyStreamAttacks(unittest.TestCase):
         self.addCleanup(engine.thread.join, 5)
         self.addCleanup(engine.scheduler.stop)
         backend = ToyBackend(reactor, engine, 3)
-        bad = ScriptedSink()
+        bad = RecordingSink()
 
-        def explode(s: ScriptedSink) -> None:
+        def explode(s: RecordingSink) -> None:
             raise RuntimeError("the sink fell over")
 
         bad.onWrite = explode
         badDone = backend.generate(InferenceRequest(req_id=1, prompt="x", max_tokens=20), bad)
-        goods = [ScriptedSink() for _ in range(3)]
+        goods = [RecordingSink() for _ in range(3)]
         goodDones = [backend.generate(InferenceRequest(req_id=2, prompt="x", max_tokens=20), s) for s in goods]
         device.unhold()
         finished = yield self.until(lambda: all(d.called for d in goodDones), timeout=2.0)
@@ -815,7 +781,7 @@ class BatchedToyStreamAttacks(unittest.TestCase):
         paused).  That request must not run on: only steps already enqueued
         may complete, as for any other pause.
         """
-        sink = ScriptedSink()
+        sink = RecordingSink()
         sink.onRegister = lambda producer: producer.pauseProducing()
         done = self.generate(sink, 100_000)
         yield sleep(0.2)
@@ -833,7 +799,7 @@ class BatchedToyStreamAttacks(unittest.TestCase):
     @inlineCallbacks
     def test_stoppedAtRegistrationRunsNoWork(self) -> Any:
         """A producer stopped from inside ``registerProducer`` must not be admitted to the engine at all."""
-        sink = ScriptedSink()
+        sink = RecordingSink()
         sink.onRegister = lambda producer: producer.stopProducing()
         done = self.generate(sink, 100_000)
         yield sleep(0.1)

@@ -11,18 +11,15 @@ behaviour people rely on too.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
 from twisted.internet import reactor as globalReactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import capturedLogs
 from twisted.python import usage
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from cc50tw.backends.cuda import (
     NO_DEVICE,
@@ -37,8 +34,9 @@ from cc50tw.backends.cuda import (
 from cc50tw.backends.lcg import CPUEngine, spin_chain, spin_lane
 from cc50tw.backends.toy import TOKEN_TEXT, BatchedToyStream, ToyBackend, build
 from cc50tw.errors import BackendError
-from cc50tw.interfaces import InferenceRequest, ITokenSink
+from cc50tw.interfaces import InferenceRequest
 from cc50tw.tap import Options
+from cc50tw.testing import RecordingSink
 
 reactor: Any = globalReactor
 
@@ -46,28 +44,6 @@ reactor: Any = globalReactor
 PROBE = probe_cuda()
 
 NO_CUDA = None if PROBE.available else (NO_DEVICE if PROBE.reason == NO_DEVICE else f"{NO_DEVICE}: {PROBE.reason}")
-
-
-@implementer(ITokenSink)
-class RecordingSink:
-    """Keeps what a toy stream writes, and its producer, for the test to poke."""
-
-    def __init__(self) -> None:
-        self.chunks: list[str] = []
-        self.producer: IPushProducer | None = None
-
-    def write(self, text: str) -> None:
-        self.chunks.append(text)
-
-    def writeSequence(self, texts: Sequence[str]) -> None:
-        for text in texts:
-            self.write(text)
-
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
 
 
 def sleep(seconds: float) -> Deferred[None]:
