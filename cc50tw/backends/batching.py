@@ -304,7 +304,7 @@ class DecodeScheduler:
                     command(self, ticket)
                 if stopping:
                     break
-                if self._mayLaunch():
+                if self._mayLaunch() and not (not handOverPending and self._urgentStepDone()):
                     self._launch()
                 elif not handOverPending:
                     if self._inFlight:
@@ -333,6 +333,16 @@ class DecodeScheduler:
         if self._mayLaunch():
             return True
         return not handOverPending and bool(self._inFlight or self._outbox)
+
+    def _urgentStepDone(self) -> bool:
+        """
+        Whether the oldest step carries a first or last token and has
+        completed: handing that over comes before topping the queue up, or a
+        burst of ``depth`` launches would hold a request's first token back.
+        Asked of the device only for such steps, a few per request.
+        """
+        inFlight = self._inFlight
+        return bool(inFlight) and inFlight[0].urgent and self._device is not None and self._device.stepDone(inFlight[0].ring)
 
     def _mayLaunch(self) -> bool:
         if len(self._inFlight) >= self._depth():

@@ -299,6 +299,21 @@ class SchedulerTests(unittest.TestCase):
         self.assertEqual(receiver.batches, [1, COALESCE_STEPS, tokens - 1 - COALESCE_STEPS])
         self.assertEqual(receiver.values, spin_chain(1, tokens))
 
+    def test_firstTokenDoesNotWaitForTheQueueToFill(self) -> None:
+        """
+        A first token whose step has completed is handed over before the
+        loop tops the GPU's queue up: alone, on a device that completes at
+        once, a request's first hand-over is its first token, not ``depth``.
+        """
+        device = FakeStepDevice(depth=16)
+        scheduler, calls, thread = self.start(device)
+        receiver = Receiver()
+        scheduler.admit(1, 40, receiver)
+        thread.start()
+        calls.pump(lambda: len(receiver.values) == 40)
+        self.assertEqual(receiver.batches[0], 1)
+        self.assertEqual(receiver.values, spin_chain(1, 40))
+
     def test_deviceFailureFailsEveryRequestAndLaterOnes(self) -> None:
         """A step that cannot launch fails every request in the batch, once, and refuses later requests."""
         device = FakeStepDevice()
