@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Sequence
 from itertools import pairwise
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import LoopingCall, deferLater, react
@@ -42,7 +42,7 @@ from zope.interface import implementer
 from cc50tw.backends.batching import FRESH
 from cc50tw.backends.cuda import CUDAEngine, CUDAProbe, _StepDevice, probe_cuda
 from cc50tw.backends.lcg import CPUEngine, spin_lane
-from cc50tw.backends.toy import ToyBackend, ToyEngine
+from cc50tw.backends.toy import BatchingEngine, ToyBackend, ToyEngine
 from cc50tw.interfaces import InferenceRequest, ITokenSink
 
 ITERS = (0, 20000, 200000)
@@ -138,7 +138,13 @@ def raw_kernel(grid: int, block: int, quick: bool) -> dict[str, Any]:
         device.close()
 
 
-async def engine_round_trip(engine: ToyEngine, samples: dict[int, int], quick: bool) -> dict[str, Any]:
+class OneValue(Protocol):
+    """Either engine, asked for one token's value at a time."""
+
+    def spin(self, iters: int) -> Deferred[int]: ...
+
+
+async def engine_round_trip(engine: OneValue, samples: dict[int, int], quick: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for iters in ITERS:
         count = min(samples[iters], 100) if quick else samples[iters]
@@ -154,7 +160,7 @@ async def engine_round_trip(engine: ToyEngine, samples: dict[int, int], quick: b
     return results
 
 
-async def reactor_jitter(reactor: Any, engine: ToyEngine, tokens: int, iters: int) -> dict[str, Any]:
+async def reactor_jitter(reactor: Any, engine: ToyEngine | BatchingEngine, tokens: int, iters: int) -> dict[str, Any]:
     """LoopingCall ticks every 10 ms while one request runs; how late do they come?"""
     ticks: list[float] = []
     loop = LoopingCall(lambda: ticks.append(time.perf_counter()))
@@ -180,7 +186,7 @@ async def reactor_jitter(reactor: Any, engine: ToyEngine, tokens: int, iters: in
     }
 
 
-async def concurrent_streams(reactor: Any, engine: ToyEngine, streams: int, tokens: int, iters: int) -> dict[str, Any]:
+async def concurrent_streams(reactor: Any, engine: ToyEngine | BatchingEngine, streams: int, tokens: int, iters: int) -> dict[str, Any]:
     """Tokens/s of many toy streams at once in this process: the engine's ceiling, no sockets."""
     backend = ToyBackend(reactor, engine, iters)
     started = time.perf_counter()

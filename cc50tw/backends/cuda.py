@@ -224,7 +224,7 @@ def select_engine(
     grid: int = DEFAULT_GRID,
     block: int = DEFAULT_BLOCK,
     probe: Callable[[int, int], CUDAProbe] = probe_cuda,
-) -> ToyEngine:
+) -> ToyEngine | CUDAEngine:
     """
     The engine for ``--toy-device``: ``cpu``, ``cuda`` (or fail), or ``auto``.
 
@@ -492,12 +492,8 @@ class CUDAEngine:
         """Why the engine cannot take work (it did not start, or the device failed), or None."""
         return self._error or self.scheduler.brokenReason
 
-    def spinNow(self, iters: int) -> int | None:
-        return None  # every token is a decode step, observed asynchronously
-
-    def spin(self, iters: int, seed: int = 0) -> Deferred[int]:
-        if seed:
-            raise ValueError("the CUDA engine runs chains as decode steps (admit); spin starts from 0")
+    def spin(self, iters: int) -> Deferred[int]:
+        """One token's value (a chain's first), for callers that want a single value: a request of one token."""
         receiver = _OneToken()
         receiver.ticket = self.admit(iters, 1, receiver)
         return receiver.deferred

@@ -70,6 +70,12 @@ class BatchingEngine(Protocol):
     (``cc50tw.backends.batching``) rather than one ``spin`` per token.
     """
 
+    description: str
+
+    @property
+    def launches(self) -> int:
+        """Decode steps launched (one kernel launch each, whatever the requests in it)."""
+
     def admit(self, iters: int, tokens: int, receiver: DecodeReceiver) -> DecodeTicket:
         """Add a request of ``tokens`` tokens; its values go to ``receiver``."""
 
@@ -78,13 +84,9 @@ class BatchingEngine(Protocol):
 class ToyStream:
     """One request's token loop: a push producer over an engine."""
 
-    def __init__(
-        self,
-        backend: ToyBackend,
-        request: InferenceRequest,
-        sink: ITokenSink,
-    ) -> None:
+    def __init__(self, backend: ToyBackend, engine: ToyEngine, request: InferenceRequest, sink: ITokenSink) -> None:
         self._backend = backend
+        self._engine = engine
         self._sink = sink
         self._remaining = request.max_tokens
         self._batch = FIRST_BATCH_TOKENS
@@ -111,7 +113,7 @@ class ToyStream:
     def _run(self) -> None:
         """Launch work for as many tokens as finish synchronously, up to a batch."""
         self._scheduled = None
-        if self._canRun() and self._backend.engine.spinNow(self._backend.iters) is not None:
+        if self._canRun() and self._engine.spinNow(self._backend.iters) is not None:
             self._runSynchronously()
             return
         self._running = True
@@ -119,7 +121,7 @@ class ToyStream:
             for _ in range(BATCH_TOKENS):
                 if not self._canRun():
                     return
-                work = self._backend.engine.spin(self._backend.iters, self.last_value or 0)
+                work = self._engine.spin(self._backend.iters, self.last_value or 0)
                 self._work = work
                 work.addCallbacks(self._workDone, self._workFailed)
                 if self._work is not None:
@@ -134,7 +136,7 @@ class ToyStream:
         Zero-cost work: emit a batch of tokens in one ``writeSequence`` per
         reactor turn, then yield the reactor to other connections.
         """
-        engine, iters = self._backend.engine, self._backend.iters
+        engine, iters = self._engine, self._backend.iters
         count = min(self._remaining, self._batch)
         self._batch = min(self._batch * 2, SYNCHRONOUS_BATCH_TOKENS)
         value = None
@@ -315,13 +317,18 @@ class ToyBackend:
     #: Its answer is fixed: the only option it honours is its own model name.
     generationOptions = frozenset({"model"})
 
-    def __init__(self, reactor: IReactorTime, engine: ToyEngine, iters: int) -> None:
+    def __init__(self, reactor: IReactorTime, engine: ToyEngine | BatchingEngine, iters: int) -> None:
         self.reactor = reactor
         self.engine = engine
         self.iters = iters
         # Asked once: an isinstance check against a runtime-checkable
         # Protocol costs microseconds, and generate() is the per-request path.
-        self._batching: BatchingEngine | None = engine if isinstance(engine, BatchingEngine) else None
+        self._batching: BatchingEngine | None = None
+        self._perToken: ToyEngine | None = None
+        if isinstance(engine, BatchingEngine):
+            self._batching = engine
+        else:
+            self._perToken = engine
         #: Tokens whose work completed; tests watch it stop growing on cancel.
         self.tokens_emitted = 0
 
@@ -336,7 +343,8 @@ class ToyBackend:
         if self._batching is not None:
             stream = BatchedToyStream(self, self._batching, request, sink)
         else:
-            stream = ToyStream(self, request, sink)
+            assert self._perToken is not None
+            stream = ToyStream(self, self._perToken, request, sink)
         stream.start()
         return stream.done
 

@@ -382,12 +382,6 @@ class FakeBatchingEngine:
     def brokenReason(self) -> str | None:
         return self.scheduler.brokenReason
 
-    def spin(self, iters: int, seed: int = 0) -> Deferred[int]:
-        raise NotImplementedError
-
-    def spinNow(self, iters: int) -> int | None:
-        return None
-
     def admit(self, iters: int, tokens: int, receiver: Any) -> DecodeTicket:
         return self.scheduler.admit(iters, tokens, receiver)
 
