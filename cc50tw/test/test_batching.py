@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import reactor as globalReactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
@@ -455,14 +455,17 @@ class BatchedToyStreamTests(unittest.TestCase):
 
     @inlineCallbacks
     def test_cancelStopsTheRequest(self) -> Any:
-        sink = RecordingSink(pauseEvery=3)
-        done = self.backend.generate(InferenceRequest(req_id=1, prompt="x", max_tokens=10_000), sink)
+        """Cancelled while running (not paused): no more steps past those enqueued, nothing more written."""
+        sink = RecordingSink()
+        done = self.backend.generate(InferenceRequest(req_id=1, prompt="x", max_tokens=10_000_000), sink)
         yield sleep(0.05)
+        self.assertGreater(len(sink.chunks), 0)
         done.cancel()
-        launches = self.engine.launches
+        launches, written = self.engine.launches, len(sink.chunks)
+        yield self.assertFailure(done, CancelledError)
         yield sleep(0.1)
         self.assertLessEqual(self.engine.launches, launches + self.device.depth)
-        self.assertFailure(done, Exception)
+        self.assertEqual(len(sink.chunks), written)
 
     @inlineCallbacks
     def test_engineFailureFailsTheRequest(self) -> Any:
