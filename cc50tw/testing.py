@@ -22,17 +22,16 @@ import random
 import resource
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, connectProtocol
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from cc50tw.codec import (
     DoneStats,
@@ -49,59 +48,8 @@ from cc50tw.codec import (
     encode_infer,
 )
 from cc50tw.endpoints import client_description
-from cc50tw.interfaces import ITokenSink
 from cc50tw.receiver import CC50Receiver, setTcpNoDelay
 from cc50tw.stats import summarize
-
-
-@implementer(ITokenSink)
-class RecordingSink:
-    """
-    An ``ITokenSink`` for testing a backend without a server: it keeps what
-    the backend writes and holds its producer, and it can behave as a
-    connection does, pausing the producer after every ``pauseEvery`` tokens
-    (a client out of credit) and running hooks on each write and on
-    registration (a connection already blocked pauses its producer there).
-    """
-
-    def __init__(self, pauseEvery: int = 0) -> None:
-        self.chunks: list[str] = []
-        self.producer: IPushProducer | None = None
-        self.registered = 0
-        self.unregistered = 0
-        self.pauseEvery = pauseEvery
-        #: Whether this sink paused its producer (``pauseEvery``) and has not resumed it since.
-        self.paused = False
-        self.onWrite: Callable[[RecordingSink], object] | None = None
-        self.onRegister: Callable[[IPushProducer], object] | None = None
-
-    def write(self, text: str) -> None:
-        self.chunks.append(text)
-        if self.onWrite is not None:
-            self.onWrite(self)
-        if self.pauseEvery and len(self.chunks) % self.pauseEvery == 0 and self.producer is not None:
-            self.paused = True
-            self.producer.pauseProducing()
-
-    def writeSequence(self, texts: Sequence[str]) -> None:
-        for text in texts:
-            self.write(text)
-
-    def resume(self) -> None:
-        """Give the producer credit again, as a client that reads does."""
-        self.paused = False
-        if self.producer is not None:
-            self.producer.resumeProducing()
-
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
-        self.producer = producer
-        self.registered += 1
-        if self.onRegister is not None:
-            self.onRegister(producer)
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-        self.unregistered += 1
 
 
 class SlowReader(Protocol):

@@ -3,11 +3,13 @@ Test doubles for the server's collaborators.
 
 ``ManualBackend`` lets a test drive a backend stream by hand (write text,
 finish, fail) and observe what the server asked of it (pause, resume,
-cancel), which is what the flow-control tests are about.
+cancel), which is what the flow-control tests are about.  ``RecordingSink``
+is the other side: a token sink to drive a backend with, no server needed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -27,6 +29,56 @@ from cc50tw.codec import (
 )
 from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest, ITokenSink
 from cc50tw.server import CC50ServerFactory, CC50ServerProtocol, ServerConfig
+
+
+@implementer(ITokenSink)
+class RecordingSink:
+    """
+    An ``ITokenSink`` for testing a backend without a server: it keeps what
+    the backend writes and holds its producer, and it can behave as a
+    connection does, pausing the producer after every ``pauseEvery`` tokens
+    (a client out of credit) and running hooks on each write and on
+    registration (a connection already blocked pauses its producer there).
+    """
+
+    def __init__(self, pauseEvery: int = 0) -> None:
+        self.chunks: list[str] = []
+        self.producer: IPushProducer | None = None
+        self.registered = 0
+        self.unregistered = 0
+        self.pauseEvery = pauseEvery
+        #: Whether this sink paused its producer (``pauseEvery``) and has not resumed it since.
+        self.paused = False
+        self.onWrite: Callable[[RecordingSink], object] | None = None
+        self.onRegister: Callable[[IPushProducer], object] | None = None
+
+    def write(self, text: str) -> None:
+        self.chunks.append(text)
+        if self.onWrite is not None:
+            self.onWrite(self)
+        if self.pauseEvery and len(self.chunks) % self.pauseEvery == 0 and self.producer is not None:
+            self.paused = True
+            self.producer.pauseProducing()
+
+    def writeSequence(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            self.write(text)
+
+    def resume(self) -> None:
+        """Give the producer credit again, as a client that reads does."""
+        self.paused = False
+        if self.producer is not None:
+            self.producer.resumeProducing()
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        self.producer = producer
+        self.registered += 1
+        if self.onRegister is not None:
+            self.onRegister(producer)
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.unregistered += 1
 
 
 @implementer(IPushProducer)

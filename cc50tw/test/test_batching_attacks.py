@@ -28,6 +28,7 @@ from cc50tw.backends.lcg import spin_chain
 from cc50tw.backends.toy import TOKEN_TEXT, ToyBackend
 from cc50tw.errors import BackendError
 from cc50tw.interfaces import InferenceRequest, ITokenSink
+from cc50tw.test.fakes import RecordingSink
 from cc50tw.test.test_batching import (
     TIMEOUT,
     CallQueue,
@@ -37,7 +38,6 @@ from cc50tw.test.test_batching import (
     reactor,
     sleep,
 )
-from cc50tw.testing import RecordingSink
 
 
 def pumpCatching(

@@ -36,7 +36,7 @@ from cc50tw.backends.toy import TOKEN_TEXT, BatchedToyStream, ToyBackend, build
 from cc50tw.errors import BackendError
 from cc50tw.interfaces import InferenceRequest
 from cc50tw.tap import Options
-from cc50tw.testing import RecordingSink
+from cc50tw.test.fakes import RecordingSink
 
 reactor: Any = globalReactor
 
