@@ -49,12 +49,13 @@ class Probe:
         self.numpy = numpy
         self.module = SourceModule(STEP_KERNEL_SOURCE)
         self.kernel = self.module.get_function("step_kernel")
-        self.kernel.prepare("IIPPP")
+        self.kernel.prepare("IIPPPP")
         self.blocksPerRequest = blocksPerRequest
         self.block = (block, 1, 1)
         self.slots = slots
         self.state = cuda.mem_alloc(4 * slots)
         self.out = cuda.mem_alloc(4 * slots)
+        self.seeds = cuda.to_device(numpy.zeros(slots, dtype=numpy.uint32))  # every chain starts from 0
         # Two entry vectors per slot count: the first step (FRESH) and the rest.
         self.fresh = cuda.to_device(numpy.arange(slots, dtype=numpy.uint32) | numpy.uint32(FRESH))
         self.chained = cuda.to_device(numpy.arange(slots, dtype=numpy.uint32))
@@ -68,6 +69,7 @@ class Probe:
             iters,
             self.blocksPerRequest,
             entries,
+            int(self.seeds) + 4 * slot,
             int(self.state),
             int(self.out) + 4 * slot,
         )

@@ -35,7 +35,11 @@ Flow control.  A paused request (its client has no credit) leaves the batch
 until it is resumed: it joins no new step.  Steps already enqueued for it
 still complete and deliver (at most ``2 * depth`` tokens: the queue and the
 hand-over in the reactor's hands), and the toy's stream holds those until
-the client has credit again.
+the client has credit again.  A paused request also gives its device slot
+up when another request waits for one (once nothing of it is in flight or
+unsent): its chain's last value goes with it, and on resume it queues for a
+slot again and goes on from that value.  So clients that stop reading can
+hold no slots, only their place in the queue.
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ from twisted.logger import Logger
 log = Logger()
 
 #: A step's entry for a request: its state slot, with this bit set on its
-#: first step so the kernel starts its chain afresh rather than from whatever
-#: the slot's last owner left there.
+#: first step in that slot, so the kernel starts its chain from the step's
+#: seed (0 for a new request, the last value for one that gave a slot up)
+#: rather than from whatever the slot's last owner left there.
 FRESH = 1 << 31
 
 #: Steps enqueued ahead of the one the host waits for: enough that the GPU
@@ -84,8 +89,12 @@ class StepDevice(Protocol):
     #: Most entries in one step (the number of state slots).
     slots: int
 
-    def launchStep(self, ring: int, iters: int, entries: Sequence[int]) -> None:
-        """Enqueue one step over ``entries`` (slot numbers, ``FRESH`` or'd in) and return at once."""
+    def launchStep(self, ring: int, iters: int, entries: Sequence[int], seeds: Sequence[int] | None = None) -> None:
+        """
+        Enqueue one step over ``entries`` (slot numbers, ``FRESH`` or'd in)
+        and return at once.  A ``FRESH`` entry starts from its ``seeds``
+        value (from 0 when ``seeds`` is None).
+        """
 
     def stepDone(self, ring: int) -> bool:
         """Whether the step on ``ring`` has completed, without waiting."""
@@ -115,7 +124,19 @@ class DecodeTicket:
     after ``receiver`` belong to the worker thread alone.
     """
 
-    __slots__ = ("_scheduler", "receiver", "cancelled", "iters", "toLaunch", "paused", "slot", "fresh", "gone")
+    __slots__ = (
+        "_scheduler",
+        "receiver",
+        "cancelled",
+        "iters",
+        "toLaunch",
+        "paused",
+        "slot",
+        "fresh",
+        "gone",
+        "seed",
+        "parked",
+    )
 
     def __init__(self, scheduler: DecodeScheduler, receiver: DecodeReceiver, iters: int, tokens: int) -> None:
         self._scheduler = scheduler
@@ -133,6 +154,10 @@ class DecodeTicket:
         self.fresh = True
         #: Cancelled: steps still in flight for it deliver nothing.
         self.gone = False
+        #: The last value handed over: where its chain goes on after it gave its slot up.
+        self.seed = 0
+        #: Paused, with its slot given up to a waiting request.
+        self.parked = False
 
     def pause(self) -> None:
         self._scheduler._command(self._paused, self)
@@ -152,12 +177,15 @@ class DecodeTicket:
         if not ticket.paused:
             scheduler._charge()
             ticket.paused = True
+            scheduler._fillSlots()  # requests waiting for a slot may take this one
 
     @staticmethod
     def _resumed(scheduler: DecodeScheduler, ticket: DecodeTicket) -> None:
         if ticket.paused:
             scheduler._charge()
             ticket.paused = False
+            if ticket.parked:
+                scheduler._unpark(ticket)
 
     @staticmethod
     def _cancelled(scheduler: DecodeScheduler, ticket: DecodeTicket) -> None:
@@ -210,6 +238,8 @@ class DecodeScheduler:
         self._device: StepDevice | None = None
         self._running: dict[DecodeTicket, None] = {}  # insertion-ordered set
         self._waiting: deque[DecodeTicket] = deque()
+        #: Paused requests that gave their slot up (insertion-ordered set).
+        self._parked: dict[DecodeTicket, None] = {}
         self._freeSlots: list[int] = []
         self._inFlight: deque[_Step] = deque()
         self._nextRing = 0
@@ -222,6 +252,7 @@ class DecodeScheduler:
         self._batch: list[DecodeTicket] | None = None
         self._batchEntries: list[int] = []
         self._freshEntries: list[int] | None = None
+        self._freshSeeds: list[int] | None = None
         self._batchIters = 0
         self._batchSteps = 0
         self._batchLeft = 0
@@ -311,6 +342,8 @@ class DecodeScheduler:
                         self._collect(block=True)
                     if self._outbox and self._handOverDue():
                         self._sendOutbox()
+                        if self._waiting:
+                            self._fillSlots()  # a paused request may have nothing unsent now
         except Exception as e:
             reason = f"CUDA step failed: {e}"
             self.brokenReason = reason
@@ -361,12 +394,40 @@ class DecodeScheduler:
             self._fillSlots()
 
     def _fillSlots(self) -> None:
+        if self._waiting and not self._freeSlots:
+            self._park()
         if self._waiting and self._freeSlots:
             self._charge()
         while self._waiting and self._freeSlots:
             ticket = self._waiting.popleft()
             ticket.slot = self._freeSlots.pop()
             self._running[ticket] = None
+
+    def _park(self) -> None:
+        """
+        Free the slots of paused requests with nothing in flight or unsent,
+        for the requests waiting: their last value is known (``seed``), so
+        they can go on from it in any slot later.
+        """
+        paused = [ticket for ticket in self._running if ticket.paused]
+        if not paused:
+            return
+        busy = {id(ticket) for step in self._inFlight for ticket in step.tickets}
+        busy.update(id(ticket) for step in self._outbox for ticket in step.tickets)
+        for ticket in paused:
+            if len(self._freeSlots) >= len(self._waiting):
+                break
+            if id(ticket) not in busy:
+                del self._running[ticket]
+                self._freeSlots.append(ticket.slot)
+                ticket.parked = ticket.fresh = True
+                self._parked[ticket] = None
+
+    def _unpark(self, ticket: DecodeTicket) -> None:
+        del self._parked[ticket]
+        ticket.parked = False
+        self._waiting.append(ticket)
+        self._fillSlots()
 
     def _charge(self) -> None:
         """End the current batch: charge its requests the steps launched with it."""
@@ -394,6 +455,7 @@ class DecodeScheduler:
         self._charge()
         ticket.gone = True
         self._retire(ticket)
+        self._parked.pop(ticket, None)
         if ticket in self._waiting:
             self._waiting.remove(ticket)
 
@@ -408,6 +470,7 @@ class DecodeScheduler:
         self._batchLeft = min(ticket.toLaunch for ticket in tickets)
         if any(ticket.fresh for ticket in tickets):
             self._freshEntries = [ticket.slot | FRESH if ticket.fresh else ticket.slot for ticket in tickets]
+            self._freshSeeds = [ticket.seed for ticket in tickets]
             for ticket in tickets:
                 ticket.fresh = False
         return tickets
@@ -416,15 +479,15 @@ class DecodeScheduler:
         """Launch one step over the batch; end the batch when one of its requests has run out."""
         assert self._device is not None
         tickets = self._batch if self._batch is not None else self._newBatch()
-        entries = self._freshEntries
+        entries, seeds = self._freshEntries, self._freshSeeds
         urgent = entries is not None  # a first token
         if entries is None:
             entries = self._batchEntries
         else:
-            self._freshEntries = None
+            self._freshEntries = self._freshSeeds = None
         ring = self._nextRing
         self._nextRing = (ring + 1) % self._device.depth
-        self._device.launchStep(ring, self._batchIters, entries)
+        self._device.launchStep(ring, self._batchIters, entries, seeds)
         self.steps += 1
         self._batchSteps += 1
         self._batchLeft -= 1
@@ -485,6 +548,8 @@ class DecodeScheduler:
                 else:
                     held.extend(column)
             start = end
+        for ticket, values in perTicket.items():
+            ticket.seed = values[-1]
         with self._lock:
             self._handOverPending = True
         self._reactor.callFromThread(self._handOver, list(perTicket.items()))
@@ -499,10 +564,11 @@ class DecodeScheduler:
         with self._lock:
             commands, self._commands = self._commands, []
             self._closedReason = reason
-        tickets = list(self._running) + list(self._waiting)
+        tickets = list(self._running) + list(self._waiting) + list(self._parked)
         tickets += [ticket for command, ticket in commands if command is DecodeScheduler._admitted]
         self._running.clear()
         self._waiting.clear()
+        self._parked.clear()
         self._inFlight.clear()
         if tickets:
             self._reactor.callFromThread(self._failAll, tickets, reason)

@@ -251,8 +251,10 @@ def select_engine(
 
 #: One decode step for every request in it: ``blocksPerRequest`` blocks per
 #: request, each thread running the C++ original's LCG loop.  A request's
-#: chain lives in ``state[slot]``: its first step (``FRESH`` set) starts from
-#: 0, each later step from the last step's value, as a real decoder's next
+#: chain lives in ``state[slot]``: its first step in a slot (``FRESH`` set)
+#: starts from its ``seeds`` value (0 for a new request, the last value for
+#: one that gave its slot up while paused), each later step from the last
+#: step's value, as a real decoder's next
 #: token depends on the last one.  Lane 0 of a request (thread 0 of its first
 #: block) carries the chain and reports it; the other lanes are the work the
 #: toy stands for, started from the same value (a later block of a large
@@ -260,8 +262,8 @@ def select_engine(
 #: lanes then differ).  ``entries`` and ``out`` live in host memory mapped
 #: into the device, so a step costs one launch and one event, no copies.
 STEP_KERNEL_SOURCE = r"""
-__global__ void step_kernel(unsigned iters, unsigned blocksPerRequest,
-                            const unsigned *entries, unsigned *state, unsigned *out)
+__global__ void step_kernel(unsigned iters, unsigned blocksPerRequest, const unsigned *entries,
+                            const unsigned *seeds, unsigned *state, unsigned *out)
 {
     __shared__ unsigned start, slot;
     const unsigned request = blockIdx.x / blocksPerRequest;
@@ -269,7 +271,7 @@ __global__ void step_kernel(unsigned iters, unsigned blocksPerRequest,
     if (threadIdx.x == 0) {
         const unsigned entry = entries[request];
         slot = entry & 0x7fffffffu;
-        start = (entry & 0x80000000u) ? 0u : state[slot];
+        start = (entry & 0x80000000u) ? seeds[request] : state[slot];
     }
     __syncthreads();
     unsigned x = start + threadIdx.x + block * blockDim.x;
@@ -305,13 +307,15 @@ class _StepDevice:
         try:
             self._module = SourceModule(STEP_KERNEL_SOURCE)
             self._kernel = self._module.get_function("step_kernel")
-            self._kernel.prepare("IIPPP")
+            self._kernel.prepare("IIPPPP")
             self._stream = cuda.Stream()
             self._state = cuda.mem_alloc(4 * slots)
             mapped = cuda.host_alloc_flags.DEVICEMAP
             self._entries = cuda.pagelocked_zeros((depth, slots), numpy.uint32, mem_flags=mapped)
             self._out = cuda.pagelocked_zeros((depth, slots), numpy.uint32, mem_flags=mapped)
+            self._seeds = cuda.pagelocked_zeros((depth, slots), numpy.uint32, mem_flags=mapped)
             self._entriesAddress = int(self._entries.base.get_device_pointer())
+            self._seedsAddress = int(self._seeds.base.get_device_pointer())
             self._outAddress = int(self._out.base.get_device_pointer())
             self._stateAddress = int(self._state)
             self._events = [cuda.Event(cuda.event_flags.DISABLE_TIMING) for _ in range(depth)]
@@ -320,6 +324,7 @@ class _StepDevice:
             self._context.detach()
             raise
         self._blocksPerRequest = blocksPerRequest
+        self._seeded = [False] * depth
         self._block = (block, 1, 1)
         self._rowBytes = 4 * slots
         # A step's arguments differ only by ring buffer (and iteration
@@ -339,11 +344,24 @@ class _StepDevice:
 
     def _arguments(self, ring: int, iters: int) -> tuple[Any, ...]:
         offset = ring * self._rowBytes
-        return (iters, self._blocksPerRequest, self._entriesAddress + offset, self._stateAddress, self._outAddress + offset)
+        return (
+            iters,
+            self._blocksPerRequest,
+            self._entriesAddress + offset,
+            self._seedsAddress + offset,
+            self._stateAddress,
+            self._outAddress + offset,
+        )
 
-    def launchStep(self, ring: int, iters: int, entries: Sequence[int]) -> None:
+    def launchStep(self, ring: int, iters: int, entries: Sequence[int], seeds: Sequence[int] | None = None) -> None:
         count = len(entries)
         self._entries[ring, :count] = entries
+        if seeds is not None:
+            self._seeds[ring, :count] = seeds
+            self._seeded[ring] = True
+        elif self._seeded[ring]:  # FRESH entries without seeds start from 0, not a stale seed
+            self._seeds[ring, :] = 0
+            self._seeded[ring] = False
         grid = (self._blocksPerRequest * count, 1)
         if self._launchKernel is not None:
             packed = self._packedArguments.get((ring, iters))
@@ -373,11 +391,11 @@ class _StepDevice:
         # exit about objects outliving their context.
         self._stream.synchronize()
         self._state.free()
-        for pinned in (self._entries, self._out):
+        for pinned in (self._entries, self._seeds, self._out):
             allocation = getattr(pinned, "base", None)
             if allocation is not None and hasattr(allocation, "free"):
                 allocation.free()
-        del self._entries, self._out, self._events, self._stream, self._kernel, self._module
+        del self._entries, self._seeds, self._out, self._events, self._stream, self._kernel, self._module
         self._context.pop()
         self._context.detach()
 

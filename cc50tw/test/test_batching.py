@@ -35,7 +35,8 @@ TIMEOUT = 10.0
 class FakeStepDevice:
     """
     A ``StepDevice`` in Python: ``launchStep`` computes the step as the
-    kernel would (lane 0 of each entry, from its slot's state or from 0),
+    kernel would (lane 0 of each entry, from its slot's state or, for a
+    ``FRESH`` entry, from its seed),
     and the step completes once ``release`` lets it (at once by default).
     """
 
@@ -52,14 +53,14 @@ class FakeStepDevice:
         self._lock = threading.Lock()
         self._pendingRings: list[int] = []
 
-    def launchStep(self, ring: int, iters: int, entries: Sequence[int]) -> None:
+    def launchStep(self, ring: int, iters: int, entries: Sequence[int], seeds: Sequence[int] | None = None) -> None:
         if self.failAt is not None and len(self.steps) >= self.failAt:
             raise RuntimeError("the device fell over")
         assert self._done[ring], "a ring buffer was reused before its step was collected"
         values = []
-        for entry in entries:
+        for n, entry in enumerate(entries):
             slot = entry & ~FRESH
-            start = 0 if entry & FRESH else self.state[slot]
+            start = (seeds[n] if seeds is not None else 0) if entry & FRESH else self.state[slot]
             self.state[slot] = spin_lane(iters, 0, start)
             values.append(self.state[slot])
         self.results[ring] = values
@@ -313,6 +314,35 @@ class SchedulerTests(unittest.TestCase):
         calls.pump(lambda: len(receiver.values) == 40)
         self.assertEqual(receiver.batches[0], 1)
         self.assertEqual(receiver.values, spin_chain(1, 40))
+
+    def test_pausedRequestGivesItsSlotUpAndGoesOnLater(self) -> None:
+        """
+        With every slot held by paused requests, a newcomer takes a paused
+        one's slot; resumed, the paused requests queue for slots again and
+        each goes on from its own last value: every chain is the reference's.
+        """
+        device = FakeStepDevice(depth=2, slots=2)
+        scheduler, calls, thread = self.start(device)
+        thread.start()
+        paused = [Receiver(), Receiver()]
+        tickets = [scheduler.admit(3, 50, receiver) for receiver in paused]
+        calls.pump(lambda: all(len(r.values) >= 3 for r in paused))
+        for ticket in tickets:
+            ticket.pause()
+        newcomers = [Receiver() for _ in range(3)]
+        for receiver in newcomers:
+            scheduler.admit(3, 7, receiver)
+        calls.pump(lambda: all(len(r.values) == 7 for r in newcomers))
+        held = [len(r.values) for r in paused]
+        self.assertTrue(all(n < 50 for n in held), held)
+        for ticket in tickets:
+            ticket.resume()
+        calls.pump(lambda: all(len(r.values) == 50 for r in paused))
+        for receiver in paused + newcomers:
+            self.assertEqual(receiver.values, spin_chain(3, len(receiver.values)))
+        self.assertIsNone(paused[0].failure)
+        fresh = sum(1 for _, entries in device.steps for entry in entries if entry & FRESH)
+        self.assertEqual(fresh, 2 + 3 + 2, "each request takes a slot afresh: the two paused ones twice")
 
     def test_deviceFailureFailsEveryRequestAndLaterOnes(self) -> None:
         """A step that cannot launch fails every request in the batch, once, and refuses later requests."""

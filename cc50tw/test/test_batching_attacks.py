@@ -313,11 +313,6 @@ class FlowAttacks(SchedulerAttackBase):
         calls.pump(lambda: len(receiver.values) == 10)
         self.assertEqual(receiver.values, spin_chain(1, 10))
 
-    # Known limit, not fixed yet: a paused request keeps its state slot, so
-    # DEFAULT_SLOTS (256) paused requests hold every newcomer back until the
-    # stall timeout ends them.  The fix is preemption (retire a paused request
-    # with nothing in flight, restart its chain from a host-side seed on
-    # resume), which needs a seed buffer in step_kernel.
     def test_pausedRequestsDoNotStarveWaitingOnes(self) -> None:
         """
         Requests whose clients stopped granting credit must not keep the
@@ -344,10 +339,6 @@ class FlowAttacks(SchedulerAttackBase):
             for ticket in tickets:
                 ticket.cancel()
 
-
-    test_pausedRequestsDoNotStarveWaitingOnes.todo = (  # type: ignore[attr-defined]
-        "paused requests keep their device slots: preemption is not written yet"
-    )
 
     def test_resumeWithoutPauseAndAfterFinish(self) -> None:
         device = FakeStepDevice()
@@ -447,22 +438,24 @@ class EdgeAttacks(SchedulerAttackBase):
 
     def test_deviceFailureWhilePausedAndWaiting(self) -> None:
         """
-        The device fails while one request is paused, one runs and one waits
-        for a slot: each hears one failure, after a prefix of its chain.
+        The device fails while one request is paused (its slot given up), two
+        run and one waits for a slot: each hears one failure, after a prefix
+        of its chain.
         """
         device = FakeStepDevice(depth=2, slots=2)
         scheduler, calls, thread = self.start(device)
-        paused, running, waiting = Tracked(1, 10_000), Tracked(1, 10_000), Tracked(1, 10)
+        paused, running, second, waiting = (Tracked(1, 10_000) for _ in range(4))
         paused.ticket = scheduler.admit(1, 10_000, paused)
         calls.pump(lambda: bool(paused.values))
         paused.ticket.pause()
         running.ticket = scheduler.admit(1, 10_000, running)
+        second.ticket = scheduler.admit(1, 10_000, second)
+        calls.pump(lambda: len(second.values) >= 20)
         waiting.ticket = scheduler.admit(1, 10, waiting)
-        calls.pump(lambda: len(running.values) >= 20)
         device.failAt = len(device.steps) + 3
-        calls.pump(lambda: all(r.failure for r in (paused, running, waiting)))
+        calls.pump(lambda: all(r.failure for r in (paused, running, second, waiting)))
         pumpFor(calls, 0.05)
-        for receiver in (paused, running, waiting):
+        for receiver in (paused, running, second, waiting):
             self.assertIn("the device fell over", receiver.failure or "")
             self.assertEqual(receiver.values, spin_chain(1, len(receiver.values)))
         self.assertEqual(waiting.values, [])

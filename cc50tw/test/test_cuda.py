@@ -137,6 +137,35 @@ class CUDAEngineTests(unittest.TestCase):
             yield self.assertFailure(work, CancelledError)
 
     @inlineCallbacks
+    def test_pausedRequestsGiveTheirSlotsUp(self) -> Any:
+        """
+        On the GPU: with both slots held by paused requests a newcomer still
+        runs, and the paused ones, resumed, go on from their last values on
+        the device (seeded into whatever slot they get).
+        """
+        engine = CUDAEngine(reactor, 8, 256, PROBE.device_name, slots=2)
+        self.addCleanup(engine.stop)
+        yield engine.start()
+        backend = ToyBackend(reactor, engine, 20000)
+        pausedSinks = [RecordingSink(pauseEvery=5) for _ in range(2)]
+        pausedStreams = [
+            BatchedToyStream(backend, engine, InferenceRequest(n, "p", 40), sink) for n, sink in enumerate(pausedSinks)
+        ]
+        for stream in pausedStreams:
+            stream.start()
+        yield waitFor(lambda: all(sink.paused for sink in pausedSinks))
+        newcomer = BatchedToyStream(backend, engine, InferenceRequest(9, "p", 30), RecordingSink())
+        newcomer.start()
+        yield newcomer.done
+        self.assertEqual(newcomer.last_value, spin_chain(20000, 30)[-1])
+        for sink in pausedSinks:
+            sink.pauseEvery = 0
+            sink.resume()
+        yield gatherResults([stream.done for stream in pausedStreams])
+        for stream in pausedStreams:
+            self.assertEqual(stream.last_value, spin_chain(20000, 40)[-1])
+
+    @inlineCallbacks
     def test_oneLaunchPerStep(self) -> Any:
         """Alone, a request takes one step per token; its tokens all reach the sink."""
         backend = ToyBackend(reactor, self.engine, 100)
