@@ -341,8 +341,11 @@ class SchedulerTests(unittest.TestCase):
         for receiver in paused + newcomers:
             self.assertEqual(receiver.values, spin_chain(3, len(receiver.values)))
         self.assertIsNone(paused[0].failure)
+        # Each request takes a slot afresh once, and a paused one again after
+        # giving its slot up: at least one had to (the newcomers finished),
+        # the other only if it was idle while newcomers still waited.
         fresh = sum(1 for _, entries in device.steps for entry in entries if entry & FRESH)
-        self.assertEqual(fresh, 2 + 3 + 2, "each request takes a slot afresh: the two paused ones twice")
+        self.assertIn(fresh, (2 + 3 + 1, 2 + 3 + 2))
 
     def test_deviceFailureFailsEveryRequestAndLaterOnes(self) -> None:
         """A step that cannot launch fails every request in the batch, once, and refuses later requests."""
