@@ -68,4 +68,9 @@ def textObserver() -> ILogObserver:
 
 def jsonObserver() -> ILogObserver:
     """The observer factory twistd's ``--logger`` expects."""
-    return accesslog.install(jsonFileLogObserver(sys.stdout, recordSeparator=""), sys.stdout, accesslog.jsonLine)
+    return accesslog.install(
+        jsonFileLogObserver(sys.stdout, recordSeparator=""),
+        sys.stdout,
+        accesslog.jsonLine,
+        maxBuffered=accesslog.MAX_BUFFERED_JSON_LINES,
+    )

@@ -194,14 +194,15 @@ class AccessLogBugs(SynchronousTestCase):
         """
         output = io.BytesIO()
         sink = accesslog.AccessLogSink(output, accesslog.TextLines(), Clock())  # type: ignore[arg-type]
-        fields = dict(req_id=1, peer="p", outcome="done", backend="toy", model=None, model_text="", tokens=1,
-                      prompt_tokens=1, bytes=1, latency_ms=1.0, ttft_ms=None, ttft_text="none",
-                      finish_reason=None, finish_text="", detail="")
         for n in range(5):
-            sink.add("cc50", dict(fields, req_id=n))
-        sink.add("cc50", dict(fields, req_id=99, detail=" (bad \ud800)"))
+            sink.add("cc50", _record(n))
+        sink.add("cc50", _record(99, message="bad \ud800"))
         sink.flush()
         self.assertEqual(output.getvalue().count(b"\n"), 6)
+
+
+def _record(reqId: int, message: str = "") -> accesslog.RequestRecord:
+    return accesslog.RequestRecord(reqId, "p", "done", "toy", None, 1, 1, 1, 1.0, None, message, None)
 
 
 class _ShortWriter:
@@ -236,11 +237,8 @@ class AccessLogShortWrite(SynchronousTestCase):
         output = _ShortWriter(room=300)
         sink = accesslog.AccessLogSink(output, accesslog.TextLines(), Clock())  # type: ignore[arg-type]
         sink._encode = True
-        fields = dict(req_id=1, peer="p", outcome="done", backend="toy", model=None, model_text="", tokens=1,
-                      prompt_tokens=1, bytes=1, latency_ms=1.0, ttft_ms=None, ttft_text="none",
-                      finish_reason=None, finish_text="", detail="")
         for n in range(20):
-            sink.add("cc50", dict(fields, req_id=n))
+            sink.add("cc50", _record(n))
         captured = io.StringIO()
         self.patch(sys, "__stderr__", captured)
         sink.flush()
