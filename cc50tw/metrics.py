@@ -276,9 +276,7 @@ class ServerMetrics:
         without bound).
         """
         self.requests.inc((outcome,))
-        duration = self.duration  # observe(), inlined: this runs once per request
-        duration.counts[bisect_left(duration.bounds, latency)] += 1
-        duration.sum += latency
+        self.duration.observe(latency)
         if backendError:
             self.backend_errors.inc((outcome,))
         if ttft is not None:
@@ -286,9 +284,9 @@ class ServerMetrics:
             if interToken is not None:
                 self.inter_token.observe(interToken)
         if generatedTokens > 0:
-            self.generated_tokens.values[()] += generatedTokens
+            self.generated_tokens.inc((), generatedTokens)
         if promptTokens > 0:
-            self.prompt_tokens.values[()] += promptTokens
+            self.prompt_tokens.inc((), promptTokens)
         if model is not None:
             self.model_requests.inc((model, outcome))
 

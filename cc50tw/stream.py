@@ -323,14 +323,14 @@ class RequestStream:
             if type(generated) is not int or type(prompt) is not int:
                 generated, prompt = _count(generated), _count(prompt)
             started = self.startedAt
-            stats = DoneStats(  # tokens, elapsed_us, prompt_tokens, generated_tokens, ttft_us, finish_reason
-                generated,
-                int((now - started) * 1e6),
-                prompt,
-                generated,
-                int((first - started) * 1e6),
+            stats = DoneStats(
+                tokens=generated,
+                elapsed_us=int((now - started) * 1e6),
+                prompt_tokens=prompt,
+                generated_tokens=generated,
+                ttft_us=int((first - started) * 1e6),
                 # Only a client that sent options knows the field after ttft_us.
-                None if self.request.options is NO_OPTIONS else (result.finish_reason or "unknown"),
+                finish_reason=None if self.request.options is NO_OPTIONS else (result.finish_reason or "unknown"),
             )
         except Exception:  # counts a backend got wrong must not cost the request its DONE
             log.failure("request {req_id}: unusable counts in {result!r}", req_id=self.reqId, result=result)

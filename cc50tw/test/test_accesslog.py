@@ -209,3 +209,44 @@ class TwistdLogFileTests(SynchronousTestCase):
         self.assertIsInstance(output, LogFile)
         self.assertEqual(output.path, path)  # type: ignore[attr-defined]
         self.assertTrue(callable(signal.getsignal(signal.SIGUSR1)))  # rotation on SIGUSR1, as twistd does
+
+
+class _Recording:
+    """Stands in for the sink: keeps the records the server logs."""
+
+    def __init__(self) -> None:
+        self.records: list[accesslog.RequestRecord] = []
+
+    def add(self, namespace: str, record: accesslog.RequestRecord) -> None:
+        self.records.append(record)
+
+
+class LoggedLatencyTests(SynchronousTestCase):
+    def test_latencyIsTheElapsedTimeTheClientReads(self) -> None:
+        """
+        The request line's latency is RESP_DONE's ``elapsed_us``: one clock
+        reading ends both, even with a clock that moves on every reading.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from cc50tw.backends.lcg import CPUEngine
+        from cc50tw.backends.toy import ToyBackend
+        from cc50tw.codec import MessageType, decode_done, encode_infer
+        from cc50tw.server import CC50ServerFactory, ServerConfig
+        from cc50tw.test.fakes import Connection
+
+        readings = iter(range(1000, 10**6, 7))  # ms: every reading 7 ms after the last
+
+        def clock() -> float:
+            return next(readings) / 1e3
+
+        reactor = MemoryReactorClock()
+        backend = ToyBackend(reactor, CPUEngine(reactor, None), 0)  # type: ignore[arg-type]
+        factory = CC50ServerFactory(backend, ServerConfig(), reactor, clock=clock)
+        recording = _Recording()
+        self.patch(accesslog, "_sink", recording)
+        connection = Connection(factory)
+        connection.send(encode_infer(1, "hi", 3))
+        [done] = [frame for frame in connection.received() if frame.type == MessageType.RESP_DONE]
+        [record] = recording.records
+        self.assertAlmostEqual(record.latencyMs * 1e3, decode_done(done).elapsed_us, places=3)
