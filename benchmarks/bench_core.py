@@ -57,9 +57,13 @@ class HeaderWalker:
         self.sock = sock
         self.buffer = bytearray()
         self.offset = 0
+        self.terminal_at = 0
 
     def until_terminal(self) -> tuple[int, int, int]:
-        """Read to the next DONE/ERR; returns (chunk frames, chunk payload bytes, terminal type)."""
+        """
+        Read to the next DONE/ERR; returns (chunk frames, chunk payload bytes,
+        terminal type).  ``terminal_payload()`` then gives that frame's payload.
+        """
         frames = payload = 0
         unpack_from = HEADER.unpack_from
         while True:
@@ -74,8 +78,10 @@ class HeaderWalker:
                     frames += 1
                     payload += length
                 else:
+                    # Left in the buffer (compacted before the next read) for
+                    # terminal_payload(), which is rarely wanted: no copy here.
+                    self.terminal_at = offset - length
                     self.offset = offset
-                    self._compact()
                     return frames, payload, kind
             self.offset = offset
             self._compact()
@@ -83,6 +89,10 @@ class HeaderWalker:
             if not data:
                 raise ConnectionError("server closed the connection")
             self.buffer += data
+
+    def terminal_payload(self) -> bytes:
+        """The payload of the frame the last ``until_terminal`` stopped at."""
+        return bytes(self.buffer[self.terminal_at : self.offset])
 
     def _compact(self) -> None:
         if self.offset:

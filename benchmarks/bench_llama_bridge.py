@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import socket
 import statistics
 import sys
@@ -49,16 +48,19 @@ from cc50tw.backends.http import (
     upstreamAgent,
 )
 from cc50tw.client import CC50ClientProtocol, connect
-from cc50tw.codec import HEADER, HEADER_SIZE, MessageType, encode_infer
+from cc50tw.codec import MessageType, encode_infer
 from cc50tw.sse import SSEParser, TextAssembler
 from cc50tw.stats import summarize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import bench_core  # noqa: E402
 from tests.helpers import ServerProcess, cc50_server_command, start_server, stop_process  # noqa: E402
 from tests.llama_support import LlamaServer, find_llama_server, generated_model  # noqa: E402
 
 ITERATIONS, MAX_TOKENS = 80, 128
+#: --floor's defaults: rounds, requests per bridge per round, tokens per request.
+FLOOR_ROUNDS, FLOOR_REQUESTS, FLOOR_MAX_TOKENS = 20, 30, 64
 
 PROMPTS = [
     "The history of the printing press",
@@ -252,55 +254,28 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
 
 # Against the floor (issue 18) ------------------------------------------------------------
 
+
 def floor_requests(address: tuple[str, int], count: int, max_tokens: int) -> tuple[list[float], int]:
     """
     ``count`` sequential requests on one raw-socket connection (headers
-    walked, payloads never decoded: the bridges' cost, not this client's);
-    latencies in ms and the tokens the RESP_DONE frames counted.
+    walked by ``bench_core.HeaderWalker``, chunk payloads never decoded: the
+    bridges' cost, not this client's); latencies in ms and the tokens the
+    RESP_DONE frames counted.
     """
     with socket.create_connection(address) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buffer, offset, tokens = bytearray(), 0, 0
+        walker = bench_core.HeaderWalker(sock)
+        tokens = 0
         latencies: list[float] = []
         for number in range(count):
             started = time.perf_counter()
             sock.sendall(encode_infer(number + 1, PROMPTS[number % len(PROMPTS)], max_tokens, 0xFFFFFFFF))
-            while True:
-                if len(buffer) - offset >= HEADER_SIZE:
-                    _magic, _version, kind, _reqId, _flags, length = HEADER.unpack_from(buffer, offset)
-                    if len(buffer) - offset >= HEADER_SIZE + length:
-                        payload = offset + HEADER_SIZE
-                        offset = payload + length
-                        if kind == MessageType.RESP_CHUNK:
-                            continue
-                        if kind != MessageType.RESP_DONE:
-                            raise AssertionError(f"request {number + 1} ended with frame type {kind}")
-                        tokens += int.from_bytes(buffer[payload : payload + 4], "little")
-                        break
-                del buffer[:offset]
-                offset = 0
-                data = sock.recv(1 << 16)
-                if not data:
-                    raise ConnectionError("the bridge closed the connection")
-                buffer += data
+            _frames, _payload, kind = walker.until_terminal()
+            if kind != MessageType.RESP_DONE:
+                raise AssertionError(f"request {number + 1} ended with frame type {kind}")
+            tokens += int.from_bytes(walker.terminal_payload()[:4], "little")
             latencies.append((time.perf_counter() - started) * 1e3)
     return latencies, tokens
-
-
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """
-    The process's CPU time so far, two ways: utime+stime from /proc/PID/stat
-    (in clock ticks, 10 ms), and the sum of its threads' run time from
-    /proc/PID/task/*/schedstat (in ns, so short rounds can be measured;
-    NaN where the kernel has no schedstat).
-    """
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    try:
-        ns = sum(int((task / "schedstat").read_text().split()[0]) for task in Path(f"/proc/{pid}/task").iterdir())
-    except (OSError, ValueError):
-        return ticks, math.nan
-    return ticks, ns / 1e9
 
 
 def floor_comparison(
@@ -355,10 +330,10 @@ def floor_comparison(
             figures: dict[str, dict[str, float]] = {}
             shift = number % len(names)
             for name in names[shift:] + names[:shift]:
-                pid = servers[name].process.pid
-                ticks, ns = cpu_seconds(pid)
+                server = servers[name]
+                ticks, ns = server.cpu_seconds(), server.thread_cpu_seconds()
                 latencies, tokens = floor_requests(addresses[name], requests, max_tokens)
-                ticksAfter, nsAfter = cpu_seconds(pid)
+                ticksAfter, nsAfter = server.cpu_seconds(), server.thread_cpu_seconds()
                 figures[name] = {
                     # The precise clock where there is one: rounds are short, so
                     # that drift on a shared machine hits every bridge alike.
@@ -411,24 +386,31 @@ def floor_comparison(
     }
 
 
-def print_floor(result: dict[str, Any]) -> None:
-    print(
+def floor_table(result: dict[str, Any]) -> list[str]:
+    """``floor_comparison``'s figures as lines (``--floor`` and the suite's ``bridge_floor``)."""
+    if "skipped" in result:
+        return [f"bridge against the floor: skipped: {result['skipped']} ({result.get('detail', '')})"]
+    lines = [
         f"bridge against the floor: llama-server ({result['llama_server']}, model {result['model']}, "
-        f"{result['threads']} thread(s)), {result['max_tokens']}-token requests, sequential, "
-        f"{result['rounds']} rounds x {result['requests_per_round']} requests per bridge, order rotating"
-    )
-    print(f"  {'bridge':<12}{'CPU/token':>12}{'(stat)':>10}{'p50':>10}{'tokens':>9}{'CPU x floor':>13}{'p50 x floor':>13}")
+        f"{result['threads']} thread(s)), {result['max_tokens']}-token requests, sequential, raw-socket client; "
+        f"{result['rounds']} rounds x {result['requests_per_round']} requests per bridge, order rotating",
+        f"  {'bridge':<13}{'CPU/token':>11}{'(stat)':>10}{'p50':>10}{'tokens':>9}{'CPU x floor':>13}{'p50 x floor':>13}",
+    ]
     for name, f in result["bridges"].items():
         ratios = f"{f['cpu_ratio']:>13.3f}{f['p50_ratio']:>13.3f}" if "cpu_ratio" in f else ""
-        print(
-            f"  {name:<12}{f['cpu_us_per_token']:>10.1f}µs{f['stat_cpu_us_per_token']:>8.1f}µs"
+        lines.append(
+            f"  {name:<13}{f['cpu_us_per_token']:>9.1f}µs{f['stat_cpu_us_per_token']:>8.1f}µs"
             f"{f['p50_ms']:>8.2f}ms{f['tokens']:>9}{ratios}"
         )
     for name, f in result["bridges"].items():
         if "cpu_ratio" in f:
-            print(f"  {name} / floor per round, CPU: " + ", ".join(f"{r:.2f}" for r in f["cpu_ratio_per_round"]))
-            print(f"  {name} / floor per round, p50: " + ", ".join(f"{r:.2f}" for r in f["p50_ratio_per_round"]))
-    print("  CPU/token: median of rounds (threads' run time); (stat): /proc utime+stime over all rounds")
+            lines.append(f"  {name} / floor per round, CPU: " + ", ".join(f"{r:.2f}" for r in f["cpu_ratio_per_round"]))
+            lines.append(f"  {name} / floor per round, p50: " + ", ".join(f"{r:.2f}" for r in f["p50_ratio_per_round"]))
+    lines.append(
+        "  CPU/token: median of the rounds (the threads' run time, /proc/PID/task/*/schedstat); "
+        "(stat): /proc/PID/stat utime+stime over all rounds; x floor: median of the per-round ratios"
+    )
+    return lines
 
 
 def print_level(concurrency: int, level: dict[str, dict[str, float]]) -> None:
@@ -451,14 +433,21 @@ def print_level(concurrency: int, level: dict[str, dict[str, float]]) -> None:
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=["small", "large"], help="generated model size")
-    parser.add_argument("--iterations", type=int, default=ITERATIONS, help="requests per path and concurrency level")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        help=f"requests per path and concurrency level (default {ITERATIONS}); "
+        f"with --floor, requests per bridge per round (default {FLOOR_REQUESTS})",
+    )
     parser.add_argument(
         "--rounds",
         type=int,
-        default=0,
-        help="alternations between the paths per level (default: every CONCURRENCY requests)",
+        help="alternations between the paths per level (default: every CONCURRENCY requests); "
+        f"with --floor, rounds, each bridge measured once (default {FLOOR_ROUNDS})",
     )
-    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument(
+        "--max-tokens", type=int, help=f"tokens per request (default {MAX_TOKENS}; with --floor, {FLOOR_MAX_TOKENS})"
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument(
         "--threads",
@@ -477,24 +466,35 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--floor",
         action="store_true",
         help="instead: twistd cc50 against benchmarks/floor_bridge.py, CPU per token and p50 "
-        "(--rounds, default 6; --iterations per round, default 100; --max-tokens, default 64)",
+        f"(--rounds, default {FLOOR_ROUNDS}; --iterations per bridge per round, default {FLOOR_REQUESTS}; "
+        f"--max-tokens, default {FLOOR_MAX_TOKENS})",
     )
     parser.add_argument(
         "--baseline",
         metavar="TREE",
         help="with --floor: also twistd cc50 from this checkout (e.g. `git archive HEAD` unpacked), as cc50tw@base",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Each mode's defaults, filled in once the mode is known, so that an
+    # explicit value is always kept.
+    if args.floor:
+        defaults = {"rounds": FLOOR_ROUNDS, "iterations": FLOOR_REQUESTS, "max_tokens": FLOOR_MAX_TOKENS}
+    else:
+        defaults = {"rounds": 0, "iterations": ITERATIONS, "max_tokens": MAX_TOKENS}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.floor and (args.rounds < 1 or args.iterations < 1):
+        parser.error("with --floor, --rounds and --iterations must be at least 1")
+    return args
 
 
 def floor_main(args: argparse.Namespace) -> None:
-    iterations = 30 if args.iterations == ITERATIONS else args.iterations
-    maxTokens = 64 if args.max_tokens == MAX_TOKENS else args.max_tokens
     result = floor_comparison(
         Path(tempfile.mkdtemp(prefix="cc50-bench-floor-")),
-        rounds=args.rounds or 20,
-        requests=iterations,
-        max_tokens=maxTokens,
+        rounds=args.rounds,
+        requests=args.iterations,
+        max_tokens=args.max_tokens,
         preset=args.preset,
         threads=args.threads,
         twistd_args=tuple(args.twistd_arg),
@@ -502,13 +502,14 @@ def floor_main(args: argparse.Namespace) -> None:
     )
     if "skipped" in result:
         raise SystemExit(f"bench_llama_bridge: {result['detail']}")
-    print_floor(result)
+    print("\n".join(floor_table(result)))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    if "--floor" in sys.argv[1:]:
-        floor_main(parse(sys.argv[1:]))
-        raise SystemExit(0)
-    react(lambda reactor: Deferred.fromCoroutine(main(reactor, parse(sys.argv[1:]))))
+    arguments = parse(sys.argv[1:])
+    if arguments.floor:
+        floor_main(arguments)
+    else:
+        react(lambda reactor: Deferred.fromCoroutine(main(reactor, arguments)))

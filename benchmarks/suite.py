@@ -642,29 +642,9 @@ def bridge_floor(options: dict[str, Any], directory: Path) -> dict[str, Any]:
 
 
 def bridge_floor_table(result: dict[str, Any]) -> list[str]:
-    if "skipped" in result:
-        return [f"bridge against the floor: skipped: {result['skipped']} ({result.get('detail', '')})"]
-    lines = [
-        f"bridge against the floor: llama-server ({result['llama_server']}, model {result['model']}, "
-        f"{result['threads']} thread(s)), {result['max_tokens']}-token requests, sequential, raw-socket client; "
-        f"{result['rounds']} rounds x {result['requests_per_round']} requests per bridge, order rotating",
-        f"  {'bridge':<13}{'CPU/token':>11}{'(stat)':>10}{'p50':>10}{'CPU x floor':>13}{'p50 x floor':>13}",
-    ]
-    for name, f in result["bridges"].items():
-        ratios = f"{f['cpu_ratio']:>13.3f}{f['p50_ratio']:>13.3f}" if "cpu_ratio" in f else ""
-        lines.append(
-            f"  {name:<13}{f['cpu_us_per_token']:>9.1f}µs{f['stat_cpu_us_per_token']:>8.1f}µs"
-            f"{f['p50_ms']:>8.2f}ms{ratios}"
-        )
-    for name, f in result["bridges"].items():
-        if "cpu_ratio" in f:
-            lines.append(f"  {name} / floor, CPU per round: " + ", ".join(f"{r:.2f}" for r in f["cpu_ratio_per_round"]))
-            lines.append(f"  {name} / floor, p50 per round: " + ", ".join(f"{r:.2f}" for r in f["p50_ratio_per_round"]))
-    lines.append(
-        "  CPU/token: median of the rounds (the threads' run time, /proc/PID/task/*/schedstat); "
-        "(stat): /proc/PID/stat utime+stime over all rounds; x floor: median of the per-round ratios"
-    )
-    return lines
+    from benchmarks import bench_llama_bridge
+
+    return bench_llama_bridge.floor_table(result)
 
 
 # 6. Slow reader -------------------------------------------------------------------------

@@ -17,6 +17,7 @@ and the scripts in ``benchmarks/``.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -306,6 +307,21 @@ class ServerProcess:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         # After the command name: state is field 3, so utime (14) and stime (15) are at 11 and 12.
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def thread_cpu_seconds(self) -> float:
+        """
+        The run time of the process's threads so far, from
+        /proc/PID/task/*/schedstat: in ns, so short spans can be measured
+        (``cpu_seconds`` counts clock ticks, 10 ms); NaN where the kernel
+        has no schedstat.
+        """
+        try:
+            ns = sum(
+                int((task / "schedstat").read_text().split()[0]) for task in Path(f"/proc/{self.pid}/task").iterdir()
+            )
+        except (OSError, ValueError):
+            return math.nan
+        return ns / 1e9
 
 
 def start_server(
