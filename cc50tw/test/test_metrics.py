@@ -70,3 +70,39 @@ class PlainSeriesTests(SynchronousTestCase):
         self.assertEqual(list(counter.family(True).samples), [])
         counter.inc(("done",))
         self.assertEqual([(s.name, s.labels, s.value) for s in counter.family(False).samples], [("c_total", {"outcome": "done"}, 1.0)])
+
+    def test_createdSeriesFollowPrometheusClientsSwitch(self) -> None:
+        """
+        With prometheus_client's ``_created`` series switched off
+        (``disable_created_metrics``, or PROMETHEUS_DISABLE_CREATED_SERIES),
+        ours are off too, as its own are; this reads a private flag of
+        prometheus_client, so a rename there fails here, not in production.
+        """
+        from prometheus_client import disable_created_metrics, enable_created_metrics
+
+        from cc50tw.metrics import _exportCreated
+
+        self.assertTrue(_exportCreated())
+        disable_created_metrics()
+        self.addCleanup(enable_created_metrics)
+        self.assertFalse(_exportCreated())
+        reference = CollectorRegistry()
+        Counter("n", "A counter.", registry=reference).inc()
+        plain = PlainCounter("n", "A counter.")
+        plain.inc((), 1)
+        self.assertEqual(createdNames(reference), [])
+        self.assertEqual(createdNames(_exportingAsServed(plain)), [])
+
+
+def _exportingAsServed(*series: PlainCounter | PlainHistogram) -> CollectorRegistry:
+    """A registry exporting ``series`` with the server's own decision on ``_created``."""
+    from cc50tw.metrics import _exportCreated
+
+    class Served(Collector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            for one in series:
+                yield one.family(_exportCreated())
+
+    registry = CollectorRegistry()
+    registry.register(Served())
+    return registry
