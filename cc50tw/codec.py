@@ -29,7 +29,7 @@ DONE_CPP = struct.Struct("<IIQ")  # tokens, reserved, elapsed_us
 DONE_EXTENSION = struct.Struct("<IIQ")  # prompt_tokens, generated_tokens, ttft_us
 #: A whole RESP_DONE frame in cc50tw's form with no finish reason, header
 #: included: what a server sends most, in one pack.
-DONE_FRAME = struct.Struct("<IHHQII" "IIQ" "IIQ")
+DONE_FRAME = struct.Struct("<" + HEADER.format[1:] + DONE_CPP.format[1:] + DONE_EXTENSION.format[1:])
 CREDIT = struct.Struct("<I")
 #: RESP_DONE's finish reason, after the cc50tw fields: its length, then UTF-8.
 FINISH_REASON = struct.Struct("<H")
@@ -197,16 +197,12 @@ def encode_done(req_id: int, stats: DoneStats) -> bytes:
             )  # fmt: skip
         except struct.error:
             pass  # clamped below
-    try:  # the common case: every figure already fits its field
-        payload = DONE_CPP.pack(stats.tokens, 0, stats.elapsed_us)
-        if stats.prompt_tokens is not None:
-            payload += DONE_EXTENSION.pack(stats.prompt_tokens, generated, stats.ttft_us or 0)
-    except struct.error:
-        payload = DONE_CPP.pack(_fit(stats.tokens, MAX_U32), 0, _fit(stats.elapsed_us, MAX_U64))
-        if stats.prompt_tokens is not None:
-            payload += DONE_EXTENSION.pack(
-                _fit(stats.prompt_tokens, MAX_U32), _fit(generated, MAX_U32), _fit(stats.ttft_us or 0, MAX_U64)
-            )
+    # Every figure clamped to its field: cheap next to a frame, and the one path left.
+    payload = DONE_CPP.pack(_fit(stats.tokens, MAX_U32), 0, _fit(stats.elapsed_us, MAX_U64))
+    if stats.prompt_tokens is not None:
+        payload += DONE_EXTENSION.pack(
+            _fit(stats.prompt_tokens, MAX_U32), _fit(generated, MAX_U32), _fit(stats.ttft_us or 0, MAX_U64)
+        )
     if stats.prompt_tokens is not None and stats.finish_reason is not None:
         reason = stats.finish_reason.encode("utf-8", "replace")
         reason = reason[: utf8_prefix_length(reason, MAX_FINISH_REASON_BYTES)]

@@ -247,8 +247,8 @@ class ReqIdRuleTests(SynchronousTestCase):
 class UnauthenticatedHoldTests(SynchronousTestCase):
     def test_unauthenticatedPeerCannotHoldAConnectionForever(self) -> None:
         """
-        Was a bug: before HELLO, every byte restarts the idle timer
-        (``dataReceived``: ``if not self.streams: self.resetTimeout()``).
+        Was a bug: before HELLO, every byte restarted the idle timer (then
+        ``TimeoutMixin.resetTimeout``; now every byte counts as activity).
         A peer that sends one byte of a HELLO header every idle_timeout - 1
         seconds is never closed and never authenticates: --max-connections
         such peers lock every real client out.  There is no deadline for the

@@ -146,9 +146,7 @@ def streamError(event: SSEEvent, value: dict[str, Any] | None, where: str) -> Fa
         except (ValueError, RecursionError):
             body = event.data
         return errorFault(body, f"{where} failed mid-stream")
-    if value is None:
-        return None
-    if value.get("error") is not None or value.get("object") == "error":
+    if value is not None and (value.get("error") is not None or value.get("object") == "error"):
         return errorFault(value, f"{where} failed mid-stream")
     return None
 
@@ -156,17 +154,7 @@ def streamError(event: SSEEvent, value: dict[str, Any] | None, where: str) -> Fa
 def _interpreted(where: str, event: SSEEvent, read: Callable[[dict[str, Any]], Delta]) -> Delta:
     """Run a dialect's reading of one event; whatever is malformed becomes the error."""
     try:
-        if event.event == "message":
-            # Once per token: an ordinary event's JSON object goes straight to
-            # ``read``; anything else (not JSON, not an object, an error in
-            # any shape) takes the careful path below.
-            try:
-                value = json.loads(event.data)
-            except (ValueError, RecursionError):
-                pass
-            else:
-                if type(value) is dict and value.get("error") is None and value.get("object") != "error":
-                    return read(value)
+        # Once per token: one parse, one look for an error, then the dialect.
         value = None if event.event == "error" else _load(event)
         error = streamError(event, value, where)
         if error is not None:
