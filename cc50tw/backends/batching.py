@@ -51,6 +51,7 @@ from typing import Protocol
 
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger()
 
@@ -347,7 +348,9 @@ class DecodeScheduler:
         except Exception as e:
             reason = f"CUDA step failed: {e}"
             self.brokenReason = reason
-            log.failure("the decode loop failed; failing every request in it")
+            # Logged from the reactor thread: the log's observers (the
+            # buffered request log among them) are not thread-safe.
+            self._reactor.callFromThread(log.failure, "the decode loop failed; failing every request in it", Failure())
         finally:
             self._abandonAll(reason)
 
