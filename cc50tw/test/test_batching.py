@@ -423,15 +423,22 @@ def sleep(seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
 
 
-class BatchedToyStreamTests(unittest.TestCase):
+class FakeEngineCase(unittest.TestCase):
+    """A toy backend on ``FakeBatchingEngine``, its worker stopped after each test."""
+
     timeout = 30
+    #: The backend's iterations per token.
+    iters = 9
 
     def setUp(self) -> None:
         self.device = FakeStepDevice(depth=4, slots=8)
         self.engine = FakeBatchingEngine(self.device)
         self.addCleanup(self.engine.thread.join, 5)
         self.addCleanup(self.engine.scheduler.stop)
-        self.backend = ToyBackend(reactor, self.engine, 9)
+        self.backend = ToyBackend(reactor, self.engine, self.iters)
+
+
+class BatchedToyStreamTests(FakeEngineCase):
 
     @inlineCallbacks
     def test_requestsShareSteps(self) -> Any:

@@ -33,6 +33,7 @@ from cc50tw.test.test_batching import (
     TIMEOUT,
     CallQueue,
     FakeBatchingEngine,
+    FakeEngineCase,
     FakeStepDevice,
     Receiver,
     reactor,
@@ -588,15 +589,8 @@ class RandomInterleavings(SchedulerAttackBase):
 # The toy's stream --------------------------------------------------------------------------
 
 
-class BatchedToyStreamAttacks(unittest.TestCase):
-    timeout = 30
-
-    def setUp(self) -> None:
-        self.device = FakeStepDevice(depth=4, slots=8)
-        self.engine = FakeBatchingEngine(self.device)
-        self.addCleanup(self.engine.thread.join, 5)
-        self.addCleanup(self.engine.scheduler.stop)
-        self.backend = ToyBackend(reactor, self.engine, 3)
+class BatchedToyStreamAttacks(FakeEngineCase):
+    iters = 3
 
     def generate(self, sink: ITokenSink, tokens: int) -> Deferred[Any]:
         return self.backend.generate(InferenceRequest(req_id=1, prompt="x", max_tokens=tokens), sink)
