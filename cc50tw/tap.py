@@ -599,6 +599,7 @@ class CC50Service(MultiService):
         return checked.addCallbacks(record, failed)
 
     def privilegedStartService(self) -> None:
+        self._holdStopSignalsUntilRunning()
         raiseFileLimit(self.log)
         self.log.info("cc50 backend: {backend}", backend=self.backend.describe())
         result = self.backend.startBackend()
@@ -615,6 +616,41 @@ class CC50Service(MultiService):
                 # OSError: a unix: socket in a directory that does not exist fails
                 # in Twisted's lock file, before any CannotListenError.
                 self._failToStart(f"cc50: cannot listen on {_failedAddress(e, self.listenDescriptions.get(child))}")
+
+    def _holdStopSignalsUntilRunning(self) -> None:
+        """
+        twistd opens the ports here, before the reactor runs and takes
+        SIGTERM and SIGINT over, so a supervisor that stops a server as soon
+        as it answers would kill it outright (exit -15, no orderly stop).
+        Until the reactor runs, those signals are noted; once it runs, one
+        that came stops it in order.  Where the reactor installs no handlers
+        of its own, the ones from before are put back.
+        """
+        if getattr(self.reactor, "running", False):
+            return  # the reactor's own handlers are in place already
+        held: list[int] = []
+
+        def hold(number: int, frame: object) -> None:
+            held.append(number)
+
+        previous: dict[int, Any] = {}
+        try:
+            for stopSignal in (signal.SIGTERM, signal.SIGINT):
+                previous[stopSignal] = signal.signal(stopSignal, hold)
+        except ValueError:  # not the main thread: nothing to hold
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+            return
+
+        def running() -> None:
+            for number, handler in previous.items():
+                if signal.getsignal(number) is hold:
+                    signal.signal(number, handler)
+            if held:
+                self.log.info("cc50: a stop signal came while starting; stopping")
+                self.reactor.stop()
+
+        self.reactor.callWhenRunning(running)
 
     def _failToStart(self, message: str) -> None:
         """

@@ -235,3 +235,18 @@ def test_loopback_does_not_warn(cc50_server: StartCC50) -> None:
     server = cc50_server("--toy-iters=0")
     raw_infer(server.socket_address, "hi", max_tokens=1)
     assert "beyond this host" not in server.log_path.read_text()
+
+
+def test_sigterm_as_soon_as_it_listens_is_an_orderly_stop(cc50_server: StartCC50) -> None:
+    """
+    Was a bug (a CI run): twistd opens its ports in privilegedStartService,
+    before the reactor runs and takes SIGTERM over, so a SIGTERM that came
+    as soon as the port answered (a supervisor stopping a server it just
+    started) killed the process outright: exit -15, no shutdown, no drain.
+    Now the signal is held until the reactor runs, then is an orderly stop.
+    """
+    statuses = []
+    for _ in range(40):
+        server = cc50_server("--toy-iters=0")
+        statuses.append(server.stop())
+    assert statuses == [0] * len(statuses)

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 import cc50tw.plugins
 from cc50tw.backends import BackendSpec, Discovery, discoverBackends
 from cc50tw.interfaces import IBackend
+from cc50tw.server import CC50ServerFactory, ServerConfig
 from cc50tw.tap import CC50Service, Options, StartupError
 from cc50tw.test.fakes import ManualBackend, make_factory
 
@@ -310,3 +311,40 @@ class StartWarningTests(SynchronousTestCase):
     def test_metricsOnLoopbackDoesNotWarn(self) -> None:
         text = self.start(["tcp:9199:interface=127.0.0.1"], metricsDescription="tcp:9100:interface=127.0.0.1")
         self.assertNotIn("beyond this host", text)
+
+
+class StopSignalWhileStartingTests(SynchronousTestCase):
+    """A SIGTERM between twistd opening its ports and the reactor running is an orderly stop."""
+
+    def service(self) -> tuple[CC50Service, Any]:
+        from twisted.internet.testing import MemoryReactorClock
+
+        reactor = MemoryReactorClock()
+        factory = CC50ServerFactory(ManualBackend(), ServerConfig(), reactor)
+        return CC50Service(factory.backend, factory, ["tcp:0:interface=127.0.0.1"], reactor), reactor
+
+    def test_heldUntilRunningThenStops(self) -> None:
+        import signal
+
+        before = signal.getsignal(signal.SIGTERM)
+        service, reactor = self.service()
+        service._holdStopSignalsUntilRunning()
+        self.addCleanup(signal.signal, signal.SIGTERM, before)
+        os.kill(os.getpid(), signal.SIGTERM)  # held, not fatal
+        self.assertFalse(reactor.hasStopped)
+        [(running, args, kwargs)] = reactor.whenRunningHooks
+        running(*args, **kwargs)
+        self.assertTrue(reactor.hasStopped)
+        self.assertIs(signal.getsignal(signal.SIGTERM), before, "the handler from before was not put back")
+
+    def test_noSignalNoStop(self) -> None:
+        import signal
+
+        before = signal.getsignal(signal.SIGINT)
+        service, reactor = self.service()
+        service._holdStopSignalsUntilRunning()
+        self.addCleanup(signal.signal, signal.SIGINT, before)
+        [(running, args, kwargs)] = reactor.whenRunningHooks
+        running(*args, **kwargs)
+        self.assertFalse(reactor.hasStopped)
+        self.assertIs(signal.getsignal(signal.SIGINT), before)
