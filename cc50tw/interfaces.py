@@ -111,6 +111,41 @@ class IBackend(Interface):
         """Release what ``startBackend`` took; called once at service stop."""
 
 
+class ImmediateAnswer(NamedTuple):
+    """A whole answer, ready at once: one chunk frame per text, then RESP_DONE with ``result``."""
+
+    texts: Sequence[str]
+    result: GenerationResult
+
+
+class IImmediateBackend(Interface):
+    """
+    Optional, for a backend that can sometimes answer without streaming: a
+    cache hit, an echo, the toy at zero iterations.
+
+    A streamed answer costs a stream, a producer registration and a Deferred
+    per request; for an answer that is ready at once that machinery is most
+    of the server's work (issue 18).  Before it calls ``generate`` the server
+    asks ``answerNow``; a whole answer is then sent in one write and recorded
+    like any other request (metrics, the request log), and ``generate`` is
+    never called for that request.
+    """
+
+    def answerNow(request: InferenceRequest, budget: int) -> ImmediateAnswer | None:  # type: ignore[misc]
+        """
+        The whole answer to ``request`` now, or None to stream it through
+        ``generate`` instead.
+
+        Called on the reactor, so answer only what is ready or costs next to
+        nothing to compute; and only if the answer's text, UTF-8 encoded, is
+        at most ``budget`` bytes (the client's credit window).  An answer over
+        the budget is still delivered in full, held back until the client
+        grants credit for it; an exception is the request's BACKEND_ERROR.
+        The server asks only while a backend slot is free and nothing is
+        queued for one (``--max-concurrency``).
+        """
+
+
 class IBackendFactory(Interface):
     """
     A backend as a plugin: what ``twistd cc50 --backend=NAME`` looks up.

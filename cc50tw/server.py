@@ -47,10 +47,11 @@ from cc50tw.codec import (
     encode_frame,
 )
 from cc50tw.generation import NO_OPTIONS, GenerationOptions
-from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest
+from cc50tw.immediate import AnswerNow, askForAnswer, sendAnswer
+from cc50tw.interfaces import GenerationResult, IBackend, IImmediateBackend, InferenceRequest
 from cc50tw.metrics import ServerMetrics
 from cc50tw.receiver import CC50Receiver, setTcpNoDelay
-from cc50tw.stream import FlowCounters, RequestStream, StreamServices
+from cc50tw.stream import EndedRequest, FlowCounters, RequestStream, StreamServices
 
 SERVER_NAME = f"cc50tw/{__version__}".encode()
 
@@ -450,7 +451,20 @@ class CC50ServerProtocol(CC50Receiver):
         request = InferenceRequest(
             req_id, decoded.prompt, decoded.max_tokens or config.default_max_tokens, decoded.options
         )
-        stream = RequestStream(self, factory.services, request, decoded.credit_bytes or DEFAULT_CREDIT_BYTES, self.peer)
+        credit = decoded.credit_bytes or DEFAULT_CREDIT_BYTES
+        services = factory.services
+        answerNow = factory.answerNow
+        if answerNow is not None and not self.transportPaused:
+            startedAt = services.clock()
+            answer = askForAnswer(services, answerNow, request, credit)
+            if answer is not None:
+                if not isinstance(answer, Failure) and sendAnswer(self, services, request, self.peer, answer, credit, startedAt):
+                    return
+                stream = RequestStream(self, services, request, credit, self.peer)
+                streams[req_id] = stream
+                stream.startWith(answer, startedAt)
+                return
+        stream = RequestStream(self, services, request, credit, self.peer)
         streams[req_id] = stream
         stream.start()
 
@@ -608,6 +622,12 @@ def modelForOf(backend: object) -> Callable[[GenerationOptions], str | None] | N
     return modelFor if callable(modelFor) else None
 
 
+def answerNowOf(backend: object) -> AnswerNow | None:
+    """The backend's ``answerNow``, if it provides ``IImmediateBackend`` (asked once, not per request)."""
+    provider = IImmediateBackend(backend, None)
+    return provider.answerNow if provider is not None else None  # type: ignore[no-any-return]
+
+
 def servedModels(backend: object) -> frozenset[str]:
     """The models ``backend`` says it serves (none, when it does not say)."""
     models = getattr(backend, "models", None)
@@ -695,6 +715,7 @@ class CC50ServerFactory(Factory):
         #: What ``cc50_model_requests_total`` may label.
         self.servedModels = servedModels(backend)
         self._modelFor = modelForOf(backend)
+        self.answerNow = answerNowOf(backend)
         self._quietWaiter: Deferred[None] | None = None
         self._quietCondition: Callable[[], bool] = lambda: True
 
@@ -709,6 +730,7 @@ class CC50ServerFactory(Factory):
         self.services = attrs.evolve(self.services, backend=backend)
         self.servedModels = servedModels(backend)
         self._modelFor = modelForOf(backend)
+        self.answerNow = answerNowOf(backend)
 
     @property
     def creditPauses(self) -> int:
@@ -724,7 +746,7 @@ class CC50ServerFactory(Factory):
 
     def requestEnded(
         self,
-        stream: RequestStream,
+        stream: EndedRequest,
         outcome: str,
         result: GenerationResult | None = None,
         backendError: bool = False,

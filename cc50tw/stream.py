@@ -39,8 +39,8 @@ from zope.interface import implementer
 from cc50tw.admission import Admission
 from cc50tw.codec import DoneStats, ErrorCode, encode_done, encode_error, utf8_prefix_length
 from cc50tw.errors import RequestFailed
-from cc50tw.generation import NO_OPTIONS
-from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest, ITokenSink
+from cc50tw.generation import NO_OPTIONS, GenerationOptions
+from cc50tw.interfaces import GenerationResult, IBackend, ImmediateAnswer, InferenceRequest, ITokenSink
 
 #: The stall clock starts over only after the client has taken this many
 #: bytes of the answer (or unblocked the request with this much window):
@@ -75,7 +75,38 @@ class FlowCounters:
     framesDropped: int = 0
 
 
-RequestEnded = Callable[["RequestStream", str, "GenerationResult | None", bool, str], None]
+class EndedRequest(Protocol):
+    """What the record of a finished request reads: a ``RequestStream``, or an answer sent at once."""
+
+    @property
+    def reqId(self) -> int: ...
+
+    @property
+    def peer(self) -> str: ...
+
+    @property
+    def request(self) -> InferenceRequest: ...
+
+    @property
+    def startedAt(self) -> float: ...
+
+    @property
+    def endedAt(self) -> float | None: ...
+
+    @property
+    def firstChunkAt(self) -> float | None: ...
+
+    @property
+    def lastChunkAt(self) -> float | None: ...
+
+    @property
+    def chunksSent(self) -> int: ...
+
+    @property
+    def bytesSent(self) -> int: ...
+
+
+RequestEnded = Callable[[EndedRequest, str, "GenerationResult | None", bool, str], None]
 
 
 @attrs.frozen
@@ -190,10 +221,8 @@ class RequestStream:
 
     def start(self) -> None:
         """Queue for a backend slot, or start at once if one is free."""
-        services = self.services
-        if services.maxRequestSeconds > 0:
-            self._deadline = services.scheduler.callLater(services.maxRequestSeconds, self._overtime)
-        admission = services.admission
+        self._armDeadline()
+        admission = self.services.admission
         if admission.tryAcquire():  # the common case: a slot is free, start now
             self._run()
             return
@@ -205,6 +234,34 @@ class RequestStream:
             return
         self.state = Queued(waiting)
         waiting.addCallbacks(self._slotGranted, self._notAdmitted)
+
+    def startWith(self, answer: ImmediateAnswer | Failure, startedAt: float) -> None:
+        """
+        Start holding the backend slot the caller took for ``answerNow``, with
+        its answer (or failure) in hand: what could not be sent at once (an
+        answer over the credit window, a result that is not a
+        ``GenerationResult``) ends through the usual lifecycle.
+        """
+        self.startedAt = startedAt
+        self._armDeadline()
+        running = Running()
+        self.state = running
+        if isinstance(answer, Failure):
+            self._generationFailed(answer, running)
+            return
+        try:
+            texts, result = answer
+            self.writeSequence(texts)
+        except Exception as e:
+            log.failure("request {req_id}: unusable answer from answerNow", req_id=self.reqId)
+            self._fail(ErrorCode.BACKEND_ERROR, f"backend bug: unusable immediate answer ({e})", fromBackend=True)
+            return
+        self._generated(result, running)
+
+    def _armDeadline(self) -> None:
+        services = self.services
+        if services.maxRequestSeconds > 0:
+            self._deadline = services.scheduler.callLater(services.maxRequestSeconds, self._overtime)
 
     def _slotGranted(self, _: object) -> None:
         if type(self.state) is not Queued:
@@ -315,26 +372,7 @@ class RequestStream:
 
     def _done(self, result: GenerationResult) -> None:
         now = self.services.clock()
-        # No chunk, no time to first chunk: 0, as the log says "none" and the
-        # TTFT histogram records nothing.
-        first = self.firstChunkAt if self.firstChunkAt is not None else self.startedAt
-        try:
-            generated, prompt = result.generated_tokens, result.prompt_tokens
-            if type(generated) is not int or type(prompt) is not int:
-                generated, prompt = _count(generated), _count(prompt)
-            started = self.startedAt
-            stats = DoneStats(
-                tokens=generated,
-                elapsed_us=int((now - started) * 1e6),
-                prompt_tokens=prompt,
-                generated_tokens=generated,
-                ttft_us=int((first - started) * 1e6),
-                # Only a client that sent options knows the field after ttft_us.
-                finish_reason=None if self.request.options is NO_OPTIONS else (result.finish_reason or "unknown"),
-            )
-        except Exception:  # counts a backend got wrong must not cost the request its DONE
-            log.failure("request {req_id}: unusable counts in {result!r}", req_id=self.reqId, result=result)
-            stats = DoneStats(0, 0, 0, 0, 0)
+        stats = doneStats(self.reqId, result, self.request.options, self.startedAt, self.firstChunkAt, now)
         self.endedAt = now  # the log's latency is the elapsed_us the client reads
         self._finish(_doneFrame(self.reqId, stats), "done", result)
 
@@ -593,6 +631,36 @@ class RequestStream:
                 f"answer (at least {STALL_PROGRESS_BYTES} bytes per {timeout:g}s of waiting)"
             )
         self.fail(ErrorCode.CREDIT_STALL, message)
+
+
+def doneStats(
+    reqId: int,
+    result: GenerationResult,
+    options: GenerationOptions,
+    startedAt: float,
+    firstChunkAt: float | None,
+    now: float,
+) -> DoneStats:
+    """RESP_DONE's figures for a finished request; counts a backend got wrong cost it its figures, never its DONE."""
+    # No chunk, no time to first chunk: 0, as the log says "none" and the
+    # TTFT histogram records nothing.
+    first = firstChunkAt if firstChunkAt is not None else startedAt
+    try:
+        generated, prompt = result.generated_tokens, result.prompt_tokens
+        if type(generated) is not int or type(prompt) is not int:
+            generated, prompt = _count(generated), _count(prompt)
+        return DoneStats(
+            tokens=generated,
+            elapsed_us=round((now - startedAt) * 1e6),
+            prompt_tokens=prompt,
+            generated_tokens=generated,
+            ttft_us=round((first - startedAt) * 1e6),
+            # Only a client that sent options knows the field after ttft_us.
+            finish_reason=None if options is NO_OPTIONS else (result.finish_reason or "unknown"),
+        )
+    except Exception:
+        log.failure("request {req_id}: unusable counts in {result!r}", req_id=reqId, result=result)
+        return DoneStats(0, 0, 0, 0, 0)
 
 
 def _count(value: object) -> int:

@@ -22,9 +22,17 @@ from zope.interface import implementer
 from cc50tw.backends import BackendSpec
 from cc50tw.backends.batching import DEFAULT_SLOTS, DecodeReceiver, DecodeTicket
 from cc50tw.errors import BackendError
-from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest, ITokenSink
+from cc50tw.interfaces import (
+    GenerationResult,
+    IBackend,
+    IImmediateBackend,
+    ImmediateAnswer,
+    InferenceRequest,
+    ITokenSink,
+)
 
 TOKEN_TEXT = " token"
+TOKEN_BYTES = len(TOKEN_TEXT.encode())
 
 #: Tokens emitted per reactor turn when the work completes synchronously
 #: (``--toy-iters 0`` on the CPU): enough to amortise the turn, small enough
@@ -311,7 +319,7 @@ class BatchedToyStream:
             self._ticket.cancel()
 
 
-@implementer(IBackend)
+@implementer(IBackend, IImmediateBackend)
 class ToyBackend:
     name = "toy"
     #: Its answer is fixed: the only option it honours is its own model name.
@@ -347,6 +355,24 @@ class ToyBackend:
             stream = ToyStream(self, self._perToken, request, sink)
         stream.start()
         return stream.done
+
+    def answerNow(self, request: InferenceRequest, budget: int) -> ImmediateAnswer | None:
+        """
+        The whole answer, when its work costs nothing (the CPU engine at zero
+        iterations) and it is no longer than one synchronous batch: what a
+        ``ToyStream`` would write in its first reactor turns anyway, without
+        the stream.
+        """
+        engine = self._perToken
+        count = request.max_tokens
+        if engine is None or count > SYNCHRONOUS_BATCH_TOKENS or count * TOKEN_BYTES > budget:
+            return None
+        iters = self.iters
+        for _ in range(count):
+            if engine.spinNow(iters) is None:
+                return None  # the engine has work to do after all: stream it
+        self.tokens_emitted += count
+        return ImmediateAnswer([TOKEN_TEXT] * count, GenerationResult(len(request.prompt.split()), count, "length"))
 
     def checkHealth(self) -> Deferred[bool]:
         # A CUDA engine whose device failed refuses every request until a restart.

@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from cc50tw.backends.lcg import CPUEngine
-from cc50tw.backends.toy import ToyBackend
+from cc50tw.backends.toy import SYNCHRONOUS_BATCH_TOKENS, ToyBackend
 from cc50tw.codec import ErrorCode, encode_infer
 from cc50tw.server import CC50ServerFactory, ServerConfig
 from cc50tw.test.fakes import Connection, ManualBackend, error_code, make_factory, terminal_frames
@@ -49,12 +49,13 @@ class AdmissionCascadeTests(SynchronousTestCase):
         backend = ToyBackend(clock, CPUEngine(clock, None), 0)  # type: ignore[arg-type]
         factory = CC50ServerFactory(backend, ServerConfig(max_concurrency=1, log_requests=False), clock)
         connection = Connection(factory)
-        connection.send(encode_infer(1, "p", max_tokens=100))  # holds the slot over a few reactor turns
+        # Longer than the toy answers at once: it streams, holding the slot over a few reactor turns.
+        connection.send(encode_infer(1, "p", max_tokens=SYNCHRONOUS_BATCH_TOKENS + 100))
         last = 250
         for req_id in range(2, last + 1):
             connection.send(encode_infer(req_id, "p", max_tokens=1))
         self.assertEqual(factory.admission.queued, last - 1)
-        for _ in range(20):
+        for _ in range(40):
             clock.advance(0)
         frames = connection.received()
         missing = [r for r in range(1, last + 1) if len(terminal_frames(frames, r)) != 1]

@@ -1,0 +1,130 @@
+"""
+Answers sent at once: a request whose backend has the whole answer ready.
+
+A streamed request is a ``RequestStream``, a producer registration and a
+Deferred, then a chunk write and a terminal write; for an answer that is ready
+the moment it is asked for (``IImmediateBackend``: a cache hit, an echo, the
+toy at zero iterations) that machinery is most of the server's work per
+request (issue 18).  Here such an answer goes out as one write, chunks and
+RESP_DONE together, and is recorded as every request is (metrics, the request
+log), with no stream ever made.
+
+Only the plain case takes this path: a free backend slot with nobody queued
+for one, the connection writable, and an answer that fits the client's credit
+window with a ``GenerationResult`` of int counts.  Anything else (a failure,
+an answer over the window, an odd result) is handed to a ``RequestStream``
+already holding the slot (``RequestStream.startWith``), so every rule of the
+lifecycle (one terminal frame, credit, stall and deadline timers) still holds
+there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cc50tw.codec import HEADER, MAGIC, VERSION, MessageType, encode_done
+from cc50tw.generation import GenerationOptions
+from cc50tw.interfaces import GenerationResult, ImmediateAnswer, InferenceRequest
+from cc50tw.stream import StreamConnection, StreamServices, doneStats
+
+AnswerNow = Callable[[InferenceRequest, int], "ImmediateAnswer | None"]
+
+_RESP_CHUNK = int(MessageType.RESP_CHUNK)
+_newTuple = tuple.__new__
+
+log = Logger()
+
+
+class AnsweredRequest(NamedTuple):
+    """What the record of a finished request reads (``stream.EndedRequest``), for an answer sent at once."""
+
+    reqId: int
+    peer: str
+    request: InferenceRequest
+    startedAt: float
+    endedAt: float
+    firstChunkAt: float | None
+    lastChunkAt: float | None
+    chunksSent: int
+    bytesSent: int
+
+
+def askForAnswer(
+    services: StreamServices, answerNow: AnswerNow, request: InferenceRequest, credit: int
+) -> ImmediateAnswer | Failure | None:
+    """
+    Take a free backend slot and ask the backend for its whole answer.
+
+    None: no slot was free, or the backend would rather stream; no slot is
+    held and the request takes the usual path.  Otherwise the slot is held,
+    to be released by ``sendAnswer`` or by the stream the answer is handed to.
+    """
+    admission = services.admission
+    if not admission.tryAcquire():
+        return None  # busy, or others queued ahead: this request queues behind them
+    try:
+        answer = answerNow(request, credit)
+    except Exception:
+        failure = Failure()
+        log.failure("answerNow raised for request {req_id}", failure, req_id=request.req_id)
+        return failure
+    if answer is None:
+        admission.release()
+    return answer
+
+
+def sendAnswer(
+    connection: StreamConnection,
+    services: StreamServices,
+    request: InferenceRequest,
+    peer: str,
+    answer: ImmediateAnswer,
+    credit: int,
+    startedAt: float,
+) -> bool:
+    """
+    Write the whole answer in one write, release the slot and record the
+    request; False, having done none of it, when the answer is not the plain
+    case (the caller hands it to a stream instead).
+    """
+    try:
+        texts, result = answer
+    except (TypeError, ValueError):
+        return False
+    if type(result) is not GenerationResult or type(texts) not in (list, tuple):
+        return False
+    if type(result.generated_tokens) is not int or type(result.prompt_tokens) is not int:
+        return False
+    datas = []
+    for text in texts:
+        if type(text) is not str:
+            return False
+        if text:
+            datas.append(text.encode("utf-8", "replace"))
+    size = sum(map(len, datas))
+    if size > credit:
+        return False
+    reqId = request.req_id
+    pack = HEADER.pack
+    pieces = []
+    for data in datas:
+        pieces.append(pack(MAGIC, VERSION, _RESP_CHUNK, reqId, 0, len(data)))
+        pieces.append(data)
+    now = services.clock()
+    firstChunkAt = now if datas else None
+    options: GenerationOptions = request.options
+    pieces.append(encode_done(reqId, doneStats(reqId, result, options, startedAt, firstChunkAt, now)))
+    connection.sendTerminal(reqId, b"".join(pieces))
+    services.admission.release()
+    record = _newTuple(
+        AnsweredRequest, (reqId, peer, request, startedAt, now, firstChunkAt, firstChunkAt, len(datas), size)
+    )
+    try:
+        services.requestEnded(record, "done", result, False, "")
+    except Exception:
+        log.failure("recording the end of request {req_id} failed", req_id=reqId)
+    return True
