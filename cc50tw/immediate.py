@@ -93,18 +93,17 @@ def sendAnswer(
     """
     try:
         texts, result = answer
-    except (TypeError, ValueError):
+        # A text that is not a str, or holds a lone surrogate, raises here: the
+        # stream's writeSequence knows what to make of it.
+        datas = [text.encode() for text in texts]
+    except Exception:
         return False
-    if type(result) is not GenerationResult or type(texts) not in (list, tuple):
+    if type(result) is not GenerationResult:
         return False
     if type(result.generated_tokens) is not int or type(result.prompt_tokens) is not int:
         return False
-    datas = []
-    for text in texts:
-        if type(text) is not str:
-            return False
-        if text:
-            datas.append(text.encode("utf-8", "replace"))
+    if not all(datas):
+        datas = [data for data in datas if data]  # an empty text is no chunk
     size = sum(map(len, datas))
     if size > credit:
         return False

@@ -633,6 +633,10 @@ class RequestStream:
         self.fail(ErrorCode.CREDIT_STALL, message)
 
 
+#: A NamedTuple's generated ``__new__`` is a Python call; its fields are built in order here.
+_newTuple = tuple.__new__
+
+
 def doneStats(
     reqId: int,
     result: GenerationResult,
@@ -649,14 +653,17 @@ def doneStats(
         generated, prompt = result.generated_tokens, result.prompt_tokens
         if type(generated) is not int or type(prompt) is not int:
             generated, prompt = _count(generated), _count(prompt)
-        return DoneStats(
-            tokens=generated,
-            elapsed_us=round((now - startedAt) * 1e6),
-            prompt_tokens=prompt,
-            generated_tokens=generated,
-            ttft_us=round((first - startedAt) * 1e6),
-            # Only a client that sent options knows the field after ttft_us.
-            finish_reason=None if options is NO_OPTIONS else (result.finish_reason or "unknown"),
+        return _newTuple(
+            DoneStats,
+            (
+                generated,  # tokens
+                round((now - startedAt) * 1e6),  # elapsed_us
+                prompt,  # prompt_tokens
+                generated,  # generated_tokens
+                round((first - startedAt) * 1e6),  # ttft_us
+                # Only a client that sent options knows the field after ttft_us.
+                None if options is NO_OPTIONS else (result.finish_reason or "unknown"),  # finish_reason
+            ),
         )
     except Exception:
         log.failure("request {req_id}: unusable counts in {result!r}", req_id=reqId, result=result)
