@@ -370,6 +370,26 @@ class FrameDecoder:
         self._pieces, self._piecesSize, self._need = [], 0, 0
         return error
 
+    def whole(self, data: bytes) -> Frame | None:
+        """
+        ``data`` as one frame, when it is exactly one whole frame that ``feed``
+        would yield, and nothing is buffered: the request-and-answer case,
+        one read, one frame.  None otherwise, and ``feed`` then takes ``data``
+        (and says what is wrong with it, if anything is).
+        """
+        if (
+            self._need
+            or self._discard
+            or self._broken is not None
+            or self._offset < len(self._buffer)
+            or len(data) < HEADER_SIZE
+        ):
+            return None
+        magic, version, type, req_id, flags, length = HEADER.unpack_from(data)
+        if magic != MAGIC or version != VERSION or length > self.max_payload or len(data) != HEADER_SIZE + length:
+            return None
+        return _new_tuple(Frame, (type, req_id, flags, data[HEADER_SIZE:]))  # type: ignore[no-any-return]
+
     def feed(self, data: bytes, on_chunk: Callable[[int, bytes], object] | None = None) -> Iterator[DecodedItem]:
         """
         Yield every complete frame (or oversized header) that ``data`` finishes.

@@ -102,6 +102,14 @@ class CC50Receiver(Protocol):
         decoder = self._decoder
         if decoder is None:
             decoder = self._decoder = FrameDecoder(self.MAX_LENGTH)
+        if self._chunkReceiver is None:
+            # One read holding one whole frame (a client waiting for each
+            # answer): no parsing loop to set up.
+            frame = decoder.whole(data)
+            if frame is not None:
+                if self.transport is not None and not self.transport.disconnecting:  # type: ignore[attr-defined]
+                    self.frameReceived(frame)
+                return
         try:
             while True:
                 for item in decoder.feed(data, self._chunkReceiver):

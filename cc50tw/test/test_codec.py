@@ -897,5 +897,50 @@ if HYPOTHESIS.available:
                 for item in fastDecoder.feed(data, lambda req_id, payload: fast.append((2, req_id, payload))):
                     fast.append((item.type, item.req_id, item.payload))  # type: ignore[union-attr]
             self.assertEqual(fast, plain)
+
+    class WholeFramePropertyTests(SynchronousTestCase):
+        """``whole`` is a shortcut only: asked first for every piece, the items and errors are ``feed``'s alone."""
+
+        def items(self, pieces: list[bytes], max_payload: int, shortcut: bool) -> list[Any]:
+            decoder, seen = FrameDecoder(max_payload), list[Any]()
+            for piece in pieces:
+                frame = decoder.whole(piece) if shortcut else None
+                if frame is not None:
+                    seen.append(frame)
+                    continue
+                try:
+                    seen.extend(decoder.feed(piece))
+                except ProtocolError as e:
+                    seen.append(("error", e.code))
+                    break
+            return seen
+
+        @settings(deadline=None, max_examples=400)
+        @given(st.data())
+        def test_sameItemsAsFeedAlone(self, data: st.DataObject) -> None:
+            stream = data.draw(st.one_of(mutated_streams(), encoded_frames()), label="stream")
+            cut = data.draw(st.booleans(), label="cut at frame boundaries")
+            if cut:  # one piece per frame, as a client waiting for each answer sends them
+                try:
+                    frames = list(FrameDecoder(1 << 30).feed(stream))
+                except ProtocolError:
+                    frames = []
+                if frames and all(type(f) is Frame for f in frames):
+                    pieces = [encode_frame(f.type, f.req_id, f.payload, f.flags) for f in frames]  # type: ignore[union-attr]
+                else:
+                    pieces = [stream]
+            else:
+                pieces = data.draw(random_pieces(stream), label="pieces")
+            max_payload = data.draw(st.sampled_from([0, 16, SMALL_MAX, 1 << 20]), label="max_payload")
+            self.assertEqual(self.items(pieces, max_payload, True), self.items(pieces, max_payload, False))
+
+        def test_notWhileAFrameIsBuffered(self) -> None:
+            decoder = FrameDecoder(1 << 20)
+            frame = encode_infer(1, "p", 1)
+            self.assertEqual(list(decoder.feed(frame[:10])), [])
+            self.assertIsNone(decoder.whole(frame))  # the buffered bytes come first
+            self.assertIsNotNone(FrameDecoder(1 << 20).whole(frame))
+            self.assertIsNone(FrameDecoder(4).whole(frame))  # over the limit: feed says so
+
 else:
     HypothesisTests = HYPOTHESIS.standIn(__name__)
