@@ -21,15 +21,16 @@ there.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cc50tw.codec import HEADER, MAGIC, VERSION, MessageType, encode_done
+from cc50tw.codec import HEADER, MAGIC, VERSION, MessageType
+from cc50tw.errors import BackendError
 from cc50tw.generation import GenerationOptions
 from cc50tw.interfaces import GenerationResult, ImmediateAnswer, InferenceRequest
-from cc50tw.stream import StreamConnection, StreamServices, doneStats
+from cc50tw.stream import StreamConnection, StreamServices, doneFrame, doneStats
 
 AnswerNow = Callable[[InferenceRequest, int], "ImmediateAnswer | None"]
 
@@ -61,20 +62,41 @@ def askForAnswer(
 
     None: no slot was free, or the backend would rather stream; no slot is
     held and the request takes the usual path.  Otherwise the slot is held,
-    to be released by ``sendAnswer`` or by the stream the answer is handed to.
+    to be released by ``sendAnswer`` or by whatever the answer is handed to;
+    the answer's texts are read once, here, into a list (a generator of texts
+    cannot be read twice), and whatever goes wrong in ``answerNow`` or in
+    reading its answer is the request's failure.
     """
     admission = services.admission
     if not admission.tryAcquire():
         return None  # busy, or others queued ahead: this request queues behind them
     try:
-        answer = answerNow(request, credit)
+        answer: object = answerNow(request, credit)
     except Exception:
         failure = Failure()
         log.failure("answerNow raised for request {req_id}", failure, req_id=request.req_id)
         return failure
     if answer is None:
         admission.release()
-    return answer
+        return None
+    if isinstance(answer, Failure):
+        return answer
+    texts: Any
+    result: Any
+    try:
+        texts, result = answer  # type: ignore[misc]  # what it is, is checked here and in sendAnswer
+    except Exception:
+        return Failure(
+            BackendError(f"backend bug: answerNow returned {type(answer).__name__}, not an ImmediateAnswer")
+        )
+    if type(texts) is not list:
+        try:
+            texts = list(texts)
+        except Exception:
+            failure = Failure()
+            log.failure("reading the answer to request {req_id} failed", failure, req_id=request.req_id)
+            return failure
+    return _newTuple(ImmediateAnswer, (texts, result))  # type: ignore[no-any-return]
 
 
 def sendAnswer(
@@ -91,8 +113,8 @@ def sendAnswer(
     request; False, having done none of it, when the answer is not the plain
     case (the caller hands it to a stream instead).
     """
+    texts, result = answer
     try:
-        texts, result = answer
         # A text that is not a str, or holds a lone surrogate, raises here: the
         # stream's writeSequence knows what to make of it.
         datas = [text.encode() for text in texts]
@@ -116,14 +138,20 @@ def sendAnswer(
     now = services.clock()
     firstChunkAt = now if datas else None
     options: GenerationOptions = request.options
-    pieces.append(encode_done(reqId, doneStats(reqId, result, options, startedAt, firstChunkAt, now)))
-    connection.sendTerminal(reqId, b"".join(pieces))
-    services.admission.release()
+    pieces.append(doneFrame(reqId, doneStats(reqId, result, options, startedAt, firstChunkAt, now)))
+    services.admission.release()  # first: a write that raises must not keep the slot
+    outcome = "done"
+    try:
+        connection.sendTerminal(reqId, b"".join(pieces))
+    except Exception:  # a transport torn down under us: the client has nothing
+        log.failure("writing the answer to request {req_id} failed", req_id=reqId)
+        outcome, result, datas, size = "disconnected", None, [], 0  # type: ignore[assignment]
+        firstChunkAt = None
     record = _newTuple(
         AnsweredRequest, (reqId, peer, request, startedAt, now, firstChunkAt, firstChunkAt, len(datas), size)
     )
     try:
-        services.requestEnded(record, "done", result, False, "")
+        services.requestEnded(record, outcome, result, False, "")
     except Exception:
         log.failure("recording the end of request {req_id} failed", req_id=reqId)
     return True

@@ -296,22 +296,37 @@ class ServerMetrics:
     def fold(self) -> None:
         """Count the requests ended since the last fold into the series (scrapes call it first)."""
         ended, self._ended = self._ended, []
-        requests, duration, ttftHistogram = self.requests, self.duration, self.ttft
-        for outcome, latency, ttft, interToken, generatedTokens, promptTokens, backendError, model in ended:
-            requests.inc((outcome,))
-            duration.observe(latency)
-            if backendError:
-                self.backend_errors.inc((outcome,))
-            if ttft is not None:
-                ttftHistogram.observe(ttft)
-                if interToken is not None:
-                    self.inter_token.observe(interToken)
-            if generatedTokens > 0:
-                self.generated_tokens.inc((), generatedTokens)
-            if promptTokens > 0:
-                self.prompt_tokens.inc((), promptTokens)
-            if model is not None:
-                self.model_requests.inc((model, outcome))
+        for record in ended:
+            try:
+                self._count(*record)
+            except Exception:  # one bad record must cost the series that record alone
+                log.failure("counting a finished request into the metrics failed: {record!r}", record=record)
+
+    def _count(
+        self,
+        outcome: str,
+        latency: float,
+        ttft: float | None,
+        interToken: float | None,
+        generatedTokens: int,
+        promptTokens: int,
+        backendError: bool,
+        model: str | None,
+    ) -> None:
+        self.requests.inc((outcome,))
+        self.duration.observe(latency)
+        if backendError:
+            self.backend_errors.inc((outcome,))
+        if ttft is not None:
+            self.ttft.observe(ttft)
+            if interToken is not None:
+                self.inter_token.observe(interToken)
+        if generatedTokens > 0:
+            self.generated_tokens.inc((), generatedTokens)
+        if promptTokens > 0:
+            self.prompt_tokens.inc((), promptTokens)
+        if model is not None:
+            self.model_requests.inc((model, outcome))
 
 
 def registerRuntimeCollectors(registry: CollectorRegistry) -> None:

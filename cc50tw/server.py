@@ -153,6 +153,13 @@ class CC50ServerProtocol(CC50Receiver):
         self._idleTimer: IDelayedCall | None = None
         #: When the idle time now being counted began (the reactor's seconds).
         self._idleFrom = 0.0
+        #: The req_id whose backend ``answerNow`` is running (0: none), so that
+        #: frames for it that arrive meanwhile (a backend calling back into the
+        #: connection) are treated as for a request in flight: an error or a
+        #: cancel ends it, credit adds to its window.
+        self._answering = 0
+        self._answeringEnd: tuple[ErrorCode, str] | None = None
+        self._answeringCredit = 0
 
     # Connection ------------------------------------------------------------
 
@@ -365,6 +372,11 @@ class CC50ServerProtocol(CC50Receiver):
         stream = self.streams.get(reqId)
         if stream is not None:
             stream.fail(code, message)
+        elif reqId == self._answering:
+            # Called back from inside answerNow: the request ends with this
+            # error once answerNow returns, its answer unsent.
+            if self._answeringEnd is None:
+                self._answeringEnd = (code, message)
         elif startsRequest:
             self.sendUnsolicited(encode_error(reqId, code, message))
         else:
@@ -399,7 +411,7 @@ class CC50ServerProtocol(CC50Receiver):
             )
             return
         streams, factory = self.streams, self.factory
-        if req_id in streams:
+        if req_id in streams or req_id == self._answering:
             self.frameRefused(
                 req_id,
                 ErrorCode.DUPLICATE_REQ_ID,
@@ -456,27 +468,54 @@ class CC50ServerProtocol(CC50Receiver):
         answerNow = factory.answerNow
         if answerNow is not None and not self.transportPaused:
             startedAt = services.clock()
-            answer = askForAnswer(services, answerNow, request, credit)
+            self._answering = req_id
+            try:
+                answer = askForAnswer(services, answerNow, request, credit)
+            finally:
+                self._answering = 0
+            overtaken, self._answeringEnd = self._answeringEnd, None
+            if self._answeringCredit:
+                credit, self._answeringCredit = min(credit + self._answeringCredit, 1 << 62), 0
+            if overtaken is not None or self.state is not ConnectionState.OPEN:
+                # answerNow called back into this connection, and the request
+                # or the connection ended meanwhile: the answer has nowhere to go.
+                if answer is not None:
+                    services.admission.release()
+                stream = RequestStream(self, services, request, credit, self.peer)
+                stream.startedAt = startedAt
+                if self.state is not ConnectionState.OPEN:
+                    stream.endUnstarted(None)
+                else:
+                    assert overtaken is not None
+                    stream.endUnstarted(*overtaken)
+                return
             if answer is not None:
                 if not isinstance(answer, Failure) and sendAnswer(self, services, request, self.peer, answer, credit, startedAt):
                     return
                 stream = RequestStream(self, services, request, credit, self.peer)
-                streams[req_id] = stream
+                self.streams[req_id] = stream
                 stream.startWith(answer, startedAt)
                 return
         stream = RequestStream(self, services, request, credit, self.peer)
-        streams[req_id] = stream
+        self.streams[req_id] = stream
         stream.start()
 
     def _cancel(self, frame: Frame) -> None:
         stream = self.streams.get(frame.req_id)
         if stream is not None:
             stream.fail(ErrorCode.CANCELLED, "request cancelled by the client (REQ_CANCEL)")
+        elif frame.req_id == self._answering and self._answeringEnd is None:
+            self._answeringEnd = (ErrorCode.CANCELLED, "request cancelled by the client (REQ_CANCEL)")
 
     def _credit(self, frame: Frame) -> None:
         stream = self.streams.get(frame.req_id)
         if stream is None:
-            return  # the request may have ended while the credit was in flight
+            if frame.req_id == self._answering:
+                try:
+                    self._answeringCredit += decode_credit(frame)
+                except ProtocolError as error:
+                    self.frameRefused(frame.req_id, error.code, error.message)
+            return  # else the request may have ended while the credit was in flight
         try:
             credit = decode_credit(frame)
         except ProtocolError as error:
@@ -620,6 +659,15 @@ def modelForOf(backend: object) -> Callable[[GenerationOptions], str | None] | N
     """The backend's ``modelFor`` (the model it routes a request to), if it has one."""
     modelFor = getattr(backend, "modelFor", None)
     return modelFor if callable(modelFor) else None
+
+
+def countOrZero(value: object) -> int:
+    """A token count from a backend as a number the metrics can add up: 0 for what is not one."""
+    try:
+        count = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return count if count > 0 else 0
 
 
 def answerNowOf(backend: object) -> AnswerNow | None:
@@ -767,13 +815,18 @@ class CC50ServerFactory(Factory):
                 interToken = (last - first) / (stream.chunksSent - 1)
         options = stream.request.options
         model = options.model if options.model is not None else self._modelFor(options) if self._modelFor else None
+        generated = prompt = 0
+        if result is not None:
+            generated, prompt = result.generated_tokens, result.prompt_tokens
+            if type(generated) is not int or type(prompt) is not int:
+                generated, prompt = countOrZero(generated), countOrZero(prompt)  # a backend's 2.0, None, "3"
         self.metrics.requestEnded(
             outcome,
             latency,
             ttft,
             interToken,
-            result.generated_tokens if result is not None else 0,
-            result.prompt_tokens if result is not None else 0,
+            generated,
+            prompt,
             backendError,
             model if model is not None and model in self.servedModels else None,
         )

@@ -258,6 +258,18 @@ class RequestStream:
             return
         self._generated(result, running)
 
+    def endUnstarted(self, code: ErrorCode | None, message: str = "") -> None:
+        """
+        End a request that never started and holds no slot: one RESP_ERR with
+        ``code``, or nothing at all (None: its connection is gone).  It is
+        recorded as every request is.
+        """
+        self.state = Queued(None)
+        if code is None:
+            self.abandon()
+        else:
+            self.fail(code, message)
+
     def _armDeadline(self) -> None:
         services = self.services
         if services.maxRequestSeconds > 0:
@@ -374,7 +386,7 @@ class RequestStream:
         now = self.services.clock()
         stats = doneStats(self.reqId, result, self.request.options, self.startedAt, self.firstChunkAt, now)
         self.endedAt = now  # the log's latency is the elapsed_us the client reads
-        self._finish(_doneFrame(self.reqId, stats), "done", result)
+        self._finish(doneFrame(self.reqId, stats), "done", result)
 
     def _finish(
         self,
@@ -396,7 +408,10 @@ class RequestStream:
         if self.endedAt is None:
             self.endedAt = self.services.clock()
         if frame is not None:
-            self.connection.sendTerminal(self.reqId, frame)
+            try:
+                self.connection.sendTerminal(self.reqId, frame)
+            except Exception:  # a transport torn down under us: the teardown below must still run
+                log.failure("writing the terminal frame of request {req_id} failed", req_id=self.reqId)
         if self._pending:
             self._pending = bytearray()
         self._producer = None
@@ -675,7 +690,8 @@ def _count(value: object) -> int:
     return int(value)  # type: ignore[call-overload]
 
 
-def _doneFrame(reqId: int, stats: DoneStats) -> bytes:
+def doneFrame(reqId: int, stats: DoneStats) -> bytes:
+    """RESP_DONE for any figures: the codec clamps them, and a last resort sends zeros."""
     try:
         return encode_done(reqId, stats)
     except Exception:  # the codec clamps every field; this is the last line of defence
