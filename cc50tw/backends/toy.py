@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import implementer, implementer_only
 
 from cc50tw.backends import BackendSpec
 from cc50tw.backends.batching import DEFAULT_SLOTS, DecodeReceiver, DecodeTicket
@@ -433,7 +433,18 @@ def build(options: Mapping[str, Any], reactor: Any) -> ToyBackend:
         options.get("toy-grid", DEFAULT_GRID),
         options.get("toy-block", DEFAULT_BLOCK),
     )
+    if options.get("toy-streamed"):
+        return StreamedToyBackend(reactor, engine, options["toy-iters"])
     return ToyBackend(reactor, engine, options["toy-iters"])
+
+
+@implementer_only(IBackend)
+class StreamedToyBackend(ToyBackend):
+    """
+    The toy without answers at once (``--toy-streamed``): every request
+    streams, as it would from a backend that only has ``generate``.  It is how
+    the streaming path is measured at ``--toy-iters=0``.
+    """
 
 
 SPEC = BackendSpec(
@@ -458,6 +469,14 @@ SPEC = BackendSpec(
             _count_up_to((2**31 - 1) // DEFAULT_SLOTS),
         ],
         ["toy-block", None, 256, "CUDA threads per block (at most 1024).", _count_up_to(1024)],
+    ],
+    flags=[
+        [
+            "toy-streamed",
+            None,
+            "Stream every answer, never answer at once (at --toy-iters=0 the toy answers up to 512 tokens "
+            "in one write): to measure the streaming path.",
+        ],
     ],
     build=build,
 )

@@ -384,3 +384,21 @@ class ToyAnswerTests(TestCase):
         connection = Connection(factory)
         connection.send(encode_infer(1, "p", SYNCHRONOUS_BATCH_TOKENS + 1))
         self.assertIn(1, connection.protocol.streams)  # the rest waits for the next reactor turn
+
+    def test_toyStreamedNeverAnswersAtOnce(self) -> None:
+        """``--toy-streamed``: the toy as a backend with ``generate`` alone, to measure the streaming path."""
+        from twisted.internet import reactor
+
+        from cc50tw.backends.toy import build
+
+        options = {"toy-iters": 0, "toy-device": "cpu", "toy-grid": 8, "toy-block": 256}
+        self.assertTrue(IImmediateBackend.providedBy(build(options, reactor)))
+        streamed = build({**options, "toy-streamed": 1}, reactor)
+        self.assertFalse(IImmediateBackend.providedBy(streamed))
+        factory, _ = make_factory(streamed)
+        self.assertIsNone(factory.answerNow)
+        connection = Connection(factory)
+        connection.send(encode_infer(1, "p", 3))
+        frames = connection.received()
+        self.assertEqual(chunkPayloads(frames, 1), [b" token"] * 3)
+        self.assertEqual([f.type for f in terminal_frames(frames, 1)], [MessageType.RESP_DONE])
