@@ -147,6 +147,7 @@ def sendAnswer(
         log.failure("writing the answer to request {req_id} failed", req_id=reqId)
         outcome, result, datas, size = "disconnected", None, [], 0  # type: ignore[assignment]
         firstChunkAt = None
+    services.counters.answeredAtOnce += 1
     record = _newTuple(
         AnsweredRequest, (reqId, peer, request, startedAt, now, firstChunkAt, firstChunkAt, len(datas), size)
     )

@@ -41,6 +41,7 @@ class _Connection(Protocol):
 
 class _Counters(Protocol):
     framesDropped: int
+    answeredAtOnce: int
 
 
 class _Admission(Protocol):
@@ -131,6 +132,12 @@ class _FactoryCollector(Collector):
         )
         dropped.add_metric([], factory.counters.framesDropped)
         yield dropped
+        atOnce = CounterMetricFamily(
+            "cc50_answered_at_once",
+            "Requests whose backend had the whole answer ready, sent in one write (IImmediateBackend).",
+        )
+        atOnce.add_metric([], factory.counters.answeredAtOnce)
+        yield atOnce
         yield GaugeMetricFamily(
             "cc50_backend_up", "1 when the backend's last health check passed.", value=1.0 if factory.backendHealthy else 0.0
         )

@@ -73,6 +73,8 @@ class FlowCounters:
     transportPauses: int = 0
     #: Frames dropped because they carried a req_id with nothing in flight.
     framesDropped: int = 0
+    #: Requests answered in one write, no stream (``cc50tw.immediate``).
+    answeredAtOnce: int = 0
 
 
 class EndedRequest(Protocol):

@@ -128,6 +128,27 @@ class PlainAnswerTests(TestCase):
         self.assertIn(": done backend=immediate tokens=2 prompt_tokens=4 bytes=3 ", lines[0])
         self.assertIn("finish=stop", lines[0])
 
+    def test_answersAtOnceAreCounted(self) -> None:
+        """``cc50_answered_at_once_total``: how many requests took the one-write path, and only those."""
+        backend = ImmediateBackend(ImmediateAnswer(["x"], GenerationResult(1, 1)))
+        factory, _ = make_factory(backend)
+        connection = Connection(factory)
+        connection.send(encode_infer(1, "p", 1) + encode_infer(2, "p", 1))
+        backend.answer = ImmediateAnswer(["abcdef"], GenerationResult(1, 1))  # over the window: a stream sends it
+        connection.send(encode_infer(3, "p", 1, credit_bytes=2))
+        backend.answer = None
+        connection.send(encode_infer(4, "p", 1))
+        self.assertEqual(sample(factory, "cc50_answered_at_once_total"), 2)
+
+    def test_logShowsCountsAsTheWireDoes(self) -> None:
+        """A backend's float counts are whole numbers in the log line, as in RESP_DONE and the metrics."""
+        backend = ImmediateBackend(ImmediateAnswer(["x"], GenerationResult(3.0, 2.0)))  # type: ignore[arg-type]
+        factory, _ = make_factory(backend)
+        with capturedLogs() as events:
+            Connection(factory).send(encode_infer(1, "p", 1))
+        [line] = [formatEvent(e) for e in events if "request 1 " in formatEvent(e)]
+        self.assertIn(" tokens=2 prompt_tokens=3 ", line)
+
     def test_emptyAnswerHasNoFirstToken(self) -> None:
         backend = ImmediateBackend(ImmediateAnswer([], GenerationResult(1, 0, "length")))
         factory, _ = make_factory(backend)
