@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 from cc50tw import __version__
 from cc50tw.bench import PlotUnavailable
-from cc50tw.client import ClientTimeout, generationOptions
+from cc50tw.client import MIN_CREDIT_BYTES, ClientTimeout, generationOptions
 from cc50tw.endpoints import client_description
 from cc50tw.errors import ClientError
 from cc50tw.generation import OPTION_NAMES, GenerationOptions, OptionsError
@@ -84,7 +84,9 @@ def _parser() -> _Parser:
         )
         sub.add_argument("--prompt", default="Hello", help="prompt text")
         sub.add_argument("--max-tokens", type=_u32, default=0, help="tokens to generate (0 = server default)")
-        sub.add_argument("--credit-bytes", type=_u32, default=0, help="initial credit window (0 = 262144)")
+        sub.add_argument(
+            "--credit-bytes", type=_creditBytes, default=0, help="initial credit window (0 = 262144; else at least 4)"
+        )
         sub.add_argument("--auth-token-file", help="file holding the server's shared token (sent in HELLO)")
         # main() reads the file into ``token`` once parsing is done (see _readToken).
         sub.set_defaults(token=None)
@@ -287,6 +289,16 @@ def _nonNegative(value: str) -> int:
 def _u32(value: str) -> int:
     """The wire's u32 fields (``max_tokens``, ``credit_bytes``): anything else cannot be encoded."""
     return _integer(value, 0, U32_MAX)
+
+
+def _creditBytes(value: str) -> int:
+    """A window: 0 (the default) or one that holds any UTF-8 character."""
+    credit = _u32(value)
+    if 0 < credit < MIN_CREDIT_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"{credit} bytes cannot hold every UTF-8 character: use 0 (262144) or at least {MIN_CREDIT_BYTES}"
+        )
+    return credit
 
 
 def _seconds(value: str) -> float:

@@ -507,6 +507,7 @@ class CC50ClientProtocol(CC50Receiver):
         with BAD_REQUEST naming it (``capabilities()`` says which it does).
         """
         _checkTimeout(timeout)
+        _checkCredit(credit_bytes)
         chosen = generationOptions(
             options,
             model=model,
@@ -631,6 +632,21 @@ class CC50ClientProtocol(CC50Receiver):
         responses, self._responses = self._responses, {}
         for response in responses.values():
             response._finish(None, failure)
+
+
+#: The smallest window that holds any UTF-8 character.  The server never
+#: splits a character, and this client grants credit back as it reads, so
+#: with a smaller window a character longer than it would never be sent.
+MIN_CREDIT_BYTES = 4
+
+
+def _checkCredit(credit_bytes: int) -> None:
+    """Refuse a window (other than 0, the default) too small to hold every character."""
+    if 0 < credit_bytes < MIN_CREDIT_BYTES:
+        raise ValueError(
+            f"credit_bytes must be 0 (the default window) or at least {MIN_CREDIT_BYTES}, got {credit_bytes}: "
+            "a window smaller than one UTF-8 character can stall the answer for good"
+        )
 
 
 def _checkTimeout(timeout: object) -> None:

@@ -640,8 +640,17 @@ class RequestStream:
         self._stallTimer = None
         self._blockedSince = None
         timeout = self.services.stallTimeout
+        needed = _charLength(self._pending[0]) if self._pending else 0
         if self.connection.transportPaused:
             message = f"the client read nothing for {timeout:g}s while this answer waited to be sent"
+        elif 0 < self.credit < needed:
+            # The client may well be granting what it reads: with a window
+            # smaller than the next character, nothing more is ever sent.
+            message = (
+                f"the next character of this answer is {needed} bytes and the window has had {self.credit} "
+                f"for {timeout:g}s: the client must grant at least {needed - self.credit} more (REQ_CREDIT); "
+                "a window under 4 bytes can stall any answer"
+            )
         else:
             message = (
                 f"no usable credit for {timeout:g}s: the client must send REQ_CREDIT to receive more of this "
@@ -685,6 +694,17 @@ def doneStats(
     except Exception:
         log.failure("request {req_id}: unusable counts in {result!r}", req_id=reqId, result=result)
         return DoneStats(0, 0, 0, 0, 0)
+
+
+def _charLength(leadByte: int) -> int:
+    """Bytes in the UTF-8 character that starts with ``leadByte`` (1 for anything that cannot start one)."""
+    if leadByte >= 0xF0:
+        return 4
+    if leadByte >= 0xE0:
+        return 3
+    if leadByte >= 0xC0:
+        return 2
+    return 1
 
 
 def _count(value: object) -> int:

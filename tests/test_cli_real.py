@@ -74,6 +74,8 @@ def test_version() -> None:
         (("infer", "--timeout", "soon"), "argument --timeout: not a number of seconds: 'soon'"),
         (("bench", "--max-tokens", "-1"), "argument --max-tokens: must be at least 0"),
         (("bench", "--credit-bytes", "-5"), "argument --credit-bytes: must be at least 0"),
+        (("infer", "--credit-bytes", "2"), "argument --credit-bytes: 2 bytes cannot hold every UTF-8 character"),
+        (("bench", "--credit-bytes", "3"), "argument --credit-bytes: 3 bytes cannot hold every UTF-8 character"),
         (("bench", "--iters", "0"), "argument --iters: must be at least 1"),
         (("bench", "--iters", "-1"), "argument --iters: must be at least 1"),
         (("bench", "--concurrency", "0"), "argument --concurrency: must be at least 1"),

@@ -423,3 +423,27 @@ class ToyAnswerTests(TestCase):
         frames = connection.received()
         self.assertEqual(chunkPayloads(frames, 1), [b" token"] * 3)
         self.assertEqual([f.type for f in terminal_frames(frames, 1)], [MessageType.RESP_DONE])
+
+
+class WindowSmallerThanACharacterTests(TestCase):
+    """A window smaller than the next character: refused by the client, named by the server."""
+
+    def test_stallSaysTheCharacterDoesNotFit(self) -> None:
+        backend = ImmediateBackend(ImmediateAnswer(["h", "é"], GenerationResult(1, 2)))
+        factory, reactor = make_factory(backend, stall_timeout=5.0)
+        connection = Connection(factory)
+        connection.send(encode_infer(1, "p", 2, credit_bytes=1))
+        connection.send(encode_credit(1, 1))  # what a client granting what it reads sends: 1 byte again
+        reactor.advance(5.0)
+        frames = connection.received()
+        self.assertEqual(chunkPayloads(frames, 1), [b"h"])
+        [error] = terminal_frames(frames, 1)
+        self.assertEqual(error_code(error), ErrorCode.CREDIT_STALL)
+        self.assertIn(b"the next character of this answer is 2 bytes and the window has had 1", error.payload)
+
+    def test_clientRefusesSuchWindows(self) -> None:
+        from cc50tw.client import CC50ClientProtocol
+
+        client = CC50ClientProtocol()
+        for credit in (1, 2, 3):
+            self.assertRaises(ValueError, client.infer, "p", 1, credit)
