@@ -557,6 +557,25 @@ def describe_frame(frame: Frame | Oversized) -> str:
     return f"{name}(req_id={frame.req_id}, flags={frame.flags}, {len(frame.payload)} bytes: {body!r})"
 
 
+def send_until_blocked(sock: socket.socket, data: bytes, seconds: float, pause: float = 0.01) -> int:
+    """
+    Send ``data`` without blocking until it is all sent, the peer stops
+    reading (the socket stays full) for ``seconds`` in all, or the connection
+    fails; the bytes sent.  How a test plays a client that floods and never reads.
+    """
+    sock.setblocking(False)
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while sent < len(data) and time.monotonic() < deadline:
+        try:
+            sent += sock.send(data[sent : sent + 65536])
+        except BlockingIOError:
+            time.sleep(pause)
+        except OSError:
+            break
+    return sent
+
+
 def raw_infer(
     address: tuple[str, int] | str, prompt: str = "hello", max_tokens: int = 3, req_id: int = 1, timeout: float = 10.0
 ) -> Outcome:

@@ -29,7 +29,7 @@ from cc50tw.codec import (
 )
 from cc50tw.generation import GenerationOptions
 from tests.conftest import StartCC50
-from tests.helpers import RawConnection, describe_frame
+from tests.helpers import RawConnection, describe_frame, send_until_blocked
 from tests.test_operations_real import http_get, metric, start_with_metrics
 
 REQUEST_LINE = re.compile(r"request (\d+) from ")
@@ -133,17 +133,8 @@ def test_reset_while_answers_are_written_leaks_nothing(cc50_server: StartCC50) -
     server, base = start_with_metrics(cc50_server, "--toy-iters=0")
     for round_ in range(3):
         flooder = RawConnection(server.socket_address, recv_buffer=4096)
-        flooder.sock.setblocking(False)
         request = b"".join(encode_infer(n % 500 + 1, "p", 512) for n in range(20_000))
-        sent = 0
-        deadline = time.monotonic() + 1.5
-        while sent < len(request) and time.monotonic() < deadline:
-            try:
-                sent += flooder.sock.send(request[sent : sent + 65536])
-            except BlockingIOError:
-                time.sleep(0.01)
-            except OSError:
-                break
+        send_until_blocked(flooder.sock, request, 1.5)
         try:
             flooder.sock.recv(1000)  # take a little, so the server is mid-write
         except (BlockingIOError, OSError):

@@ -11,11 +11,10 @@ same credit rules.
 from __future__ import annotations
 
 import re
-import time
 
 from cc50tw.codec import MessageType, decode_done, encode_credit, encode_infer
 from tests.conftest import StartCC50
-from tests.helpers import RawConnection
+from tests.helpers import RawConnection, send_until_blocked
 from tests.test_operations_real import http_get, metric, start_with_metrics
 
 #: The toy's answer-at-once limit (``SYNCHRONOUS_BATCH_TOKENS``): 512 answered at once, 513 streamed.
@@ -74,14 +73,7 @@ def test_client_that_never_reads_cannot_grow_the_server(cc50_server: StartCC50) 
     try:
         # 200,000 requests (7 MB) for 15 KB of answer each: far more than socket buffers hold.
         request = b"".join(encode_infer(n % 1000 + 1, "p", AT_ONCE) for n in range(200_000))
-        flooder.sock.setblocking(False)
-        sent = 0
-        deadline = time.monotonic() + 10
-        while sent < len(request) and time.monotonic() < deadline:
-            try:
-                sent += flooder.sock.send(request[sent : sent + 65536])
-            except BlockingIOError:
-                time.sleep(0.05)
+        sent = send_until_blocked(flooder.sock, request, 10, pause=0.05)
         assert sent < len(request), "the server read every request although none of the answers was read"
         with RawConnection(server.socket_address) as other:
             outcome = other.infer(1, "p", 5)

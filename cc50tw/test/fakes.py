@@ -3,7 +3,8 @@ Test doubles for the server's collaborators.
 
 ``ManualBackend`` lets a test drive a backend stream by hand (write text,
 finish, fail) and observe what the server asked of it (pause, resume,
-cancel), which is what the flow-control tests are about.  ``RecordingSink``
+cancel), which is what the flow-control tests are about; ``ImmediateBackend``
+is one that also answers at once (``IImmediateBackend``).  ``RecordingSink``
 is the other side: a token sink to drive a backend with, no server needed.
 """
 
@@ -27,7 +28,14 @@ from cc50tw.codec import (
     decode_done,
     decode_error,
 )
-from cc50tw.interfaces import GenerationResult, IBackend, InferenceRequest, ITokenSink
+from cc50tw.interfaces import (
+    GenerationResult,
+    IBackend,
+    IImmediateBackend,
+    ImmediateAnswer,
+    InferenceRequest,
+    ITokenSink,
+)
 from cc50tw.server import CC50ServerFactory, CC50ServerProtocol, ServerConfig
 
 
@@ -146,6 +154,31 @@ class ManualBackend:
 
     def stopBackend(self) -> Any:
         return None
+
+
+@implementer(IImmediateBackend)
+class ImmediateBackend(ManualBackend):
+    """
+    A ``ManualBackend`` that also answers at once (``IImmediateBackend``):
+    ``answerNow`` returns ``answer``, or what ``answer(request, budget)``
+    returns when it is callable; None streams through ``generate``.  Each
+    question is kept in ``asked``.
+    """
+
+    name = "immediate"
+    generationOptions: frozenset[str] = frozenset()
+
+    def __init__(self, answer: Any = None) -> None:
+        super().__init__()
+        self.answer = answer
+        self.asked: list[tuple[InferenceRequest, int]] = []
+
+    def answerNow(self, request: InferenceRequest, budget: int) -> ImmediateAnswer | None:
+        self.asked.append((request, budget))
+        answer = self.answer
+        if callable(answer):
+            return answer(request, budget)  # type: ignore[no-any-return]
+        return answer  # type: ignore[no-any-return]
 
 
 class BoundedTransport(StringTransport):
@@ -357,6 +390,7 @@ def error_code(frame: Frame) -> ErrorCode:
 
 __all__ = [
     "BoundedTransport",
+    "ImmediateBackend",
     "ServedConnection",
     "Connection",
     "ManualBackend",

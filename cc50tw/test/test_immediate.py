@@ -8,12 +8,9 @@ the tests try the ways an ``answerNow`` can go wrong.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
 
 from cc50tw.backends.lcg import CPUEngine
 from cc50tw.backends.toy import SYNCHRONOUS_BATCH_TOKENS, ToyBackend
@@ -31,6 +28,7 @@ from cc50tw.interfaces import GenerationResult, IImmediateBackend, ImmediateAnsw
 from cc50tw.server import CC50ServerFactory
 from cc50tw.test.fakes import (
     Connection,
+    ImmediateBackend,
     ManualBackend,
     RecordingSink,
     ServedConnection,
@@ -38,26 +36,6 @@ from cc50tw.test.fakes import (
     make_factory,
     terminal_frames,
 )
-
-
-@implementer(IImmediateBackend)
-class ImmediateBackend(ManualBackend):
-    """A ``ManualBackend`` that answers at once with whatever ``answer`` returns (None: it streams)."""
-
-    name = "immediate"
-    generationOptions: frozenset[str] = frozenset()
-
-    def __init__(self, answer: Any = None) -> None:
-        super().__init__()
-        self.answer = answer
-        self.asked: list[tuple[InferenceRequest, int]] = []
-
-    def answerNow(self, request: InferenceRequest, budget: int) -> ImmediateAnswer | None:
-        self.asked.append((request, budget))
-        answer = self.answer
-        if callable(answer):
-            return answer(request, budget)  # type: ignore[no-any-return]
-        return answer  # type: ignore[no-any-return]
 
 
 def sample(factory: CC50ServerFactory, name: str, **labels: str) -> float:

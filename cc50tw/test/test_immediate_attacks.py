@@ -22,7 +22,6 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
 
 from cc50tw.codec import (
     ErrorCode,
@@ -37,9 +36,10 @@ from cc50tw.codec import (
 )
 from cc50tw.errors import RequestFailed
 from cc50tw.generation import GenerationOptions
-from cc50tw.interfaces import GenerationResult, IImmediateBackend, ImmediateAnswer, InferenceRequest
+from cc50tw.interfaces import GenerationResult, ImmediateAnswer, InferenceRequest
 from cc50tw.metrics import FOLD_EVERY
 from cc50tw.server import CC50ServerFactory
+from cc50tw.test import fakes
 from cc50tw.test.fakes import (
     Connection,
     ManualBackend,
@@ -51,24 +51,10 @@ from cc50tw.test.fakes import (
 )
 
 
-@implementer(IImmediateBackend)
-class ImmediateBackend(ManualBackend):
-    """A ``ManualBackend`` that answers at once with whatever ``answer`` returns (None: it streams)."""
+class ImmediateBackend(fakes.ImmediateBackend):
+    """The shared double, honouring ``seed`` so requests can carry options."""
 
-    name = "immediate"
     generationOptions: frozenset[str] = frozenset({"seed"})
-
-    def __init__(self, answer: Any = None) -> None:
-        super().__init__()
-        self.answer = answer
-        self.asked: list[tuple[InferenceRequest, int]] = []
-
-    def answerNow(self, request: InferenceRequest, budget: int) -> ImmediateAnswer | None:
-        self.asked.append((request, budget))
-        answer = self.answer
-        if callable(answer):
-            return answer(request, budget)  # type: ignore[no-any-return]
-        return answer  # type: ignore[no-any-return]
 
 
 def sample(factory: CC50ServerFactory, name: str, **labels: str) -> float:
