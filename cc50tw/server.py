@@ -153,7 +153,8 @@ class CC50ServerProtocol(CC50Receiver):
         self._idleTimer: IDelayedCall | None = None
         #: When the idle time now being counted began (the reactor's seconds).
         self._idleFrom = 0.0
-        #: The req_id whose backend ``answerNow`` is running (0: none), so that
+        #: The req_id whose backend ``answerNow`` is running (0: none, and
+        #: never a request's: every test of it checks the req_id first), so that
         #: frames for it that arrive meanwhile (a backend calling back into the
         #: connection) are treated as for a request in flight: an error or a
         #: cancel ends it, credit adds to its window.
@@ -372,7 +373,7 @@ class CC50ServerProtocol(CC50Receiver):
         stream = self.streams.get(reqId)
         if stream is not None:
             stream.fail(code, message)
-        elif reqId == self._answering:
+        elif reqId and reqId == self._answering:
             # Called back from inside answerNow: the request ends with this
             # error once answerNow returns, its answer unsent.
             if self._answeringEnd is None:
@@ -504,13 +505,13 @@ class CC50ServerProtocol(CC50Receiver):
         stream = self.streams.get(frame.req_id)
         if stream is not None:
             stream.fail(ErrorCode.CANCELLED, "request cancelled by the client (REQ_CANCEL)")
-        elif frame.req_id == self._answering and self._answeringEnd is None:
+        elif frame.req_id and frame.req_id == self._answering and self._answeringEnd is None:
             self._answeringEnd = (ErrorCode.CANCELLED, "request cancelled by the client (REQ_CANCEL)")
 
     def _credit(self, frame: Frame) -> None:
         stream = self.streams.get(frame.req_id)
         if stream is None:
-            if frame.req_id == self._answering:
+            if frame.req_id and frame.req_id == self._answering:
                 try:
                     self._answeringCredit += decode_credit(frame)
                 except ProtocolError as error:

@@ -1023,3 +1023,22 @@ class AuthTests(TestCase):
         connection.send(encode_hello(b"s3cret") + encode_infer(1, "p", 1))
         frames = connection.received()
         self.assertEqual([f.type for f in frames], [MessageType.HELLO, MessageType.RESP_CHUNK, MessageType.RESP_DONE])
+
+
+class ReqIdZeroTests(TestCase):
+    def test_framesOnReqIdZeroDoNotEndTheNextAnswer(self) -> None:
+        """
+        Found by the socket fuzzer against a real twistd (CI): "no answerNow
+        running" was req_id 0, so a REQ_CANCEL, a REQ_CREDIT or junk on req_id
+        0 between requests marked the *next* answer at once as overtaken, and
+        it ended with CANCELLED (or the junk's error) instead of RESP_DONE.
+        """
+        backend = ImmediateBackend(one(["x"]))
+        factory, _ = make_factory(backend)
+        connection = Connection(factory)
+        connection.send(encode_cancel(0) + encode_infer(1, "p", 1))
+        connection.send(encode_credit(0, 5) + encode_infer(2, "p", 1))
+        connection.send(encode_frame(MessageType.RESP_CHUNK, 0, b"junk") + encode_infer(3, "p", 1))
+        frames = connection.received()
+        for reqId in (1, 2, 3):
+            self.assertEqual([f.type for f in terminal_frames(frames, reqId)], [MessageType.RESP_DONE], reqId)
