@@ -430,8 +430,9 @@ if HYPOTHESIS.available:
             self.sentOn(reqId, ErrorCode.DUPLICATE_REQ_ID)
             self.send(encode_infer(reqId, "again", max_tokens=5))
 
-        def someId(self, data: st.DataObject) -> int:
-            return data.draw(st.sampled_from(sorted(self.everSent | {self.nextId + 100})))
+        def someId(self, data: st.DataObject, zero: bool = True) -> int:
+            """A req_id in use, once used, never used, or (``zero``) 0, which no request has."""
+            return data.draw(st.sampled_from(sorted(self.everSent | {self.nextId + 100} | ({0} if zero else set()))))
 
         def sentOn(self, reqId: int, code: int) -> None:
             """The client sent a frame on ``reqId`` that ends its request in flight with ``code``."""
@@ -458,7 +459,7 @@ if HYPOTHESIS.available:
             kind=st.sampled_from(["unknown", "server-only", "bad-credit", "oversized", "oversized-infer"]),
         )
         def junk(self, data: st.DataObject, kind: str) -> None:
-            reqId = self.someId(data)
+            reqId = self.someId(data, zero=kind != "oversized-infer")  # REQ_INFER on 0 closes the connection
             if kind == "unknown":
                 self.sentOn(reqId, ErrorCode.UNKNOWN_TYPE)
                 self.send(encode_frame(99, reqId, b"?"))
