@@ -433,17 +433,21 @@ def build(options: Mapping[str, Any], reactor: Any) -> ToyBackend:
         options.get("toy-grid", DEFAULT_GRID),
         options.get("toy-block", DEFAULT_BLOCK),
     )
-    if options.get("toy-streamed"):
-        return StreamedToyBackend(reactor, engine, options["toy-iters"])
-    return ToyBackend(reactor, engine, options["toy-iters"])
+    iters = options["toy-iters"]
+    if options.get("toy-streamed") or iters != 0 or isinstance(engine, BatchingEngine):
+        # Only zero-cost work on the CPU is ever answered at once: the server
+        # need not ask (a slot taken and given back per request) otherwise.
+        return StreamedToyBackend(reactor, engine, iters)
+    return ToyBackend(reactor, engine, iters)
 
 
 @implementer_only(IBackend)
 class StreamedToyBackend(ToyBackend):
     """
-    The toy without answers at once (``--toy-streamed``): every request
-    streams, as it would from a backend that only has ``generate``.  It is how
-    the streaming path is measured at ``--toy-iters=0``.
+    The toy without answers at once: every request streams, as it would from
+    a backend that only has ``generate``.  ``--toy-streamed`` asks for it at
+    ``--toy-iters=0`` (to measure the streaming path); with work per token,
+    or on the GPU, the toy never has an answer ready anyway.
     """
 
 

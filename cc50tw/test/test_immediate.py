@@ -394,6 +394,7 @@ class ToyAnswerTests(TestCase):
         self.assertTrue(IImmediateBackend.providedBy(build(options, reactor)))
         streamed = build({**options, "toy-streamed": 1}, reactor)
         self.assertFalse(IImmediateBackend.providedBy(streamed))
+        self.assertFalse(IImmediateBackend.providedBy(build({**options, "toy-iters": 5}, reactor)))  # never ready
         factory, _ = make_factory(streamed)
         self.assertIsNone(factory.answerNow)
         connection = Connection(factory)
