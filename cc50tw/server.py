@@ -465,41 +465,49 @@ class CC50ServerProtocol(CC50Receiver):
             req_id, decoded.prompt, decoded.max_tokens or config.default_max_tokens, decoded.options
         )
         credit = decoded.credit_bytes or DEFAULT_CREDIT_BYTES
-        services = factory.services
         answerNow = factory.answerNow
-        if answerNow is not None and not self.transportPaused:
-            startedAt = services.clock()
-            self._answering = req_id
-            try:
-                answer = askForAnswer(services, answerNow, request, credit)
-            finally:
-                self._answering = 0
-            overtaken, self._answeringEnd = self._answeringEnd, None
-            if self._answeringCredit:
-                credit, self._answeringCredit = min(credit + self._answeringCredit, 1 << 62), 0
-            if overtaken is not None or self.state is not ConnectionState.OPEN:
-                # answerNow called back into this connection, and the request
-                # or the connection ended meanwhile: the answer has nowhere to go.
-                if answer is not None:
-                    services.admission.release()
-                stream = RequestStream(self, services, request, credit, self.peer)
-                stream.startedAt = startedAt
-                if self.state is not ConnectionState.OPEN:
-                    stream.endUnstarted(None)
-                else:
-                    assert overtaken is not None
-                    stream.endUnstarted(*overtaken)
-                return
-            if answer is not None:
-                if not isinstance(answer, Failure) and sendAnswer(self, services, request, self.peer, answer, credit, startedAt):
-                    return
-                stream = RequestStream(self, services, request, credit, self.peer)
-                self.streams[req_id] = stream
-                stream.startWith(answer, startedAt)
-                return
-        stream = RequestStream(self, services, request, credit, self.peer)
+        if answerNow is not None and not self.transportPaused and self._answerAtOnce(answerNow, request, credit):
+            return
+        stream = RequestStream(self, factory.services, request, credit, self.peer)
         self.streams[req_id] = stream
         stream.start()
+
+    def _answerAtOnce(self, answerNow: AnswerNow, request: InferenceRequest, credit: int) -> bool:
+        """
+        Offer the request to the backend's ``answerNow`` (``cc50tw.immediate``):
+        True when it has been dealt with, answered in one write or handed to a
+        stream holding the slot; False when it is to start as usual.
+        """
+        services, reqId = self.factory.services, request.req_id
+        startedAt = services.clock()
+        self._answering = reqId
+        try:
+            answer = askForAnswer(services, answerNow, request, credit)
+        finally:
+            self._answering = 0
+        overtaken, self._answeringEnd = self._answeringEnd, None
+        if self._answeringCredit:
+            credit, self._answeringCredit = min(credit + self._answeringCredit, 1 << 62), 0
+        if overtaken is not None or self.state is not ConnectionState.OPEN:
+            # answerNow called back into this connection, and the request or
+            # the connection ended meanwhile: the answer has nowhere to go.
+            if answer is not None:
+                services.admission.release()
+            stream = RequestStream(self, services, request, credit, self.peer)
+            stream.startedAt = startedAt
+            if overtaken is None or self.state is not ConnectionState.OPEN:
+                stream.endUnstarted(None)
+            else:
+                stream.endUnstarted(*overtaken)
+            return True
+        if answer is None:
+            return False
+        if not isinstance(answer, Failure) and sendAnswer(self, services, request, self.peer, answer, credit, startedAt):
+            return True
+        stream = RequestStream(self, services, request, credit, self.peer)
+        self.streams[reqId] = stream
+        stream.startWith(answer, startedAt)
+        return True
 
     def _cancel(self, frame: Frame) -> None:
         stream = self.streams.get(frame.req_id)
