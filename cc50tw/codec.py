@@ -174,6 +174,20 @@ def encode_chunk(req_id: int, text: bytes) -> bytes:
     return encode_frame(MessageType.RESP_CHUNK, req_id, text)
 
 
+def chunk_frame_pieces(req_id: int, texts: list[bytes]) -> list[bytes]:
+    """
+    One RESP_CHUNK per text, as header and payload pieces to be joined into
+    one write: the transport then handles one object, not two per frame.
+    """
+    pack = HEADER.pack
+    pieces: list[bytes] = []
+    append = pieces.append
+    for text in texts:
+        append(pack(MAGIC, VERSION, 2, req_id, 0, len(text)))
+        append(text)
+    return pieces
+
+
 def _fit(value: int, limit: int) -> int:
     """A count in range for its field: negative (a clock stepped back) is 0, too large is the field's maximum."""
     value = int(value)

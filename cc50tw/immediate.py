@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cc50tw.codec import HEADER, MAGIC, VERSION, MessageType
+from cc50tw.codec import chunk_frame_pieces
 from cc50tw.errors import BackendError
 from cc50tw.generation import GenerationOptions
 from cc50tw.interfaces import GenerationResult, ImmediateAnswer, InferenceRequest
@@ -34,7 +34,6 @@ from cc50tw.stream import StreamConnection, StreamServices, doneFrame, doneStats
 
 AnswerNow = Callable[[InferenceRequest, int], "ImmediateAnswer | None"]
 
-_RESP_CHUNK = int(MessageType.RESP_CHUNK)
 _newTuple = tuple.__new__
 
 log = Logger()
@@ -130,11 +129,7 @@ def sendAnswer(
     if size > credit:
         return False
     reqId = request.req_id
-    pack = HEADER.pack
-    pieces = []
-    for data in datas:
-        pieces.append(pack(MAGIC, VERSION, _RESP_CHUNK, reqId, 0, len(data)))
-        pieces.append(data)
+    pieces = chunk_frame_pieces(reqId, datas)
     now = services.clock()
     firstChunkAt = now if datas else None
     options: GenerationOptions = request.options

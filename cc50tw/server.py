@@ -41,6 +41,7 @@ from cc50tw.codec import (
     MessageType,
     Oversized,
     ProtocolError,
+    chunk_frame_pieces,
     decode_credit,
     decode_infer,
     encode_error,
@@ -562,19 +563,11 @@ class CC50ServerProtocol(CC50Receiver):
         if len(datas) == 1:
             self.sendChunk(reqId, datas[0])
             return
-        pack = HEADER.pack
-        pieces: list[bytes] = []
-        append = pieces.append
-        total = 0
-        for data in datas:
-            size = len(data)
-            total += size
-            append(pack(MAGIC, VERSION, 2, reqId, 0, size))
-            append(data)
-        self.bytesSent += HEADER_SIZE * len(datas) + total
+        data = b"".join(chunk_frame_pieces(reqId, datas))
+        self.bytesSent += len(data)
         # One joined write: the transport checks and queues one object rather
         # than two per frame (measured: about 0.4 µs less per frame).
-        self.transport.write(b"".join(pieces))
+        self.transport.write(data)
 
     def sendTerminal(self, reqId: int, frame: bytes) -> None:
         if self.state is ConnectionState.OPEN:
