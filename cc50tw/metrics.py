@@ -99,6 +99,10 @@ TTFT_BUCKETS = (
 FOLD_EVERY = 256
 
 
+#: ``ServerMetrics.requestEnded``'s arguments, in order, kept until ``fold``.
+EndedRecord = tuple[str, float, "float | None", "float | None", int, int, bool, "str | None"]
+
+
 class _FactoryCollector(Collector):
     """Reads the counters the server keeps as plain integers, at scrape time."""
 
@@ -258,7 +262,7 @@ class ServerMetrics:
         self.generated_tokens = PlainCounter("cc50_generated_tokens", "Tokens generated.")
         self.prompt_tokens = PlainCounter("cc50_prompt_tokens", "Prompt tokens processed.")
         #: Requests ended and not yet counted into the series (``fold``).
-        self._ended: list[tuple[str, float, float | None, float | None, int, int, bool, str | None]] = []
+        self._ended: list[EndedRecord] = []
         self.series: tuple[PlainCounter | PlainHistogram, ...] = (
             self.requests,
             self.backend_errors,
@@ -305,21 +309,13 @@ class ServerMetrics:
         ended, self._ended = self._ended, []
         for record in ended:
             try:
-                self._count(*record)
+                self._count(record)
             except Exception:  # one bad record must cost the series that record alone
                 log.failure("counting a finished request into the metrics failed: {record!r}", record=record)
 
-    def _count(
-        self,
-        outcome: str,
-        latency: float,
-        ttft: float | None,
-        interToken: float | None,
-        generatedTokens: int,
-        promptTokens: int,
-        backendError: bool,
-        model: str | None,
-    ) -> None:
+    def _count(self, record: EndedRecord) -> None:
+        """One record of ``requestEnded`` into the series."""
+        outcome, latency, ttft, interToken, generatedTokens, promptTokens, backendError, model = record
         self.requests.inc((outcome,))
         self.duration.observe(latency)
         if backendError:
