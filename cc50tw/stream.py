@@ -21,6 +21,11 @@ encodes any text).  That is how "every accepted request ends in exactly one
 terminal frame, and nothing follows it" holds by construction.
 
 A backend slot is held exactly while the state is ``Running``.
+
+A request whose backend has its whole answer ready never becomes a stream:
+``cc50tw.immediate`` writes that answer and its RESP_DONE in one write, the
+one other writer of a terminal frame, and hands anything it cannot send that
+way to ``startWith``.
 """
 
 from __future__ import annotations
