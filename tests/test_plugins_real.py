@@ -5,8 +5,11 @@ A third-party backend, installed and uninstalled with pip, found by a real
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +43,25 @@ def echo_installed() -> object:
     assert installed.returncode == 0, installed.stdout + installed.stderr
     yield
     pip("uninstall", "-y", "cc50-echo")
+    remove_stray_plugin_directory()
+
+
+def remove_stray_plugin_directory() -> None:
+    """
+    pip removes the example's plugin module but not the ``dropin.cache`` that
+    twistd's plugin scan wrote beside it.  Where cc50tw itself is installed
+    in site-packages that cache is its own; beside an editable install (no
+    ``cc50tw/__init__.py`` there) the directory left behind is a namespace
+    package named ``cc50tw`` that shadows the real one in later runs (trial:
+    "cannot import name '__version__' from 'cc50tw' (unknown location)").
+    """
+    stray = Path(sysconfig.get_paths()["purelib"]) / "cc50tw"
+    if not stray.is_dir() or (stray / "__init__.py").exists():
+        return
+    plugins = stray / "plugins"
+    leftovers = {entry.name for entry in plugins.iterdir()} if plugins.is_dir() else set()
+    if {entry.name for entry in stray.iterdir()} <= {"plugins"} and leftovers <= {"dropin.cache", "__pycache__"}:
+        shutil.rmtree(stray)
 
 
 def test_installed_plugin_is_listed_served_and_removed(echo_installed: object, cc50_server: StartCC50) -> None:
