@@ -11,8 +11,9 @@ log), with no stream ever made.
 
 Only the plain case takes this path: a free backend slot with nobody queued
 for one, the connection writable, and an answer that fits the client's credit
-window with a ``GenerationResult`` of int counts.  Anything else (a failure,
-an answer over the window, an odd result) is handed to a ``RequestStream``
+window with a ``GenerationResult`` (odd counts in it are clamped, as a
+stream's are).  Anything else (a failure, an answer over the window, a
+plain pair for a result) is handed to a ``RequestStream``
 already holding the slot (``RequestStream.startWith``), so every rule of the
 lifecycle (one terminal frame, credit, stall and deadline timers) still holds
 there.
@@ -26,15 +27,12 @@ from typing import Any, NamedTuple
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cc50tw.codec import chunk_frame_pieces
+from cc50tw.codec import chunk_frame_pieces, new_tuple
 from cc50tw.errors import BackendError
-from cc50tw.generation import GenerationOptions
 from cc50tw.interfaces import GenerationResult, ImmediateAnswer, InferenceRequest
 from cc50tw.stream import StreamConnection, StreamServices, doneFrame, doneStats
 
 AnswerNow = Callable[[InferenceRequest, int], "ImmediateAnswer | None"]
-
-_newTuple = tuple.__new__
 
 log = Logger()
 
@@ -95,7 +93,7 @@ def askForAnswer(
             failure = Failure()
             log.failure("reading the answer to request {req_id} failed", failure, req_id=request.req_id)
             return failure
-    return _newTuple(ImmediateAnswer, (texts, result))  # type: ignore[no-any-return]
+    return new_tuple(ImmediateAnswer, (texts, result))  # type: ignore[no-any-return]
 
 
 def sendAnswer(
@@ -120,9 +118,7 @@ def sendAnswer(
     except Exception:
         return False
     if type(result) is not GenerationResult:
-        return False
-    if type(result.generated_tokens) is not int or type(result.prompt_tokens) is not int:
-        return False
+        return False  # a plain pair, say: the stream makes a GenerationResult of it
     if not all(datas):
         datas = [data for data in datas if data]  # an empty text is no chunk
     size = sum(map(len, datas))
@@ -132,22 +128,25 @@ def sendAnswer(
     pieces = chunk_frame_pieces(reqId, datas)
     now = services.clock()
     firstChunkAt = now if datas else None
-    options: GenerationOptions = request.options
-    pieces.append(doneFrame(reqId, doneStats(reqId, result, options, startedAt, firstChunkAt, now)))
+    pieces.append(doneFrame(reqId, doneStats(reqId, result, request.options, startedAt, firstChunkAt, now)))
     services.admission.release()  # first: a write that raises must not keep the slot
-    outcome = "done"
     try:
         connection.sendTerminal(reqId, b"".join(pieces))
     except Exception:  # a transport torn down under us: the client has nothing
         log.failure("writing the answer to request {req_id} failed", req_id=reqId)
-        outcome, result, datas, size = "disconnected", None, [], 0  # type: ignore[assignment]
-        firstChunkAt = None
+        unsent = new_tuple(AnsweredRequest, (reqId, peer, request, startedAt, now, None, None, 0, 0))
+        _record(services, unsent, "disconnected", None)
+        return True
     services.counters.answeredAtOnce += 1
-    record = _newTuple(
+    record = new_tuple(
         AnsweredRequest, (reqId, peer, request, startedAt, now, firstChunkAt, firstChunkAt, len(datas), size)
     )
+    _record(services, record, "done", result)
+    return True
+
+
+def _record(services: StreamServices, record: AnsweredRequest, outcome: str, result: GenerationResult | None) -> None:
     try:
         services.requestEnded(record, outcome, result, False, "")
-    except Exception:
-        log.failure("recording the end of request {req_id} failed", req_id=reqId)
-    return True
+    except Exception:  # as a stream's end: the metrics or the log must not take the connection down
+        log.failure("recording the end of request {req_id} failed", req_id=record.reqId)

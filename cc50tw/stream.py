@@ -42,7 +42,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cc50tw.admission import Admission
-from cc50tw.codec import DoneStats, ErrorCode, encode_done, encode_error, utf8_prefix_length
+from cc50tw.codec import (
+    DoneStats,
+    ErrorCode,
+    encode_done,
+    encode_error,
+    new_tuple,
+    utf8_char_length,
+    utf8_prefix_length,
+)
 from cc50tw.errors import RequestFailed
 from cc50tw.generation import NO_OPTIONS, GenerationOptions
 from cc50tw.interfaces import GenerationResult, IBackend, ImmediateAnswer, InferenceRequest, ITokenSink
@@ -645,7 +653,7 @@ class RequestStream:
         self._stallTimer = None
         self._blockedSince = None
         timeout = self.services.stallTimeout
-        needed = _charLength(self._pending[0]) if self._pending else 0
+        needed = utf8_char_length(self._pending[0]) if self._pending else 0
         if self.connection.transportPaused:
             message = f"the client read nothing for {timeout:g}s while this answer waited to be sent"
         elif 0 < self.credit < needed:
@@ -664,10 +672,6 @@ class RequestStream:
         self.fail(ErrorCode.CREDIT_STALL, message)
 
 
-#: A NamedTuple's generated ``__new__`` is a Python call; its fields are built in order here.
-_newTuple = tuple.__new__
-
-
 def doneStats(
     reqId: int,
     result: GenerationResult,
@@ -684,7 +688,7 @@ def doneStats(
         generated, prompt = result.generated_tokens, result.prompt_tokens
         if type(generated) is not int or type(prompt) is not int:
             generated, prompt = _count(generated), _count(prompt)
-        return _newTuple(
+        return new_tuple(
             DoneStats,
             (
                 generated,  # tokens
@@ -699,17 +703,6 @@ def doneStats(
     except Exception:
         log.failure("request {req_id}: unusable counts in {result!r}", req_id=reqId, result=result)
         return DoneStats(0, 0, 0, 0, 0)
-
-
-def _charLength(leadByte: int) -> int:
-    """Bytes in the UTF-8 character that starts with ``leadByte`` (1 for anything that cannot start one)."""
-    if leadByte >= 0xF0:
-        return 4
-    if leadByte >= 0xE0:
-        return 3
-    if leadByte >= 0xC0:
-        return 2
-    return 1
 
 
 def _count(value: object) -> int:
