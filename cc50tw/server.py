@@ -496,10 +496,10 @@ class CC50ServerProtocol(CC50Receiver):
                 services.admission.release()
             stream = RequestStream(self, services, request, credit, self.peer)
             stream.startedAt = startedAt
-            if overtaken is None or self.state is not ConnectionState.OPEN:
-                stream.endUnstarted(None)
-            else:
+            if self.state is ConnectionState.OPEN and overtaken is not None:
                 stream.endUnstarted(*overtaken)
+            else:
+                stream.endUnstarted(None)  # the connection is gone: nothing to write
             return True
         if answer is None:
             return False
