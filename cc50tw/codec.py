@@ -30,6 +30,7 @@ DONE_EXTENSION = struct.Struct("<IIQ")  # prompt_tokens, generated_tokens, ttft_
 #: A whole RESP_DONE frame in cc50tw's form with no finish reason, header
 #: included: what a server sends most, in one pack.
 DONE_FRAME = struct.Struct("<" + HEADER.format[1:] + DONE_CPP.format[1:] + DONE_EXTENSION.format[1:])
+DONE_PAYLOAD_SIZE = DONE_CPP.size + DONE_EXTENSION.size
 CREDIT = struct.Struct("<I")
 #: RESP_DONE's finish reason, after the cc50tw fields: its length, then UTF-8.
 FINISH_REASON = struct.Struct("<H")
@@ -194,6 +195,19 @@ def _fit(value: int, limit: int) -> int:
     return 0 if value < 0 else limit if value > limit else value
 
 
+def encode_plain_done(req_id: int, tokens: int, elapsed_us: int, prompt_tokens: int, ttft_us: int) -> bytes:
+    """
+    The commonest RESP_DONE (no finish reason: the client sent no options),
+    header and payload in one pack with no ``DoneStats`` to build: a request
+    answered at once spends a fair part of its time on its terminal frame.
+    Raises ``struct.error`` for a figure that does not fit its field, where
+    ``encode_done`` clamps.
+    """
+    return DONE_FRAME.pack(
+        MAGIC, VERSION, _RESP_DONE, req_id, 0, DONE_PAYLOAD_SIZE, tokens, 0, elapsed_us, prompt_tokens, tokens, ttft_us
+    )
+
+
 def encode_done(req_id: int, stats: DoneStats) -> bytes:
     """
     RESP_DONE, with every count clamped to its field.
@@ -203,12 +217,9 @@ def encode_done(req_id: int, stats: DoneStats) -> bytes:
     the nearest value the field can hold instead of an exception.
     """
     generated = stats.generated_tokens if stats.generated_tokens is not None else stats.tokens
-    if stats.finish_reason is None and stats.prompt_tokens is not None:
-        try:  # the commonest frame, every figure fitting its field: header and payload in one pack
-            return DONE_FRAME.pack(
-                MAGIC, VERSION, MessageType.RESP_DONE, req_id, 0, DONE_CPP.size + DONE_EXTENSION.size,
-                stats.tokens, 0, stats.elapsed_us, stats.prompt_tokens, generated, stats.ttft_us or 0,
-            )  # fmt: skip
+    if stats.finish_reason is None and stats.prompt_tokens is not None and stats.tokens == generated:
+        try:
+            return encode_plain_done(req_id, generated, stats.elapsed_us, stats.prompt_tokens, stats.ttft_us or 0)
         except struct.error:
             pass  # clamped below
     # Every figure clamped to its field: cheap next to a frame, and the one path left.
@@ -279,7 +290,7 @@ def decode_infer(frame: Frame) -> InferRequest:
             ErrorCode.BAD_REQUEST, f"REQ_INFER prompt is not valid UTF-8 ({e.reason} at byte {e.start})", frame.req_id
         ) from None
     if end == len(payload):
-        return InferRequest(max_tokens, credit_bytes, prompt)
+        return new_tuple(InferRequest, (max_tokens, credit_bytes, prompt, NO_OPTIONS))  # type: ignore[no-any-return]
     try:
         options = decodeOptions(payload[end:])
     except OptionsError as e:
@@ -358,6 +369,7 @@ DecodedItem = Frame | Oversized
 #: with every field given in order.
 new_tuple = tuple.__new__
 _RESP_CHUNK = int(MessageType.RESP_CHUNK)  # a plain int compares faster than the enum member
+_RESP_DONE = int(MessageType.RESP_DONE)
 
 
 class FrameDecoder:

@@ -27,10 +27,10 @@ from typing import Any, NamedTuple
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cc50tw.codec import chunk_frame_pieces, new_tuple
+from cc50tw.codec import HEADER, MAGIC, VERSION, new_tuple
 from cc50tw.errors import BackendError
 from cc50tw.interfaces import GenerationResult, ImmediateAnswer, InferenceRequest
-from cc50tw.stream import StreamConnection, StreamServices, doneFrame, doneStats
+from cc50tw.stream import StreamConnection, StreamServices, resultFrame
 
 AnswerNow = Callable[[InferenceRequest, int], "ImmediateAnswer | None"]
 
@@ -53,29 +53,37 @@ class AnsweredRequest(NamedTuple):
 
 def askForAnswer(
     services: StreamServices, answerNow: AnswerNow, request: InferenceRequest, credit: int
-) -> ImmediateAnswer | Failure | None:
+) -> object | None:
     """
     Take a free backend slot and ask the backend for its whole answer.
 
     None: no slot was free, or the backend would rather stream; no slot is
     held and the request takes the usual path.  Otherwise the slot is held,
-    to be released by ``sendAnswer`` or by whatever the answer is handed to;
-    the answer's texts are read once, here, into a list (a generator of texts
-    cannot be read twice), and whatever goes wrong in ``answerNow`` or in
-    reading its answer is the request's failure.
+    to be released by ``sendAnswer`` or by whatever the answer is handed to,
+    and what came back is returned as it is (``answerNow`` raising: a
+    ``Failure``); ``sendAnswer`` takes the plain case, ``readAnswer`` makes
+    anything else something a stream can start with.
     """
     admission = services.admission
     if not admission.tryAcquire():
         return None  # busy, or others queued ahead: this request queues behind them
     try:
-        answer: object = answerNow(request, credit)
+        answer = answerNow(request, credit)
     except Exception:
         failure = Failure()
         log.failure("answerNow raised for request {req_id}", failure, req_id=request.req_id)
         return failure
     if answer is None:
         admission.release()
-        return None
+    return answer
+
+
+def readAnswer(answer: object, reqId: int) -> ImmediateAnswer | Failure:
+    """
+    What ``answerNow`` returned, as a stream can start with it: texts read
+    once into a list (a generator of texts cannot be read twice), and
+    whatever goes wrong in reading it the request's failure.
+    """
     if isinstance(answer, Failure):
         return answer
     texts: Any
@@ -91,7 +99,7 @@ def askForAnswer(
             texts = list(texts)
         except Exception:
             failure = Failure()
-            log.failure("reading the answer to request {req_id} failed", failure, req_id=request.req_id)
+            log.failure("reading the answer to request {req_id} failed", failure, req_id=reqId)
             return failure
     return new_tuple(ImmediateAnswer, (texts, result))  # type: ignore[no-any-return]
 
@@ -101,34 +109,41 @@ def sendAnswer(
     services: StreamServices,
     request: InferenceRequest,
     peer: str,
-    answer: ImmediateAnswer,
+    answer: object,
     credit: int,
     startedAt: float,
 ) -> bool:
     """
     Write the whole answer in one write, release the slot and record the
     request; False, having done none of it, when the answer is not the plain
-    case (the caller hands it to a stream instead).
+    case: an ``ImmediateAnswer`` of a list of texts and a ``GenerationResult``,
+    within the window (the caller hands anything else to a stream).
     """
-    texts, result = answer
-    try:
-        # A text that is not a str, or holds a lone surrogate, raises here: the
-        # stream's writeSequence knows what to make of it.
-        datas = [text.encode() for text in texts]
-    except Exception:
+    if type(answer) is not ImmediateAnswer:
         return False
-    if type(result) is not GenerationResult:
-        return False  # a plain pair, say: the stream makes a GenerationResult of it
-    if not all(datas):
-        datas = [data for data in datas if data]  # an empty text is no chunk
-    size = sum(map(len, datas))
-    if size > credit:
+    texts, result = answer
+    if type(texts) is not list or type(result) is not GenerationResult:
         return False
     reqId = request.req_id
-    pieces = chunk_frame_pieces(reqId, datas)
+    pack = HEADER.pack
+    pieces: list[bytes] = []
+    size = 0
+    try:
+        for text in texts:
+            # A text that is not a str, or holds a lone surrogate, raises here:
+            # the stream's writeSequence knows what to make of it.
+            data = text.encode()
+            if data:  # an empty text is no chunk
+                size += len(data)
+                pieces += (pack(MAGIC, VERSION, 2, reqId, 0, len(data)), data)
+    except Exception:
+        return False
+    if size > credit:
+        return False
+    chunks = len(pieces) >> 1
     now = services.clock()
-    firstChunkAt = now if datas else None
-    pieces.append(doneFrame(reqId, doneStats(reqId, result, request.options, startedAt, firstChunkAt, now)))
+    firstChunkAt = now if chunks else None
+    pieces.append(resultFrame(reqId, result, request.options, startedAt, firstChunkAt, now))
     services.admission.release()  # first: a write that raises must not keep the slot
     try:
         connection.sendTerminal(reqId, b"".join(pieces))
@@ -139,7 +154,7 @@ def sendAnswer(
         return True
     services.counters.answeredAtOnce += 1
     record = new_tuple(
-        AnsweredRequest, (reqId, peer, request, startedAt, now, firstChunkAt, firstChunkAt, len(datas), size)
+        AnsweredRequest, (reqId, peer, request, startedAt, now, firstChunkAt, firstChunkAt, chunks, size)
     )
     _record(services, record, "done", result)
     return True

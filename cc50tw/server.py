@@ -46,10 +46,11 @@ from cc50tw.codec import (
     decode_infer,
     encode_error,
     encode_frame,
+    new_tuple,
 )
 from cc50tw.generation import NO_OPTIONS, GenerationOptions
-from cc50tw.immediate import AnswerNow, askForAnswer, sendAnswer
-from cc50tw.interfaces import GenerationResult, IBackend, IImmediateBackend, InferenceRequest
+from cc50tw.immediate import AnswerNow, askForAnswer, readAnswer, sendAnswer
+from cc50tw.interfaces import GenerationResult, IBackend, IImmediateBackend, ImmediateAnswer, InferenceRequest
 from cc50tw.metrics import ServerMetrics
 from cc50tw.receiver import CC50Receiver, setTcpNoDelay
 from cc50tw.stream import EndedRequest, FlowCounters, RequestStream, StreamServices
@@ -462,8 +463,8 @@ class CC50ServerProtocol(CC50Receiver):
             if unknown:
                 self.frameRefused(req_id, ErrorCode.BAD_REQUEST, unknown, True)
                 return
-        request = InferenceRequest(
-            req_id, decoded.prompt, decoded.max_tokens or config.default_max_tokens, decoded.options
+        request: InferenceRequest = new_tuple(
+            InferenceRequest, (req_id, decoded.prompt, decoded.max_tokens or config.default_max_tokens, decoded.options)
         )
         credit = decoded.credit_bytes or DEFAULT_CREDIT_BYTES
         answerNow = factory.answerNow
@@ -486,29 +487,38 @@ class CC50ServerProtocol(CC50Receiver):
             answer = askForAnswer(services, answerNow, request, credit)
         finally:
             self._answering = 0
-        overtaken, self._answeringEnd = self._answeringEnd, None
         if self._answeringCredit:
             credit, self._answeringCredit = min(credit + self._answeringCredit, 1 << 62), 0
-        if overtaken is not None or self.state is not ConnectionState.OPEN:
-            # answerNow called back into this connection, and the request or
-            # the connection ended meanwhile: the answer has nowhere to go.
-            if answer is not None:
-                services.admission.release()
-            stream = RequestStream(self, services, request, credit, self.peer)
-            stream.startedAt = startedAt
-            if self.state is ConnectionState.OPEN and overtaken is not None:
-                stream.endUnstarted(*overtaken)
-            else:
-                stream.endUnstarted(None)  # the connection is gone: nothing to write
+        if self._answeringEnd is not None or self.state is not ConnectionState.OPEN:
+            self._answerOvertaken(answer is not None, request, credit, startedAt)
             return True
         if answer is None:
             return False
-        if not isinstance(answer, Failure) and sendAnswer(self, services, request, self.peer, answer, credit, startedAt):
+        if sendAnswer(self, services, request, self.peer, answer, credit, startedAt):
             return True
+        answer = readAnswer(answer, reqId)
+        if type(answer) is ImmediateAnswer and sendAnswer(self, services, request, self.peer, answer, credit, startedAt):
+            return True  # its texts came as something other than a list, now read
         stream = RequestStream(self, services, request, credit, self.peer)
         self.streams[reqId] = stream
         stream.startWith(answer, startedAt)
         return True
+
+    def _answerOvertaken(self, holdingSlot: bool, request: InferenceRequest, credit: int, startedAt: float) -> None:
+        """
+        ``answerNow`` called back into this connection, and the request or the
+        connection ended meanwhile: the answer has nowhere to go.
+        """
+        overtaken, self._answeringEnd = self._answeringEnd, None
+        services = self.factory.services
+        if holdingSlot:
+            services.admission.release()
+        stream = RequestStream(self, services, request, credit, self.peer)
+        stream.startedAt = startedAt
+        if self.state is ConnectionState.OPEN and overtaken is not None:
+            stream.endUnstarted(*overtaken)
+        else:
+            stream.endUnstarted(None)  # the connection is gone: nothing to write
 
     def _cancel(self, frame: Frame) -> None:
         stream = self.streams.get(frame.req_id)

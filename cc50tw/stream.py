@@ -31,6 +31,7 @@ way to ``startWith``.
 from __future__ import annotations
 
 import inspect
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -47,6 +48,7 @@ from cc50tw.codec import (
     ErrorCode,
     encode_done,
     encode_error,
+    encode_plain_done,
     new_tuple,
     utf8_char_length,
     utf8_prefix_length,
@@ -399,9 +401,9 @@ class RequestStream:
 
     def _done(self, result: GenerationResult) -> None:
         now = self.services.clock()
-        stats = doneStats(self.reqId, result, self.request.options, self.startedAt, self.firstChunkAt, now)
+        frame = resultFrame(self.reqId, result, self.request.options, self.startedAt, self.firstChunkAt, now)
         self.endedAt = now  # the log's latency is the elapsed_us the client reads
-        self._finish(doneFrame(self.reqId, stats), "done", result)
+        self._finish(frame, "done", result)
 
     def _finish(
         self,
@@ -670,6 +672,33 @@ class RequestStream:
                 f"answer (at least {STALL_PROGRESS_BYTES} bytes per {timeout:g}s of waiting)"
             )
         self.fail(ErrorCode.CREDIT_STALL, message)
+
+
+def resultFrame(
+    reqId: int,
+    result: GenerationResult,
+    options: GenerationOptions,
+    startedAt: float,
+    firstChunkAt: float | None,
+    now: float,
+) -> bytes:
+    """
+    RESP_DONE for a request that ended with ``result``: in one pack when the
+    counts are whole numbers that fit and the client sent no options (so no
+    finish reason), else through ``doneStats``, which makes do with any counts.
+    """
+    if options is NO_OPTIONS and type(result) is GenerationResult:
+        generated, prompt = result.generated_tokens, result.prompt_tokens
+        if type(generated) is int and type(prompt) is int:
+            # No chunk, no time to first chunk: 0, as doneStats has it.
+            first = firstChunkAt if firstChunkAt is not None else startedAt
+            try:
+                return encode_plain_done(
+                    reqId, generated, round((now - startedAt) * 1e6), prompt, round((first - startedAt) * 1e6)
+                )
+            except (struct.error, OverflowError, ValueError):  # a figure out of range, a clock stepped back
+                pass  # the general path clamps it
+    return doneFrame(reqId, doneStats(reqId, result, options, startedAt, firstChunkAt, now))
 
 
 def doneStats(

@@ -21,6 +21,7 @@ from zope.interface import implementer, implementer_only
 
 from cc50tw.backends import BackendSpec
 from cc50tw.backends.batching import DEFAULT_SLOTS, DecodeReceiver, DecodeTicket
+from cc50tw.codec import new_tuple
 from cc50tw.errors import BackendError
 from cc50tw.interfaces import (
     GenerationResult,
@@ -372,7 +373,9 @@ class ToyBackend:
             if engine.spinNow(iters) is None:
                 return None  # the engine has work to do after all: stream it
         self.tokens_emitted += count
-        return ImmediateAnswer([TOKEN_TEXT] * count, GenerationResult(len(request.prompt.split()), count, "length"))
+        # Built as the bare tuples they are: a NamedTuple's generated __new__ is a Python call.
+        result = new_tuple(GenerationResult, (len(request.prompt.split()), count, "length"))
+        return new_tuple(ImmediateAnswer, ([TOKEN_TEXT] * count, result))  # type: ignore[no-any-return]
 
     def checkHealth(self) -> Deferred[bool]:
         # A CUDA engine whose device failed refuses every request until a restart.
