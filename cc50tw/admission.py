@@ -61,6 +61,10 @@ class Admission:
         queued and run by the outermost call's loop, so a long queue cannot
         recurse deeper and deeper until the stack overflows.
         """
+        semaphore = self._semaphore
+        if not semaphore.waiting and not self._releasing and semaphore.tokens < semaphore.limit:
+            semaphore.tokens += 1  # nobody to admit: what DeferredSemaphore.release does then
+            return
         self._pendingReleases += 1
         if self._releasing:
             return

@@ -156,7 +156,10 @@ def sendAnswer(
     record = new_tuple(
         AnsweredRequest, (reqId, peer, request, startedAt, now, firstChunkAt, firstChunkAt, chunks, size)
     )
-    _record(services, record, "done", result)
+    try:
+        services.requestEnded(record, "done", result, False, "")
+    except Exception:  # as a stream's end: the metrics or the log must not take the connection down
+        log.failure("recording the end of request {req_id} failed", req_id=reqId)
     return True
 
 

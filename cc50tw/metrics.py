@@ -21,7 +21,7 @@ import math
 import time
 from bisect import bisect_left
 from collections.abc import Collection, Iterable
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 import prometheus_client.metrics
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -58,6 +58,10 @@ class ServerState(Protocol):
     bytesSent: int
     bytesReceived: int
     backendHealthy: bool
+    #: The models ``cc50_model_requests_total`` may label.
+    servedModels: frozenset[str]
+
+    def requestFigures(self, request: Any, result: Any) -> RequestFigures: ...
 
     @property
     def backend(self) -> object: ...
@@ -99,8 +103,22 @@ TTFT_BUCKETS = (
 FOLD_EVERY = 256
 
 
-#: ``ServerMetrics.requestEnded``'s arguments, in order, kept until ``fold``.
-EndedRecord = tuple[str, float, "float | None", "float | None", int, int, bool, "str | None"]
+class RequestFigures(NamedTuple):
+    """What is measured of one finished request (``CC50ServerFactory.requestFigures``)."""
+
+    latency: float
+    ttft: float | None
+    interToken: float | None
+    generatedTokens: int
+    promptTokens: int
+    #: The model it was routed by, whether the backend serves it or not.
+    model: str | None
+
+
+#: ``ServerMetrics.requestEnded``'s arguments, in order, kept until ``fold``:
+#: the request, its outcome, its result, whether the backend failed it, and
+#: its figures if they were already worked out (for the log line).
+EndedRecord = tuple[Any, str, Any, bool, "RequestFigures | None"]
 
 
 class _FactoryCollector(Collector):
@@ -239,6 +257,7 @@ class ServerMetrics:
 
     def __init__(self, factory: ServerState, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._factory = factory
         self.requests = PlainCounter("cc50_requests", "Requests ended, by outcome: done, or the error code's name.", ("outcome",))
         self.backend_errors = PlainCounter(
             "cc50_backend_errors", "Requests the backend failed, by error code's name.", ("kind",)
@@ -279,28 +298,20 @@ class ServerMetrics:
         registerBackendCollectors(self.registry, factory.backend)
 
     def requestEnded(
-        self,
-        outcome: str,
-        latency: float,
-        ttft: float | None,
-        interToken: float | None,
-        generatedTokens: int,
-        promptTokens: int,
-        backendError: bool,
-        model: str | None,
+        self, request: object, outcome: str, result: object, backendError: bool, figures: RequestFigures | None
     ) -> None:
         """
-        One finished request, in every series it touches.  ``model``: one the
-        backend serves, or None (a label per name a client made up would grow
-        without bound).
+        One finished request (a ``stream.EndedRequest``), to be counted into
+        every series it touches.
 
         Kept as one tuple and counted into the series in batches (``fold``):
         at every scrape, and every ``FOLD_EVERY`` requests to bound the list.
-        On a busy server that takes the series' bookkeeping off the path from
-        request to reply, as the request log does with its lines.
+        On a busy server that takes the series' bookkeeping, and working out
+        the figures, off the path from request to reply, as the request log
+        does with its lines.
         """
         ended = self._ended
-        ended.append((outcome, latency, ttft, interToken, generatedTokens, promptTokens, backendError, model))
+        ended.append((request, outcome, result, backendError, figures))
         if len(ended) >= FOLD_EVERY:
             self.fold()
 
@@ -315,7 +326,10 @@ class ServerMetrics:
 
     def _count(self, record: EndedRecord) -> None:
         """One record of ``requestEnded`` into the series."""
-        outcome, latency, ttft, interToken, generatedTokens, promptTokens, backendError, model = record
+        request, outcome, result, backendError, figures = record
+        if figures is None:
+            figures = self._factory.requestFigures(request, result)
+        latency, ttft, interToken, generatedTokens, promptTokens, model = figures
         self.requests.inc((outcome,))
         self.duration.observe(latency)
         if backendError:
@@ -328,7 +342,8 @@ class ServerMetrics:
             self.generated_tokens.inc((), generatedTokens)
         if promptTokens > 0:
             self.prompt_tokens.inc((), promptTokens)
-        if model is not None:
+        # Only a model the backend serves: a label per name a client made up would grow without bound.
+        if model is not None and model in self._factory.servedModels:
             self.model_requests.inc((model, outcome))
 
 

@@ -51,7 +51,7 @@ from cc50tw.codec import (
 from cc50tw.generation import NO_OPTIONS, GenerationOptions
 from cc50tw.immediate import AnswerNow, askForAnswer, readAnswer, sendAnswer
 from cc50tw.interfaces import GenerationResult, IBackend, IImmediateBackend, ImmediateAnswer, InferenceRequest
-from cc50tw.metrics import ServerMetrics
+from cc50tw.metrics import RequestFigures, ServerMetrics
 from cc50tw.receiver import CC50Receiver, setTcpNoDelay
 from cc50tw.stream import EndedRequest, FlowCounters, RequestStream, StreamServices
 
@@ -92,6 +92,9 @@ MAX_UNSOLICITED_REPLY_BYTES = 64 * 1024
 
 #: Dropped frames logged per connection; the rest are counted (``cc50_frames_dropped_total``).
 LOGGED_DROPS_PER_CONNECTION = 5
+
+
+_REQ_INFER = int(MessageType.REQ_INFER)  # a plain int compares faster than the enum member
 
 
 class ConnectionState(enum.Enum):
@@ -314,10 +317,24 @@ class CC50ServerProtocol(CC50Receiver):
         if not self._peerKnown:
             self._peerKnown = True
             self.peer = describePeer(self.transport)
-        if not self.streams and self.authenticated:
-            # Unauthenticated, the idle timeout runs from the connection's
-            # start: a peer trickling a byte at a time cannot keep it open.
-            self._idleFrom = self.factory.reactor.seconds()
+        if self.authenticated:
+            if not self.streams:
+                # Unauthenticated, the idle timeout runs from the connection's
+                # start: a peer trickling a byte at a time cannot keep it open.
+                self._idleFrom = self.factory.reactor.seconds()
+            decoder = self._decoder
+            if decoder is not None and not self.readingPaused:
+                # One read, one whole request: straight to its handler, past
+                # the receiver's loop (what ``CC50Receiver.dataReceived`` and
+                # ``frameReceived`` would do with it, in fewer calls).
+                frame = decoder.whole(data)
+                if frame is not None:
+                    if not self.transport.disconnecting:  # type: ignore[attr-defined]
+                        if frame.type == _REQ_INFER:
+                            self._infer(frame)
+                        else:
+                            self.frameReceived(frame)
+                    return
         CC50Receiver.dataReceived(self, data)
         if self._heldSize > self.MAX_LENGTH + MAX_UNSOLICITED_REPLY_BYTES:
             self._abort("it kept sending while the server could not write to it")
@@ -812,7 +829,37 @@ class CC50ServerFactory(Factory):
         backendError: bool = False,
         message: str = "",
     ) -> None:
-        """Record one finished request: metrics, and one log line."""
+        """
+        Record one finished request: metrics, and one log line.
+
+        Without the log line the figures are worked out when the metrics
+        count the request in (``ServerMetrics.fold``, in batches and at each
+        scrape), not on the way from one request to the next.
+        """
+        if not self.config.log_requests:
+            self.metrics.requestEnded(stream, outcome, result, backendError, None)
+            return
+        figures = self.requestFigures(stream, result)
+        self.metrics.requestEnded(stream, outcome, result, backendError, figures)
+        latency, ttft, _, generated, prompt, model = figures
+        logRequest(
+            self.log,
+            stream.reqId,
+            stream.peer,
+            outcome,
+            self._backend.name,
+            model,
+            generated if result is not None else None,
+            prompt if result is not None else None,
+            stream.bytesSent,
+            latency * 1e3,
+            ttft * 1e3 if ttft is not None else None,
+            message,
+            result.finish_reason if result else None,
+        )
+
+    def requestFigures(self, stream: EndedRequest, result: GenerationResult | None) -> RequestFigures:
+        """What the metrics and the log line say of a finished request."""
         ended = stream.endedAt if stream.endedAt is not None else self.clock()
         started = stream.startedAt
         latency = ended - started
@@ -832,32 +879,7 @@ class CC50ServerFactory(Factory):
             generated, prompt = result.generated_tokens, result.prompt_tokens
             if type(generated) is not int or type(prompt) is not int:
                 generated, prompt = countOrZero(generated), countOrZero(prompt)  # a backend's 2.0, None, "3"
-        self.metrics.requestEnded(
-            outcome,
-            latency,
-            ttft,
-            interToken,
-            generated,
-            prompt,
-            backendError,
-            model if model is not None and model in self.servedModels else None,
-        )
-        if self.config.log_requests:
-            logRequest(
-                self.log,
-                stream.reqId,
-                stream.peer,
-                outcome,
-                self._backend.name,
-                model,
-                generated if result is not None else None,
-                prompt if result is not None else None,
-                stream.bytesSent,
-                latency * 1e3,
-                ttft * 1e3 if ttft is not None else None,
-                message,
-                result.finish_reason if result else None,
-            )
+        return new_tuple(RequestFigures, (latency, ttft, interToken, generated, prompt, model))  # type: ignore[no-any-return]
 
     def connectionOpened(self, protocol: CC50ServerProtocol) -> bool:
         if len(self.connections) >= self.config.max_connections:
