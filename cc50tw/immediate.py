@@ -51,33 +51,6 @@ class AnsweredRequest(NamedTuple):
     bytesSent: int
 
 
-def askForAnswer(
-    services: StreamServices, answerNow: AnswerNow, request: InferenceRequest, credit: int
-) -> object | None:
-    """
-    Take a free backend slot and ask the backend for its whole answer.
-
-    None: no slot was free, or the backend would rather stream; no slot is
-    held and the request takes the usual path.  Otherwise the slot is held,
-    to be released by ``sendAnswer`` or by whatever the answer is handed to,
-    and what came back is returned as it is (``answerNow`` raising: a
-    ``Failure``); ``sendAnswer`` takes the plain case, ``readAnswer`` makes
-    anything else something a stream can start with.
-    """
-    admission = services.admission
-    if not admission.tryAcquire():
-        return None  # busy, or others queued ahead: this request queues behind them
-    try:
-        answer = answerNow(request, credit)
-    except Exception:
-        failure = Failure()
-        log.failure("answerNow raised for request {req_id}", failure, req_id=request.req_id)
-        return failure
-    if answer is None:
-        admission.release()
-    return answer
-
-
 def readAnswer(answer: object, reqId: int) -> ImmediateAnswer | Failure:
     """
     What ``answerNow`` returned, as a stream can start with it: texts read

@@ -298,11 +298,13 @@ class ServerMetrics:
         registerBackendCollectors(self.registry, factory.backend)
 
     def requestEnded(
-        self, request: object, outcome: str, result: object, backendError: bool, figures: RequestFigures | None
+        self, request: object, outcome: str, result: object = None, backendError: bool = False, message: str = ""
     ) -> None:
         """
         One finished request (a ``stream.EndedRequest``), to be counted into
-        every series it touches.
+        every series it touches; ``message`` is the log line's, unused here.
+        With its signature this is the streams' ``requestEnded`` itself when
+        no log line is written.
 
         Kept as one tuple and counted into the series in batches (``fold``):
         at every scrape, and every ``FOLD_EVERY`` requests to bound the list.
@@ -310,6 +312,15 @@ class ServerMetrics:
         the figures, off the path from request to reply, as the request log
         does with its lines.
         """
+        ended = self._ended
+        ended.append((request, outcome, result, backendError, None))
+        if len(ended) >= FOLD_EVERY:
+            self.fold()
+
+    def recordEnded(
+        self, request: object, outcome: str, result: object, backendError: bool, figures: RequestFigures
+    ) -> None:
+        """As ``requestEnded``, for a request whose figures were already worked out (for its log line)."""
         ended = self._ended
         ended.append((request, outcome, result, backendError, figures))
         if len(ended) >= FOLD_EVERY:

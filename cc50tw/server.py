@@ -49,7 +49,7 @@ from cc50tw.codec import (
     new_tuple,
 )
 from cc50tw.generation import NO_OPTIONS, GenerationOptions
-from cc50tw.immediate import AnswerNow, askForAnswer, readAnswer, sendAnswer
+from cc50tw.immediate import AnswerNow, readAnswer, sendAnswer
 from cc50tw.interfaces import GenerationResult, IBackend, IImmediateBackend, ImmediateAnswer, InferenceRequest
 from cc50tw.metrics import RequestFigures, ServerMetrics
 from cc50tw.receiver import CC50Receiver, setTcpNoDelay
@@ -497,13 +497,23 @@ class CC50ServerProtocol(CC50Receiver):
         True when it has been dealt with, answered in one write or handed to a
         stream holding the slot; False when it is to start as usual.
         """
-        services, reqId = self.factory.services, request.req_id
+        services = self.factory.services
+        admission = services.admission
+        if not admission.tryAcquire():
+            return False  # busy, or others queued ahead: this request queues behind them
         startedAt = services.clock()
+        reqId = request.req_id
         self._answering = reqId
+        answer: object
         try:
-            answer = askForAnswer(services, answerNow, request, credit)
+            answer = answerNow(request, credit)
+        except Exception:
+            answer = Failure()
+            self.log.failure("answerNow raised for request {req_id}", answer, req_id=reqId)
         finally:
             self._answering = 0
+        if answer is None:
+            admission.release()  # the backend would rather stream
         if self._answeringCredit:
             credit, self._answeringCredit = min(credit + self._answeringCredit, 1 << 62), 0
         if self._answeringEnd is not None or self.state is not ConnectionState.OPEN:
@@ -775,6 +785,7 @@ class CC50ServerFactory(Factory):
         self.backendHealthy = True
         self.draining = False
         self.closing = False
+        self.metrics = ServerMetrics(self)
         self.services = StreamServices(
             admission=self.admission,
             backend=backend,
@@ -783,10 +794,10 @@ class CC50ServerFactory(Factory):
             stallTimeout=self.config.stall_timeout,
             maxRequestSeconds=self.config.max_request_seconds,
             closing=lambda: self.closing,
-            requestEnded=self.requestEnded,
+            # Without the log line, the metrics keep the record as it is.
+            requestEnded=self.requestEnded if self.config.log_requests else self.metrics.requestEnded,
             counters=self.counters,
         )
-        self.metrics = ServerMetrics(self)
         #: Computed once: the backend's capabilities do not change while it runs.
         self.helloReply = helloReply(backend)
         #: What ``cc50_model_requests_total`` may label.
@@ -832,15 +843,15 @@ class CC50ServerFactory(Factory):
         """
         Record one finished request: metrics, and one log line.
 
-        Without the log line the figures are worked out when the metrics
-        count the request in (``ServerMetrics.fold``, in batches and at each
-        scrape), not on the way from one request to the next.
+        Without the log line (``--quiet-requests``) streams record their end
+        with ``ServerMetrics.requestEnded`` alone; this is for the server
+        that logs, or for a caller that does not know which it is.
         """
         if not self.config.log_requests:
-            self.metrics.requestEnded(stream, outcome, result, backendError, None)
+            self.metrics.requestEnded(stream, outcome, result, backendError)
             return
         figures = self.requestFigures(stream, result)
-        self.metrics.requestEnded(stream, outcome, result, backendError, figures)
+        self.metrics.recordEnded(stream, outcome, result, backendError, figures)
         latency, ttft, _, generated, prompt, model = figures
         logRequest(
             self.log,
