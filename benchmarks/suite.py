@@ -253,6 +253,33 @@ def request_log_lines(directory: Path, name: str) -> int:
     return count
 
 
+def pin_apart(stack: ExitStack, serverPids: list[int]) -> bool:
+    """
+    Run the client (this process) on CPU 0 and every server, each of its
+    threads, on CPU 1, until ``stack`` closes; False, pinning nothing, on a
+    machine with fewer than two CPUs or without ``sched_setaffinity``.
+
+    Sequential round trips on a 2-CPU VM otherwise depend on where the
+    scheduler happens to put client and server: together on one CPU, or
+    moving between them, a round moves by 10-20% whatever the server.  Each
+    server is measured alone, so one CPU for all of them costs none of them.
+    """
+    setAffinity = getattr(os, "sched_setaffinity", None)
+    if setAffinity is None or len(os.sched_getaffinity(0)) < 2:
+        return False
+    clientCpu, serverCpu = sorted(os.sched_getaffinity(0))[:2]
+    before = os.sched_getaffinity(0)
+    setAffinity(0, {clientCpu})
+    stack.callback(setAffinity, 0, before)
+    for pid in serverPids:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                setAffinity(int(task), {serverCpu})
+            except OSError:  # a thread that has just ended
+                pass
+    return True
+
+
 def round_trip_floor(options: dict[str, Any], directory: Path) -> dict[str, Any]:
     """
     Sequential 1-token round trips from the raw-socket client to a minimal
@@ -281,6 +308,7 @@ def round_trip_floor(options: dict[str, Any], directory: Path) -> dict[str, Any]
             name: stack.enter_context(stopped(floor_server(directory, name, twistdArgs, cc50Args, where)))
             for name, _, twistdArgs, cc50Args, where in chosen
         }
+        pinned = options.get("pin", True) and pin_apart(stack, [server.process.pid for server in servers.values()])
         for number in range(rounds):
             shift = number % len(names)
             figures: dict[str, float] = {}
@@ -317,6 +345,7 @@ def round_trip_floor(options: dict[str, Any], directory: Path) -> dict[str, Any]
         "requests_per_round": requests,
         "warmup_per_round": warmup,
         "requests_per_server": rounds * (requests + warmup),
+        "pinned": pinned,
         "per_round_p50_us": perRound,
         "servers": servers_,
     }
@@ -325,7 +354,8 @@ def round_trip_floor(options: dict[str, Any], directory: Path) -> dict[str, Any]
 def round_trip_floor_table(result: dict[str, Any]) -> list[str]:
     lines = [
         f"round trip against the floor: raw-socket 1-token requests, one connection, sequential; "
-        f"{result['rounds']} rounds x {result['requests_per_round']} requests per server, order rotating (µs)",
+        f"{result['rounds']} rounds x {result['requests_per_round']} requests per server, order rotating (µs); "
+        + ("client on one CPU, servers on another" if result.get("pinned") else "not pinned to CPUs"),
         f"  {'server':<13}{'p50':>8}{'p99':>9}{'mean':>8}{'server CPU':>12}{'x floor':>9}{'median round':>14}"
         f"{'log lines':>11}  what",
     ]
@@ -834,6 +864,12 @@ def parser() -> argparse.ArgumentParser:
         help="also run the default and quiet servers from this checkout (e.g. `git archive HEAD` unpacked), "
         "as default@base and quiet@base",
     )
+    g.add_argument(
+        "--floor-no-pin",
+        action="store_true",
+        help="leave client and servers where the scheduler puts them (by default, with two CPUs or more, the "
+        "client runs on one and the servers on another)",
+    )
     g = p.add_argument_group("streaming")
     g.add_argument("--stream-tokens", type=int, default=1_000_000, help="tokens in the request (default 1000000)")
     g.add_argument("--stream-repeats", type=int, default=3, help="runs per client; the median is shown (default 3)")
@@ -883,6 +919,7 @@ def scenario_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             "requests": args.rt_requests,
             "warmup": args.rt_warmup,
             "baseline": args.floor_baseline,
+            "pin": not args.floor_no_pin,
         },
         "streaming": {"tokens": args.stream_tokens, "repeats": args.stream_repeats},
         "concurrency": {
