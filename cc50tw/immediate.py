@@ -103,9 +103,9 @@ def sendAnswer(
     size = 0
     try:
         for text in texts:
-            # A text that is not a str, or holds a lone surrogate, raises here:
-            # the stream's writeSequence knows what to make of it.
-            data = text.encode()
+            if type(text) is not str:
+                return False  # bytes, a str subclass...: the stream's writeSequence knows what to make of it
+            data = text.encode()  # a lone surrogate raises: the stream replaces it
             if data:  # an empty text is no chunk
                 size += len(data)
                 pieces += (pack(MAGIC, VERSION, 2, reqId, 0, len(data)), data)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from bisect import bisect_left
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, NamedTuple, Protocol
 
 import prometheus_client.metrics
@@ -31,6 +31,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 from twisted.logger import Logger
 
+from cc50tw.codec import new_tuple
 from cc50tw.interfaces import IBackendMetrics
 
 
@@ -60,8 +61,10 @@ class ServerState(Protocol):
     backendHealthy: bool
     #: The models ``cc50_model_requests_total`` may label.
     servedModels: frozenset[str]
-
-    def requestFigures(self, request: Any, result: Any) -> RequestFigures: ...
+    #: The backend's routing of a request without a model (``IModelRouting``), if it routes.
+    modelFor: Callable[[Any], str | None] | None
+    #: Monotonic seconds, as the requests' times are.
+    clock: Callable[[], float]
 
     @property
     def backend(self) -> object: ...
@@ -102,23 +105,58 @@ TTFT_BUCKETS = (
 #: kilobytes, large enough that the counting runs once per many requests.
 FOLD_EVERY = 256
 
+#: ``ServerMetrics.requestEnded``'s "work the model out yourself".
+_ROUTE: Any = object()
+
+
+#: One finished request as the metrics keep it until ``fold``: what was read
+#: off it at its end, scalars only (the request itself is not kept: its
+#: prompt may be a megabyte, and a stream holds its connection):
+#: outcome, backendError, startedAt, endedAt, firstChunkAt, lastChunkAt,
+#: chunksSent, generated and prompt tokens as the backend gave them, and the
+#: model label (a model the backend serves, or None).
+EndedRecord = tuple[str, bool, float, float, "float | None", "float | None", int, object, object, "str | None"]
+
 
 class RequestFigures(NamedTuple):
-    """What is measured of one finished request (``CC50ServerFactory.requestFigures``)."""
+    """What is measured of one finished request: the series', and the log line's."""
 
     latency: float
     ttft: float | None
     interToken: float | None
     generatedTokens: int
     promptTokens: int
-    #: The model it was routed by, whether the backend serves it or not.
-    model: str | None
 
 
-#: ``ServerMetrics.requestEnded``'s arguments, in order, kept until ``fold``:
-#: the request, its outcome, its result, whether the backend failed it, and
-#: its figures if they were already worked out (for the log line).
-EndedRecord = tuple[Any, str, Any, bool, "RequestFigures | None"]
+def requestFigures(
+    startedAt: float,
+    endedAt: float,
+    firstChunkAt: float | None,
+    lastChunkAt: float | None,
+    chunksSent: int,
+    generated: object,
+    prompt: object,
+) -> RequestFigures:
+    """A finished request's figures from its times and counts; a clock that stepped back gives 0, not less."""
+    latency = endedAt - startedAt
+    if latency < 0:  # a clock that stepped back (a test's; a monotonic one does not)
+        latency = 0.0
+    ttft = None if firstChunkAt is None else firstChunkAt - startedAt if firstChunkAt >= startedAt else 0.0
+    interToken = None
+    if firstChunkAt is not None and chunksSent > 1 and lastChunkAt is not None and lastChunkAt >= firstChunkAt:
+        interToken = (lastChunkAt - firstChunkAt) / (chunksSent - 1)
+    if type(generated) is not int or type(prompt) is not int:
+        generated, prompt = countOrZero(generated), countOrZero(prompt)  # a backend's 2.0, None, "3"
+    return new_tuple(RequestFigures, (latency, ttft, interToken, generated, prompt))  # type: ignore[no-any-return]
+
+
+def countOrZero(value: object) -> int:
+    """A token count from a backend as a number the metrics can add up: 0 for what is not one."""
+    try:
+        count = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return count if count > 0 else 0
 
 
 class _FactoryCollector(Collector):
@@ -298,31 +336,55 @@ class ServerMetrics:
         registerBackendCollectors(self.registry, factory.backend)
 
     def requestEnded(
-        self, request: object, outcome: str, result: object = None, backendError: bool = False, message: str = ""
+        self,
+        request: Any,
+        outcome: str,
+        result: Any = None,
+        backendError: bool = False,
+        message: str = "",
+        model: Any = _ROUTE,
     ) -> None:
         """
         One finished request (a ``stream.EndedRequest``), to be counted into
         every series it touches; ``message`` is the log line's, unused here.
         With its signature this is the streams' ``requestEnded`` itself when
-        no log line is written.
+        no log line is written.  ``model``: the model it was routed by, if
+        the caller has worked it out already (for its log line).
 
-        Kept as one tuple and counted into the series in batches (``fold``):
-        at every scrape, and every ``FOLD_EVERY`` requests to bound the list.
-        On a busy server that takes the series' bookkeeping, and working out
-        the figures, off the path from request to reply, as the request log
-        does with its lines.
+        What the series need is read off the request now, and counted into
+        them in batches (``fold``): at every scrape, and every
+        ``FOLD_EVERY`` requests to bound the list.  On a busy server that
+        takes the series' bookkeeping off the path from request to reply, as
+        the request log does with its lines.
         """
+        factory = self._factory
+        if model is _ROUTE:
+            options = request.request.options
+            model = options.model
+            if model is None and factory.modelFor is not None:
+                model = factory.modelFor(options)
+        endedAt = request.endedAt
+        if endedAt is None:
+            endedAt = factory.clock()
+        generated = prompt = 0
+        if result is not None:
+            generated, prompt = result.generated_tokens, result.prompt_tokens
         ended = self._ended
-        ended.append((request, outcome, result, backendError, None))
-        if len(ended) >= FOLD_EVERY:
-            self.fold()
-
-    def recordEnded(
-        self, request: object, outcome: str, result: object, backendError: bool, figures: RequestFigures
-    ) -> None:
-        """As ``requestEnded``, for a request whose figures were already worked out (for its log line)."""
-        ended = self._ended
-        ended.append((request, outcome, result, backendError, figures))
+        ended.append(
+            (
+                outcome,
+                backendError,
+                request.startedAt,
+                endedAt,
+                request.firstChunkAt,
+                request.lastChunkAt,
+                request.chunksSent,
+                generated,
+                prompt,
+                # Only a model the backend serves: a label per name a client made up would grow without bound.
+                model if model is not None and model in factory.servedModels else None,
+            )
+        )
         if len(ended) >= FOLD_EVERY:
             self.fold()
 
@@ -337,10 +399,12 @@ class ServerMetrics:
 
     def _count(self, record: EndedRecord) -> None:
         """One record of ``requestEnded`` into the series."""
-        request, outcome, result, backendError, figures = record
-        if figures is None:
-            figures = self._factory.requestFigures(request, result)
-        latency, ttft, interToken, generatedTokens, promptTokens, model = figures
+        outcome, backendError, startedAt, endedAt, firstChunkAt, lastChunkAt, chunksSent, generated, prompt, model = (
+            record
+        )
+        latency, ttft, interToken, generatedTokens, promptTokens = requestFigures(
+            startedAt, endedAt, firstChunkAt, lastChunkAt, chunksSent, generated, prompt
+        )
         self.requests.inc((outcome,))
         self.duration.observe(latency)
         if backendError:
@@ -353,8 +417,7 @@ class ServerMetrics:
             self.generated_tokens.inc((), generatedTokens)
         if promptTokens > 0:
             self.prompt_tokens.inc((), promptTokens)
-        # Only a model the backend serves: a label per name a client made up would grow without bound.
-        if model is not None and model in self._factory.servedModels:
+        if model is not None:
             self.model_requests.inc((model, outcome))
 
 

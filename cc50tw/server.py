@@ -51,7 +51,7 @@ from cc50tw.codec import (
 from cc50tw.generation import NO_OPTIONS, GenerationOptions
 from cc50tw.immediate import AnswerNow, readAnswer, sendAnswer
 from cc50tw.interfaces import GenerationResult, IBackend, IImmediateBackend, ImmediateAnswer, InferenceRequest
-from cc50tw.metrics import RequestFigures, ServerMetrics
+from cc50tw.metrics import ServerMetrics, requestFigures
 from cc50tw.receiver import CC50Receiver, setTcpNoDelay
 from cc50tw.stream import EndedRequest, FlowCounters, RequestStream, StreamServices
 
@@ -485,22 +485,25 @@ class CC50ServerProtocol(CC50Receiver):
         )
         credit = decoded.credit_bytes or DEFAULT_CREDIT_BYTES
         answerNow = factory.answerNow
-        if answerNow is not None and not self.transportPaused and self._answerAtOnce(answerNow, request, credit):
-            return
+        if answerNow is not None and not self.transportPaused:
+            credit = self._answerAtOnce(answerNow, request, credit)
+            if not credit:
+                return
         stream = RequestStream(self, factory.services, request, credit, self.peer)
         self.streams[req_id] = stream
         stream.start()
 
-    def _answerAtOnce(self, answerNow: AnswerNow, request: InferenceRequest, credit: int) -> bool:
+    def _answerAtOnce(self, answerNow: AnswerNow, request: InferenceRequest, credit: int) -> int:
         """
         Offer the request to the backend's ``answerNow`` (``cc50tw.immediate``):
-        True when it has been dealt with, answered in one write or handed to a
-        stream holding the slot; False when it is to start as usual.
+        0 when it has been dealt with, answered in one write or handed to a
+        stream holding the slot; else the credit window it is to start with
+        as usual (what the client granted meanwhile included).
         """
         services = self.factory.services
         admission = services.admission
         if not admission.tryAcquire():
-            return False  # busy, or others queued ahead: this request queues behind them
+            return credit  # busy, or others queued ahead: this request queues behind them
         startedAt = services.clock()
         reqId = request.req_id
         self._answering = reqId
@@ -518,18 +521,18 @@ class CC50ServerProtocol(CC50Receiver):
             credit, self._answeringCredit = min(credit + self._answeringCredit, 1 << 62), 0
         if self._answeringEnd is not None or self.state is not ConnectionState.OPEN:
             self._answerOvertaken(answer is not None, request, credit, startedAt)
-            return True
+            return 0
         if answer is None:
-            return False
+            return credit
         if sendAnswer(self, services, request, self.peer, answer, credit, startedAt):
-            return True
+            return 0
         answer = readAnswer(answer, reqId)
         if type(answer) is ImmediateAnswer and sendAnswer(self, services, request, self.peer, answer, credit, startedAt):
-            return True  # its texts came as something other than a list, now read
+            return 0  # its texts came as something other than a list, now read
         stream = RequestStream(self, services, request, credit, self.peer)
         self.streams[reqId] = stream
         stream.startWith(answer, startedAt)
-        return True
+        return 0
 
     def _answerOvertaken(self, holdingSlot: bool, request: InferenceRequest, credit: int, startedAt: float) -> None:
         """
@@ -700,15 +703,6 @@ def modelForOf(backend: object) -> Callable[[GenerationOptions], str | None] | N
     return modelFor if callable(modelFor) else None
 
 
-def countOrZero(value: object) -> int:
-    """A token count from a backend as a number the metrics can add up: 0 for what is not one."""
-    try:
-        count = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError, OverflowError):
-        return 0
-    return count if count > 0 else 0
-
-
 def answerNowOf(backend: object) -> AnswerNow | None:
     """The backend's ``answerNow``, if it provides ``IImmediateBackend`` (asked once, not per request)."""
     provider = IImmediateBackend(backend, None)
@@ -802,7 +796,7 @@ class CC50ServerFactory(Factory):
         self.helloReply = helloReply(backend)
         #: What ``cc50_model_requests_total`` may label.
         self.servedModels = servedModels(backend)
-        self._modelFor = modelForOf(backend)
+        self.modelFor = modelForOf(backend)
         self.answerNow = answerNowOf(backend)
         self._quietWaiter: Deferred[None] | None = None
         self._quietCondition: Callable[[], bool] = lambda: True
@@ -817,7 +811,7 @@ class CC50ServerFactory(Factory):
         self._backend = backend
         self.services = attrs.evolve(self.services, backend=backend)
         self.servedModels = servedModels(backend)
-        self._modelFor = modelForOf(backend)
+        self.modelFor = modelForOf(backend)
         self.answerNow = answerNowOf(backend)
 
     @property
@@ -847,12 +841,16 @@ class CC50ServerFactory(Factory):
         with ``ServerMetrics.requestEnded`` alone; this is for the server
         that logs, or for a caller that does not know which it is.
         """
+        options = stream.request.options
+        model = options.model if options.model is not None else self.modelFor(options) if self.modelFor else None
+        self.metrics.requestEnded(stream, outcome, result, backendError, message, model)
         if not self.config.log_requests:
-            self.metrics.requestEnded(stream, outcome, result, backendError)
             return
-        figures = self.requestFigures(stream, result)
-        self.metrics.recordEnded(stream, outcome, result, backendError, figures)
-        latency, ttft, _, generated, prompt, model = figures
+        endedAt = stream.endedAt if stream.endedAt is not None else self.clock()
+        generated, prompt = (result.generated_tokens, result.prompt_tokens) if result is not None else (0, 0)
+        latency, ttft, _, generated, prompt = requestFigures(
+            stream.startedAt, endedAt, stream.firstChunkAt, None, 0, generated, prompt
+        )
         logRequest(
             self.log,
             stream.reqId,
@@ -868,29 +866,6 @@ class CC50ServerFactory(Factory):
             message,
             result.finish_reason if result else None,
         )
-
-    def requestFigures(self, stream: EndedRequest, result: GenerationResult | None) -> RequestFigures:
-        """What the metrics and the log line say of a finished request."""
-        ended = stream.endedAt if stream.endedAt is not None else self.clock()
-        started = stream.startedAt
-        latency = ended - started
-        if latency < 0:  # a clock that stepped back (a test's; a monotonic one does not)
-            latency = 0.0
-        first = stream.firstChunkAt
-        ttft = None if first is None else first - started if first >= started else 0.0
-        interToken = None
-        if first is not None and stream.chunksSent > 1:
-            last = stream.lastChunkAt
-            if last is not None and last >= first:
-                interToken = (last - first) / (stream.chunksSent - 1)
-        options = stream.request.options
-        model = options.model if options.model is not None else self._modelFor(options) if self._modelFor else None
-        generated = prompt = 0
-        if result is not None:
-            generated, prompt = result.generated_tokens, result.prompt_tokens
-            if type(generated) is not int or type(prompt) is not int:
-                generated, prompt = countOrZero(generated), countOrZero(prompt)  # a backend's 2.0, None, "3"
-        return new_tuple(RequestFigures, (latency, ttft, interToken, generated, prompt, model))  # type: ignore[no-any-return]
 
     def connectionOpened(self, protocol: CC50ServerProtocol) -> bool:
         if len(self.connections) >= self.config.max_connections:

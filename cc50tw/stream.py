@@ -502,6 +502,8 @@ class RequestStream:
         size = sum(map(len, datas))
         if self._pending or size > self.credit:
             for data in datas:  # the window ends inside the batch: the careful path
+                if self.state is ENDED:
+                    return  # a write ended it (the connection was lost under it): nothing more goes out
                 if self._pending:
                     self._pending += data
                 else:
