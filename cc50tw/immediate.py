@@ -9,14 +9,16 @@ request (issue 18).  Here such an answer goes out as one write, chunks and
 RESP_DONE together, and is recorded as every request is (metrics, the request
 log), with no stream ever made.
 
-Only the plain case takes this path: a free backend slot with nobody queued
-for one, the connection writable, and an answer that fits the client's credit
-window with a ``GenerationResult`` (odd counts in it are clamped, as a
+The connection asks ``answerNow`` (``CC50ServerProtocol._answerAtOnce``)
+only with a free backend slot, nobody queued for one and the connection
+writable.  Only the plain answer is sent here (``sendAnswer``): an
+``ImmediateAnswer`` of a list of str texts that fits the client's credit
+window, with a ``GenerationResult`` (odd counts in it are clamped, as a
 stream's are).  Anything else (a failure, an answer over the window, a
-plain pair for a result) is handed to a ``RequestStream``
-already holding the slot (``RequestStream.startWith``), so every rule of the
-lifecycle (one terminal frame, credit, stall and deadline timers) still holds
-there.
+plain pair for a result) is made something a stream can start with
+(``readAnswer``) and handed to a ``RequestStream`` already holding the slot
+(``RequestStream.startWith``), so every rule of the lifecycle (one terminal
+frame, credit, stall and deadline timers) still holds there.
 """
 
 from __future__ import annotations

@@ -13,6 +13,12 @@ for the label look-up; seven of them cost a 1-token request more than its
 parsing and framing together (issue 18).  A request adds to lists and dicts
 instead, and ``_RequestCollector`` turns them into the same samples at scrape
 time, ``_created`` included.
+
+Not even that happens between one request and the next: a finished request
+leaves one tuple of the scalars read off it at its end (times, counts, the
+model label; never the request, whose prompt may be a megabyte), and
+``fold`` counts the tuples into the series every ``FOLD_EVERY`` requests and
+at each scrape, so a scrape always sees every request that has ended.
 """
 
 from __future__ import annotations
