@@ -151,18 +151,37 @@ def requestFigures(
     interToken = None
     if firstChunkAt is not None and chunksSent > 1 and lastChunkAt is not None and lastChunkAt >= firstChunkAt:
         interToken = (lastChunkAt - firstChunkAt) / (chunksSent - 1)
-    if type(generated) is not int or type(prompt) is not int:
-        generated, prompt = countOrZero(generated), countOrZero(prompt)  # a backend's 2.0, None, "3"
+    if type(generated) is not int or type(prompt) is not int or not 0 <= generated <= MAX_COUNT >= prompt >= 0:
+        generated, prompt = countOrZero(generated), countOrZero(prompt)  # a backend's 2.0, None, "3", -1
     return new_tuple(RequestFigures, (latency, ttft, interToken, generated, prompt))  # type: ignore[no-any-return]
 
 
+#: Most tokens one request is counted for, as RESP_DONE's fields hold: a
+#: backend's absurd count (10**400) must not grow a counter past what a float,
+#: and so a scrape, can hold.
+MAX_COUNT = (1 << 32) - 1
+
+
 def countOrZero(value: object) -> int:
-    """A token count from a backend as a number the metrics can add up: 0 for what is not one."""
+    """A token count from a backend as a number the metrics can add up: 0 for what is not one, at most ``MAX_COUNT``."""
     try:
         count = int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError, OverflowError):
         return 0
-    return count if count > 0 else 0
+    return 0 if count < 0 else MAX_COUNT if count > MAX_COUNT else count
+
+
+def routedModel(options: Any, modelFor: Callable[[Any], str | None]) -> str | None:
+    """
+    The model a backend routes a request without one to: a str, or None
+    (what else it returns is no model's name; when it raises, logged).
+    """
+    try:
+        model = modelFor(options)
+    except Exception:
+        log.failure("the backend's modelFor raised; the request is counted without a model label")
+        return None
+    return model if isinstance(model, str) else None
 
 
 class _FactoryCollector(Collector):
@@ -349,13 +368,14 @@ class ServerMetrics:
         backendError: bool = False,
         message: str = "",
         model: Any = _ROUTE,
+        endedAt: float | None = None,
     ) -> None:
         """
         One finished request (a ``stream.EndedRequest``), to be counted into
         every series it touches; ``message`` is the log line's, unused here.
         With its signature this is the streams' ``requestEnded`` itself when
-        no log line is written.  ``model``: the model it was routed by, if
-        the caller has worked it out already (for its log line).
+        no log line is written.  ``model`` (the model it was routed by) and
+        ``endedAt``: as the caller worked them out for its log line.
 
         What the series need is read off the request now, and counted into
         them in batches (``fold``): at every scrape, and every
@@ -368,13 +388,24 @@ class ServerMetrics:
             options = request.request.options
             model = options.model
             if model is None and factory.modelFor is not None:
-                model = factory.modelFor(options)
-        endedAt = request.endedAt
+                model = routedModel(options, factory.modelFor)
         if endedAt is None:
-            endedAt = factory.clock()
+            endedAt = request.endedAt
+            if endedAt is None:
+                endedAt = factory.clock()
         generated = prompt = 0
         if result is not None:
             generated, prompt = result.generated_tokens, result.prompt_tokens
+            # Whole numbers now: what a backend handed over must not be kept (it may hold anything).
+            if type(generated) is not int or type(prompt) is not int or not 0 <= generated <= MAX_COUNT >= prompt >= 0:
+                generated, prompt = countOrZero(generated), countOrZero(prompt)
+        if model is not None:
+            try:
+                # Only a model the backend serves: a label per name a client made up would grow without bound.
+                if model not in factory.servedModels:
+                    model = None
+            except TypeError:  # unhashable: no model anyone serves
+                model = None
         ended = self._ended
         ended.append(
             (
@@ -387,8 +418,7 @@ class ServerMetrics:
                 request.chunksSent,
                 generated,
                 prompt,
-                # Only a model the backend serves: a label per name a client made up would grow without bound.
-                model if model is not None and model in factory.servedModels else None,
+                model,
             )
         )
         if len(ended) >= FOLD_EVERY:

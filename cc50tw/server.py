@@ -51,7 +51,7 @@ from cc50tw.codec import (
 from cc50tw.generation import NO_OPTIONS, GenerationOptions
 from cc50tw.immediate import AnswerNow, readAnswer, sendAnswer
 from cc50tw.interfaces import GenerationResult, IBackend, IImmediateBackend, ImmediateAnswer, InferenceRequest
-from cc50tw.metrics import ServerMetrics, requestFigures
+from cc50tw.metrics import ServerMetrics, requestFigures, routedModel
 from cc50tw.receiver import CC50Receiver, setTcpNoDelay
 from cc50tw.stream import EndedRequest, FlowCounters, RequestStream, StreamServices
 
@@ -506,7 +506,10 @@ class CC50ServerProtocol(CC50Receiver):
             return credit  # busy, or others queued ahead: this request queues behind them
         startedAt = services.clock()
         reqId = request.req_id
-        self._answering = reqId
+        # A request sent from inside another's answerNow is asked in turn:
+        # the outer one's frames-meanwhile are kept aside, not mixed with its.
+        outer = self._answering, self._answeringCredit, self._answeringEnd
+        self._answering, self._answeringCredit, self._answeringEnd = reqId, 0, None
         answer: object
         try:
             answer = answerNow(request, credit)
@@ -514,13 +517,14 @@ class CC50ServerProtocol(CC50Receiver):
             answer = Failure()
             self.log.failure("answerNow raised for request {req_id}", answer, req_id=reqId)
         finally:
-            self._answering = 0
+            granted, overtaken = self._answeringCredit, self._answeringEnd
+            self._answering, self._answeringCredit, self._answeringEnd = outer
         if answer is None:
             admission.release()  # the backend would rather stream
-        if self._answeringCredit:
-            credit, self._answeringCredit = min(credit + self._answeringCredit, 1 << 62), 0
-        if self._answeringEnd is not None or self.state is not ConnectionState.OPEN:
-            self._answerOvertaken(answer is not None, request, credit, startedAt)
+        if granted:
+            credit = min(credit + granted, 1 << 62)
+        if overtaken is not None or self.state is not ConnectionState.OPEN:
+            self._answerOvertaken(answer is not None, request, credit, startedAt, overtaken)
             return 0
         if answer is None:
             return credit
@@ -534,12 +538,19 @@ class CC50ServerProtocol(CC50Receiver):
         stream.startWith(answer, startedAt)
         return 0
 
-    def _answerOvertaken(self, holdingSlot: bool, request: InferenceRequest, credit: int, startedAt: float) -> None:
+    def _answerOvertaken(
+        self,
+        holdingSlot: bool,
+        request: InferenceRequest,
+        credit: int,
+        startedAt: float,
+        overtaken: tuple[ErrorCode, str] | None,
+    ) -> None:
         """
-        ``answerNow`` called back into this connection, and the request or the
-        connection ended meanwhile: the answer has nowhere to go.
+        ``answerNow`` called back into this connection, and the request
+        (``overtaken``: the error that ended it) or the connection ended
+        meanwhile: the answer has nowhere to go.
         """
-        overtaken, self._answeringEnd = self._answeringEnd, None
         services = self.factory.services
         if holdingSlot:
             services.admission.release()
@@ -842,11 +853,13 @@ class CC50ServerFactory(Factory):
         that logs, or for a caller that does not know which it is.
         """
         options = stream.request.options
-        model = options.model if options.model is not None else self.modelFor(options) if self.modelFor else None
-        self.metrics.requestEnded(stream, outcome, result, backendError, message, model)
+        model = options.model
+        if model is None and self.modelFor is not None:
+            model = routedModel(options, self.modelFor)
+        endedAt = stream.endedAt if stream.endedAt is not None else self.clock()
+        self.metrics.requestEnded(stream, outcome, result, backendError, message, model, endedAt)
         if not self.config.log_requests:
             return
-        endedAt = stream.endedAt if stream.endedAt is not None else self.clock()
         generated, prompt = (result.generated_tokens, result.prompt_tokens) if result is not None else (0, 0)
         latency, ttft, _, generated, prompt = requestFigures(
             stream.startedAt, endedAt, stream.firstChunkAt, None, 0, generated, prompt
