@@ -508,8 +508,11 @@ class CC50ServerProtocol(CC50Receiver):
         reqId = request.req_id
         # A request sent from inside another's answerNow is asked in turn:
         # the outer one's frames-meanwhile are kept aside, not mixed with its.
-        outer = self._answering, self._answeringCredit, self._answeringEnd
-        self._answering, self._answeringCredit, self._answeringEnd = reqId, 0, None
+        outer = self._answering
+        if outer:
+            outerCredit, outerEnd = self._answeringCredit, self._answeringEnd
+            self._answeringCredit, self._answeringEnd = 0, None
+        self._answering = reqId
         answer: object
         try:
             answer = answerNow(request, credit)
@@ -517,8 +520,12 @@ class CC50ServerProtocol(CC50Receiver):
             answer = Failure()
             self.log.failure("answerNow raised for request {req_id}", answer, req_id=reqId)
         finally:
+            self._answering = outer
             granted, overtaken = self._answeringCredit, self._answeringEnd
-            self._answering, self._answeringCredit, self._answeringEnd = outer
+            if outer:
+                self._answeringCredit, self._answeringEnd = outerCredit, outerEnd
+            elif granted or overtaken is not None:
+                self._answeringCredit, self._answeringEnd = 0, None
         if answer is None:
             admission.release()  # the backend would rather stream
         if granted:
