@@ -370,6 +370,8 @@ DecodedItem = Frame | Oversized
 new_tuple = tuple.__new__
 _RESP_CHUNK = int(MessageType.RESP_CHUNK)  # a plain int compares faster than the enum member
 _RESP_DONE = int(MessageType.RESP_DONE)
+_REQ_INFER = int(MessageType.REQ_INFER)
+_INFER_HEADERS_SIZE = HEADER_SIZE + INFER_PREFIX.size  # where a REQ_INFER's prompt starts
 
 
 class FrameDecoder:
@@ -428,6 +430,35 @@ class FrameDecoder:
         if magic != MAGIC or version != VERSION or length > self.max_payload or len(data) != HEADER_SIZE + length:
             return None
         return new_tuple(Frame, (type, req_id, flags, data[HEADER_SIZE:]))  # type: ignore[no-any-return]
+
+    def wholeInfer(self, data: bytes) -> tuple[int, int, int, str] | None:
+        """
+        ``data`` as one whole REQ_INFER without options, read at once as
+        ``(req_id, max_tokens, credit_bytes, prompt)``, when nothing is
+        buffered: a client waiting for each answer, in one step with no
+        ``Frame`` and no copy of the payload.  None for anything else
+        (another type, options, a bad length or prompt), which ``whole`` or
+        ``feed`` and ``decode_infer`` then take, errors included.
+        """
+        if (
+            self._need
+            or self._discard
+            or self._broken is not None
+            or self._offset < len(self._buffer)
+            or len(data) < _INFER_HEADERS_SIZE
+        ):
+            return None
+        magic, version, type, req_id, _flags, length = HEADER.unpack_from(data)
+        if type != _REQ_INFER or magic != MAGIC or version != VERSION or length > self.max_payload:
+            return None
+        max_tokens, credit_bytes, prompt_len = INFER_PREFIX.unpack_from(data, HEADER_SIZE)
+        if len(data) != _INFER_HEADERS_SIZE + prompt_len or length != INFER_PREFIX.size + prompt_len:
+            return None  # options follow the prompt, or the lengths disagree
+        try:
+            prompt = data[_INFER_HEADERS_SIZE:].decode()
+        except UnicodeDecodeError:
+            return None
+        return req_id, max_tokens, credit_bytes, prompt
 
     def feed(self, data: bytes, on_chunk: Callable[[int, bytes], object] | None = None) -> Iterator[DecodedItem]:
         """

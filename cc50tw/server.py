@@ -324,9 +324,19 @@ class CC50ServerProtocol(CC50Receiver):
                 self._idleFrom = self.factory.reactor.seconds()
             decoder = self._decoder
             if decoder is not None and not self.readingPaused:
-                # One read, one whole request: straight to its handler, past
-                # the receiver's loop (what ``CC50Receiver.dataReceived`` and
-                # ``frameReceived`` would do with it, in fewer calls).
+                # One read, one whole frame: straight to its handler, past the
+                # receiver's loop (what ``CC50Receiver.dataReceived`` and
+                # ``frameReceived`` would do with it, in fewer calls); a plain
+                # REQ_INFER decoded in the same step.
+                plain = decoder.wholeInfer(data)
+                if plain is not None:
+                    if not self.transport.disconnecting:  # type: ignore[attr-defined]
+                        reqId = plain[0]
+                        if reqId and reqId not in self.streams and reqId != self._answering and not self.factory.draining:
+                            self._request(*plain, NO_OPTIONS)
+                        else:  # refused by _infer's first checks, before it reads the payload
+                            self._infer(new_tuple(Frame, (_REQ_INFER, reqId, 0, b"")))
+                    return
                 frame = decoder.whole(data)
                 if frame is not None:
                     if not self.transport.disconnecting:  # type: ignore[attr-defined]
@@ -446,6 +456,11 @@ class CC50ServerProtocol(CC50Receiver):
         except ProtocolError as error:
             self.frameRefused(req_id, error.code, error.message, True)
             return
+        self._request(req_id, *decoded)
+
+    def _request(self, req_id: int, maxTokens: int, creditBytes: int, prompt: str, options: GenerationOptions) -> None:
+        """A decoded REQ_INFER on a req_id free for it: refused by the limits, answered at once, or streamed."""
+        streams, factory = self.streams, self.factory
         config = factory.config
         if len(streams) >= config.max_inflight_per_connection:
             self.frameRefused(
@@ -456,18 +471,18 @@ class CC50ServerProtocol(CC50Receiver):
                 True,
             )
             return
-        if decoded.max_tokens > config.max_tokens_limit:
+        if maxTokens > config.max_tokens_limit:
             self.frameRefused(
                 req_id,
                 ErrorCode.TOO_LARGE,
-                f"max_tokens {decoded.max_tokens} exceeds this server's limit of {config.max_tokens_limit} "
+                f"max_tokens {maxTokens} exceeds this server's limit of {config.max_tokens_limit} "
                 "(--max-tokens-limit)",
                 True,
             )
             return
-        if decoded.options is not NO_OPTIONS:
+        if options is not NO_OPTIONS:
             backend = factory.backend
-            unsupported = unsupportedOptions(backend, decoded.options)
+            unsupported = unsupportedOptions(backend, options)
             if unsupported:
                 self.frameRefused(
                     req_id,
@@ -476,14 +491,14 @@ class CC50ServerProtocol(CC50Receiver):
                     True,
                 )
                 return
-            unknown = unknownModel(backend, decoded.options)
+            unknown = unknownModel(backend, options)
             if unknown:
                 self.frameRefused(req_id, ErrorCode.BAD_REQUEST, unknown, True)
                 return
         request: InferenceRequest = new_tuple(
-            InferenceRequest, (req_id, decoded.prompt, decoded.max_tokens or config.default_max_tokens, decoded.options)
+            InferenceRequest, (req_id, prompt, maxTokens or config.default_max_tokens, options)
         )
-        credit = decoded.credit_bytes or DEFAULT_CREDIT_BYTES
+        credit = creditBytes or DEFAULT_CREDIT_BYTES
         answerNow = factory.answerNow
         if answerNow is not None and not self.transportPaused:
             credit = self._answerAtOnce(answerNow, request, credit)

@@ -62,8 +62,8 @@ class CPUEngine:
             return succeed(seed)
         return deferToThreadPool(self._reactor, self._pool, spin_lane, iters, 0, seed)
 
-    def spinNow(self, iters: int) -> int | None:
+    def spinNow(self, iters: int, tokens: int = 1) -> int | None:
         if iters:
             return None
-        self.launches += 1
+        self.launches += tokens
         return 0

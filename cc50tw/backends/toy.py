@@ -65,10 +65,11 @@ class ToyEngine(Protocol):
     def spin(self, iters: int, seed: int = 0) -> Deferred[int]:
         """Run one token's work from ``seed`` (the last token's value); fire with thread 0's final LCG value."""
 
-    def spinNow(self, iters: int) -> int | None:
+    def spinNow(self, iters: int, tokens: int = 1) -> int | None:
         """
-        The value at once, if this engine can compute it without blocking the
-        reactor (the CPU engine at zero iterations); else None, and ``spin``.
+        The last of ``tokens`` tokens' values at once, if this engine can
+        compute them without blocking the reactor (the CPU engine at zero
+        iterations); else None, having run nothing, and ``spin``.
         """
 
 
@@ -148,10 +149,7 @@ class ToyStream:
         engine, iters = self._engine, self._backend.iters
         count = min(self._remaining, self._batch)
         self._batch = min(self._batch * 2, SYNCHRONOUS_BATCH_TOKENS)
-        value = None
-        for _ in range(count):
-            value = engine.spinNow(iters)
-        self.last_value = value
+        self.last_value = engine.spinNow(iters, count)
         self._remaining -= count
         self._tokens += count
         self._backend.tokens_emitted += count
@@ -368,10 +366,8 @@ class ToyBackend:
         count = request.max_tokens
         if engine is None or count > SYNCHRONOUS_BATCH_TOKENS or count * TOKEN_BYTES > budget:
             return None
-        iters = self.iters
-        for _ in range(count):
-            if engine.spinNow(iters) is None:
-                return None  # the engine has work to do after all: stream it
+        if engine.spinNow(self.iters, count) is None:
+            return None  # the engine has work to do after all: stream it
         self.tokens_emitted += count
         # Built as the bare tuples they are: a NamedTuple's generated __new__ is a Python call.
         result = new_tuple(GenerationResult, (len(request.prompt.split()), count, "length"))

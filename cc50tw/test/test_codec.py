@@ -48,6 +48,7 @@ from cc50tw.codec import (
     encode_infer,
     utf8_prefix_length,
 )
+from cc50tw.generation import NO_OPTIONS, GenerationOptions
 from cc50tw.test.optional import HYPOTHESIS
 
 DATA = FilePath(__file__).sibling("data")
@@ -941,6 +942,48 @@ if HYPOTHESIS.available:
             self.assertIsNone(decoder.whole(frame))  # the buffered bytes come first
             self.assertIsNotNone(FrameDecoder(1 << 20).whole(frame))
             self.assertIsNone(FrameDecoder(4).whole(frame))  # over the limit: feed says so
+
+    class WholeInferPropertyTests(SynchronousTestCase):
+        """
+        ``wholeInfer`` reads a plain REQ_INFER exactly as ``whole`` then
+        ``decode_infer`` would, and takes nothing else: the server's one-step
+        path must answer what the usual path would, and leave every error to it.
+        """
+
+        @settings(deadline=None, max_examples=500)
+        @given(st.data())
+        def test_sameRequestAsWholeThenDecode(self, data: st.DataObject) -> None:
+            plain = st.builds(
+                encode_infer, req_ids, st.text(max_size=12), u32s, u32s, st.sampled_from([None, GenerationOptions()])
+            )
+            piece = data.draw(st.one_of(plain, mutated_streams(), encoded_frames()), label="piece")
+            max_payload = data.draw(st.sampled_from([0, 16, SMALL_MAX, 1 << 20]), label="max_payload")
+            expected = None
+            frame = FrameDecoder(max_payload).whole(piece)
+            if frame is not None and frame.type == MessageType.REQ_INFER:
+                try:
+                    decoded = decode_infer(frame)
+                except ProtocolError:
+                    decoded = None
+                if decoded is not None and decoded.options is NO_OPTIONS:
+                    expected = (frame.req_id, decoded.max_tokens, decoded.credit_bytes, decoded.prompt)
+            self.assertEqual(FrameDecoder(max_payload).wholeInfer(piece), expected)
+
+        def test_notWhileAFrameIsBuffered(self) -> None:
+            decoder = FrameDecoder(1 << 20)
+            frame = encode_infer(7, "p", 1, 9)
+            self.assertEqual(list(decoder.feed(frame[:10])), [])
+            self.assertIsNone(decoder.wholeInfer(frame))  # the buffered bytes come first
+            self.assertEqual(FrameDecoder(1 << 20).wholeInfer(frame), (7, 1, 9, "p"))
+            self.assertIsNone(FrameDecoder(4).wholeInfer(frame))  # over the limit: feed says so
+
+        def test_notWhenTheHeaderLengthDisagrees(self) -> None:
+            """A header that announces more or fewer bytes than the read holds is the decoder's to buffer or split."""
+            frame = encode_infer(7, "prompt", 1, 9)
+            magic, version, kind, reqId, flags, length = HEADER.unpack_from(frame)
+            for announced in (length - 1, length + 1, length + 100):
+                lying = HEADER.pack(magic, version, kind, reqId, flags, announced) + frame[HEADER_SIZE:]
+                self.assertIsNone(FrameDecoder(1 << 20).wholeInfer(lying), announced)
 
 else:
     HypothesisTests = HYPOTHESIS.standIn(__name__)
