@@ -331,9 +331,9 @@ class CC50ServerProtocol(CC50Receiver):
                 plain = decoder.wholeInfer(data)
                 if plain is not None:
                     if not self.transport.disconnecting:  # type: ignore[attr-defined]
-                        reqId = plain[0]
+                        reqId, maxTokens, creditBytes, prompt = plain
                         if reqId and reqId not in self.streams and reqId != self._answering and not self.factory.draining:
-                            self._request(*plain, NO_OPTIONS)
+                            self._request(reqId, maxTokens, creditBytes, prompt, NO_OPTIONS)
                         else:  # refused by _infer's first checks, before it reads the payload
                             self._infer(new_tuple(Frame, (_REQ_INFER, reqId, 0, b"")))
                     return
