@@ -124,22 +124,14 @@ def sendAnswer(
         connection.sendTerminal(reqId, b"".join(pieces))
     except Exception:  # a transport torn down under us: the client has nothing
         log.failure("writing the answer to request {req_id} failed", req_id=reqId)
-        unsent = new_tuple(AnsweredRequest, (reqId, peer, request, startedAt, now, None, None, 0, 0))
-        _record(services, unsent, "disconnected", None)
-        return True
-    services.counters.answeredAtOnce += 1
-    record = new_tuple(
-        AnsweredRequest, (reqId, peer, request, startedAt, now, firstChunkAt, firstChunkAt, chunks, size)
-    )
+        ended: tuple[Any, ...] = (reqId, peer, request, startedAt, now, None, None, 0, 0)
+        outcome, ending = "disconnected", None
+    else:
+        services.counters.answeredAtOnce += 1
+        ended = (reqId, peer, request, startedAt, now, firstChunkAt, firstChunkAt, chunks, size)
+        outcome, ending = "done", result
     try:
-        services.requestEnded(record, "done", result, False, "")
+        services.requestEnded(new_tuple(AnsweredRequest, ended), outcome, ending, False, "")
     except Exception:  # as a stream's end: the metrics or the log must not take the connection down
         log.failure("recording the end of request {req_id} failed", req_id=reqId)
     return True
-
-
-def _record(services: StreamServices, record: AnsweredRequest, outcome: str, result: GenerationResult | None) -> None:
-    try:
-        services.requestEnded(record, outcome, result, False, "")
-    except Exception:  # as a stream's end: the metrics or the log must not take the connection down
-        log.failure("recording the end of request {req_id} failed", req_id=record.reqId)

@@ -119,9 +119,9 @@ _ROUTE: Any = object()
 #: off it at its end, scalars only (the request itself is not kept: its
 #: prompt may be a megabyte, and a stream holds its connection):
 #: outcome, backendError, startedAt, endedAt, firstChunkAt, lastChunkAt,
-#: chunksSent, generated and prompt tokens as the backend gave them, and the
+#: chunksSent, generated and prompt tokens as whole numbers, and the
 #: model label (a model the backend serves, or None).
-EndedRecord = tuple[str, bool, float, float, "float | None", "float | None", int, object, object, "str | None"]
+EndedRecord = tuple[str, bool, float, float, "float | None", "float | None", int, int, int, "str | None"]
 
 
 class RequestFigures(NamedTuple):
@@ -140,10 +140,14 @@ def requestFigures(
     firstChunkAt: float | None,
     lastChunkAt: float | None,
     chunksSent: int,
-    generated: object,
-    prompt: object,
+    generated: int,
+    prompt: int,
 ) -> RequestFigures:
-    """A finished request's figures from its times and counts; a clock that stepped back gives 0, not less."""
+    """
+    A finished request's figures from its times and its counts (whole
+    numbers already: ``requestEnded`` made them so); a clock that stepped
+    back gives 0, not less.
+    """
     latency = endedAt - startedAt
     if latency < 0:  # a clock that stepped back (a test's; a monotonic one does not)
         latency = 0.0
@@ -151,8 +155,6 @@ def requestFigures(
     interToken = None
     if firstChunkAt is not None and chunksSent > 1 and lastChunkAt is not None and lastChunkAt >= firstChunkAt:
         interToken = (lastChunkAt - firstChunkAt) / (chunksSent - 1)
-    if type(generated) is not int or type(prompt) is not int or not 0 <= generated <= MAX_COUNT >= prompt >= 0:
-        generated, prompt = countOrZero(generated), countOrZero(prompt)  # a backend's 2.0, None, "3", -1
     return new_tuple(RequestFigures, (latency, ttft, interToken, generated, prompt))  # type: ignore[no-any-return]
 
 
@@ -369,13 +371,14 @@ class ServerMetrics:
         message: str = "",
         model: Any = _ROUTE,
         endedAt: float | None = None,
-    ) -> None:
+    ) -> EndedRecord:
         """
         One finished request (a ``stream.EndedRequest``), to be counted into
         every series it touches; ``message`` is the log line's, unused here.
         With its signature this is the streams' ``requestEnded`` itself when
         no log line is written.  ``model`` (the model it was routed by) and
-        ``endedAt``: as the caller worked them out for its log line.
+        ``endedAt``: as the caller worked them out for its log line; the
+        record returned is what that line reads too.
 
         What the series need is read off the request now, and counted into
         them in batches (``fold``): at every scrape, and every
@@ -406,23 +409,23 @@ class ServerMetrics:
                     model = None
             except TypeError:  # unhashable: no model anyone serves
                 model = None
-        ended = self._ended
-        ended.append(
-            (
-                outcome,
-                backendError,
-                request.startedAt,
-                endedAt,
-                request.firstChunkAt,
-                request.lastChunkAt,
-                request.chunksSent,
-                generated,
-                prompt,
-                model,
-            )
+        record: EndedRecord = (
+            outcome,
+            backendError,
+            request.startedAt,
+            endedAt,
+            request.firstChunkAt,
+            request.lastChunkAt,
+            request.chunksSent,
+            generated,
+            prompt,
+            model,
         )
+        ended = self._ended
+        ended.append(record)
         if len(ended) >= FOLD_EVERY:
             self.fold()
+        return record
 
     def fold(self) -> None:
         """Count the requests ended since the last fold into the series (scrapes call it first)."""

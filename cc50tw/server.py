@@ -324,10 +324,10 @@ class CC50ServerProtocol(CC50Receiver):
                 self._idleFrom = self.factory.reactor.seconds()
             decoder = self._decoder
             if decoder is not None and not self.readingPaused:
-                # One read, one whole frame: straight to its handler, past the
-                # receiver's loop (what ``CC50Receiver.dataReceived`` and
-                # ``frameReceived`` would do with it, in fewer calls); a plain
-                # REQ_INFER decoded in the same step.
+                # One read, one plain REQ_INFER (a client waiting for each
+                # answer): decoded in one step and straight to ``_request``,
+                # past the receiver's loop and ``_infer``.  Any other read is
+                # the receiver's, as below.
                 plain = decoder.wholeInfer(data)
                 if plain is not None:
                     if not self.transport.disconnecting:  # type: ignore[attr-defined]
@@ -336,14 +336,6 @@ class CC50ServerProtocol(CC50Receiver):
                             self._request(reqId, maxTokens, creditBytes, prompt, NO_OPTIONS)
                         else:  # refused by _infer's first checks, before it reads the payload
                             self._infer(new_tuple(Frame, (_REQ_INFER, reqId, 0, b"")))
-                    return
-                frame = decoder.whole(data)
-                if frame is not None:
-                    if not self.transport.disconnecting:  # type: ignore[attr-defined]
-                        if frame.type == _REQ_INFER:
-                            self._infer(frame)
-                        else:
-                            self.frameReceived(frame)
                     return
         CC50Receiver.dataReceived(self, data)
         if self._heldSize > self.MAX_LENGTH + MAX_UNSOLICITED_REPLY_BYTES:
@@ -879,13 +871,10 @@ class CC50ServerFactory(Factory):
         if model is None and self.modelFor is not None:
             model = routedModel(options, self.modelFor)
         endedAt = stream.endedAt if stream.endedAt is not None else self.clock()
-        self.metrics.requestEnded(stream, outcome, result, backendError, message, model, endedAt)
+        record = self.metrics.requestEnded(stream, outcome, result, backendError, message, model, endedAt)
         if not self.config.log_requests:
             return
-        generated, prompt = (result.generated_tokens, result.prompt_tokens) if result is not None else (0, 0)
-        latency, ttft, _, generated, prompt = requestFigures(
-            stream.startedAt, endedAt, stream.firstChunkAt, None, 0, generated, prompt
-        )
+        latency, ttft, _, generated, prompt = requestFigures(*record[2:9])
         logRequest(
             self.log,
             stream.reqId,

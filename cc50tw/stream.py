@@ -123,7 +123,8 @@ class EndedRequest(Protocol):
     def bytesSent(self) -> int: ...
 
 
-RequestEnded = Callable[[EndedRequest, str, "GenerationResult | None", bool, str], None]
+#: Its return value, if any, is ignored.
+RequestEnded = Callable[[EndedRequest, str, "GenerationResult | None", bool, str], object]
 
 
 @attrs.frozen

@@ -108,11 +108,10 @@ class LateFiguresTests(TestCase):
 
     def test_latencyOfARecordWithoutEndedAtIsTakenAtItsEnd(self) -> None:
         """
-        ``EndedRequest.endedAt`` may be None; ``requestFigures`` then reads the
-        clock.  With --quiet-requests it reads it at the scrape, not when the
-        request was recorded: a request that took 1 s is observed as taking as
-        long as the scrape was away.  Before the change (and with the log on)
-        the latency is 1 s.
+        ``EndedRequest.endedAt`` may be None: the clock must then be read when
+        the request is recorded, not at the scrape (found in review: with
+        --quiet-requests a request that took 1 s was observed as taking as
+        long as the scrape was away).
         """
         durations = {}
         for logRequests in (True, False):
@@ -241,11 +240,10 @@ class RetentionTests(TestCase):
 
     def test_endedStreamIsFreedWithTheLogOn(self) -> None:
         """
-        With the request log on (the default) ``recordEnded`` keeps the whole
+        With the request log on (the default), nothing of the ended
         ``RequestStream`` (its request and prompt, its connection and that
-        connection's transport and decoder buffer) until the next fold, though
-        its figures are already worked out.  Before the change nothing of it
-        was kept.
+        connection's transport and decoder buffer) may wait for the next fold
+        (found in review: a pending record held the stream itself).
         """
         ref = self.streamedAndGone(True)
         self.assertIsNone(ref(), "the ended RequestStream is still alive (held by factory.metrics)")

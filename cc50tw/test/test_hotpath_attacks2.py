@@ -1,7 +1,7 @@
 """
 Second adversarial review of the request hot path of issue 18a (after
 5e47aa1): the metrics' scalar records (``ServerMetrics.requestEnded``,
-``fold``, ``requestFigures``), the log line next to them
+``fold``, ``requestFigures``), the log line read from the same record
 (``CC50ServerFactory.requestEnded``), the credit ``_answerAtOnce`` returns,
 and ``writeSequence`` after a stream's end.
 
