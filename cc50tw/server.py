@@ -53,6 +53,7 @@ from cc50tw.immediate import AnswerNow, readAnswer, sendAnswer
 from cc50tw.interfaces import GenerationResult, IBackend, IImmediateBackend, ImmediateAnswer, InferenceRequest
 from cc50tw.metrics import ServerMetrics, requestFigures, routedModel
 from cc50tw.receiver import CC50Receiver, setTcpNoDelay
+from cc50tw.sendnow import sendNowFor
 from cc50tw.stream import EndedRequest, FlowCounters, RequestStream, StreamServices
 
 SERVER_NAME = f"cc50tw/{__version__}".encode()
@@ -166,6 +167,15 @@ class CC50ServerProtocol(CC50Receiver):
         self._answering = 0
         self._answeringEnd: tuple[ErrorCode, str] | None = None
         self._answeringCredit = 0
+        #: Sends the replies a read wrote before the reactor turns (``cc50tw.sendnow``); None: the reactor sends them.
+        self._sendNow: Callable[[], None] | None = None
+        #: ``bytesSent`` when the replies were last sent now: more than that is waiting.
+        self._sentNowUpTo = 0
+        #: True while the one request a read holds is being answered: its
+        #: terminal frame is sent as soon as it is written, before the request
+        #: is recorded (the log line, the metrics), which then costs the client
+        #: no time.
+        self._terminalLeavesAtOnce = False
 
     # Connection ------------------------------------------------------------
 
@@ -179,6 +189,7 @@ class CC50ServerProtocol(CC50Receiver):
         self.authenticated = config.auth_token is None
         self.MAX_LENGTH = config.max_frame_bytes if self.authenticated else min(MAX_HELLO_BYTES, config.max_frame_bytes)
         setTcpNoDelay(self.transport)
+        self._sendNow = sendNowFor(self.transport)
         self.transport.registerProducer(self, True)
         if not self.factory.connectionOpened(self):
             self.rejected = True
@@ -331,13 +342,24 @@ class CC50ServerProtocol(CC50Receiver):
                 plain = decoder.wholeInfer(data)
                 if plain is not None:
                     if not self.transport.disconnecting:  # type: ignore[attr-defined]
+                        self._sentNowUpTo = self.bytesSent
                         reqId, maxTokens, creditBytes, prompt = plain
                         if reqId and reqId not in self.streams and reqId != self._answering and not self.factory.draining:
-                            self._request(reqId, maxTokens, creditBytes, prompt, NO_OPTIONS)
+                            self._terminalLeavesAtOnce = self._sendNow is not None
+                            try:
+                                self._request(reqId, maxTokens, creditBytes, prompt, NO_OPTIONS)
+                            finally:
+                                self._terminalLeavesAtOnce = False
                         else:  # refused by _infer's first checks, before it reads the payload
                             self._infer(new_tuple(Frame, (_REQ_INFER, reqId, 0, b"")))
+                        if self.bytesSent != self._sentNowUpTo and self._sendNow is not None:
+                            self._sendNow()
                     return
+        self._sentNowUpTo = self.bytesSent
         CC50Receiver.dataReceived(self, data)
+        if self.bytesSent != self._sentNowUpTo and self._sendNow is not None:
+            # Every reply this read wrote, in one send (``cc50tw.sendnow``).
+            self._sendNow()
         if self._heldSize > self.MAX_LENGTH + MAX_UNSOLICITED_REPLY_BYTES:
             self._abort("it kept sending while the server could not write to it")
 
@@ -638,6 +660,10 @@ class CC50ServerProtocol(CC50Receiver):
         if self.state is ConnectionState.OPEN:
             self.bytesSent += len(frame)
             self.transport.write(frame)
+            if self._terminalLeavesAtOnce:
+                self._terminalLeavesAtOnce = False
+                self._sentNowUpTo = self.bytesSent
+                self._sendNow()  # type: ignore[misc]  # set only where there is one
 
     def sendUnsolicited(self, frame: bytes) -> None:
         """A reply no request's credit governs; capped while the transport is paused."""

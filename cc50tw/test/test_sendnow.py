@@ -1,0 +1,312 @@
+"""
+Replies sent in the read that earned them (``cc50tw.sendnow``, issue 18a).
+
+The server hands what a read's replies wrote to the socket before returning
+to the reactor, and a lone request's answer before the request is recorded.
+These tests hold it to that on a socket double built from Twisted's own
+``FileDescriptor`` (so ``write``, ``doWrite``, producer pausing and closing are
+Twisted's code), and on a real loopback socket; and they try what could go
+wrong with sending from inside a read: a socket that takes nothing or part, a
+send that fails, a paused producer, a closing connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import attrs
+from twisted.internet import main
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from cc50tw.backends.toy import build as buildToy
+from cc50tw.codec import Frame, FrameDecoder, MessageType, encode_credit, encode_infer
+from cc50tw.interfaces import GenerationResult, ImmediateAnswer
+from cc50tw.sendnow import sendNowFor
+from cc50tw.server import CC50ServerFactory, CC50ServerProtocol, ServerConfig
+from cc50tw.test.fakes import ImmediateBackend, error_code, terminal_frames
+
+
+class SocketDouble(FileDescriptor):
+    """
+    Twisted's ``FileDescriptor`` with the socket call replaced: every send
+    is kept in ``sends``, and the socket takes ``accept`` bytes per send (all
+    when None), or fails when ``failing``.
+    """
+
+    def __init__(self, reactor: MemoryReactorClock) -> None:
+        super().__init__(reactor)
+        self.connected = 1
+        self.sends: list[bytes] = []
+        self.accept: int | None = None
+        self.failing = False
+        self.aborted = False
+
+    def writeSomeData(self, data: bytes) -> Any:
+        if self.failing:
+            return main.CONNECTION_LOST
+        taken = len(data) if self.accept is None else min(self.accept, len(data))
+        self.sends.append(bytes(data[:taken]))
+        return taken
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 40000)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 9199)
+
+    def abortConnection(self) -> None:
+        # As tcp.Connection does: nothing more is read or written.
+        self.aborted = True
+        self.stopReading()
+        self.stopWriting()
+        self.doWrite = lambda: None  # type: ignore[method-assign]
+
+    def queued(self) -> int:
+        return len(self.dataBuffer) - self.offset + self._tempDataLen
+
+    def sentFrames(self) -> list[Frame]:
+        return [item for item in FrameDecoder(1 << 30).feed(b"".join(self.sends)) if isinstance(item, Frame)]
+
+
+def plainAnswer(texts: list[str]) -> ImmediateAnswer:
+    return ImmediateAnswer(texts, GenerationResult(1, len(texts)))
+
+
+def serve(backend: object, **config: Any) -> tuple[CC50ServerFactory, CC50ServerProtocol, SocketDouble]:
+    reactor = MemoryReactorClock()
+    factory = CC50ServerFactory(backend, ServerConfig(**config), reactor)  # type: ignore[arg-type]
+    socket = SocketDouble(reactor)
+    protocol = factory.buildProtocol(socket.getPeer())
+    assert isinstance(protocol, CC50ServerProtocol)
+    protocol.makeConnection(socket)
+    return factory, protocol, socket
+
+
+class SendNowForTests(TestCase):
+    def test_onlyFileDescriptors(self) -> None:
+        """A transport that is not a socket's FileDescriptor is left to the reactor."""
+        self.assertIsNone(sendNowFor(StringTransport()))
+        self.assertIsNone(sendNowFor(object()))
+        self.assertIsNotNone(sendNowFor(SocketDouble(MemoryReactorClock())))
+
+    def test_notWhileClosingPausedOrGone(self) -> None:
+        """Closing, paused or disconnected, nothing is sent: the reactor's doWrite must do those."""
+        for state in ("disconnecting", "producerPaused", "disconnected"):
+            socket = SocketDouble(MemoryReactorClock())
+            socket.write(b"reply")
+            if state == "disconnected":
+                socket.connected = 0
+            else:
+                setattr(socket, state, True)
+            sendNow = sendNowFor(socket)
+            assert sendNow is not None
+            sendNow()
+            self.assertEqual(socket.sends, [], state)
+            self.assertEqual(socket.queued(), 5, state)
+
+
+class ServerSendsInTheReadTests(TestCase):
+    def test_oneRequestOneSend(self) -> None:
+        """A lone request's whole answer has left, in one send, when dataReceived returns."""
+        _, protocol, socket = serve(ImmediateBackend(plainAnswer([" a", " b"])))
+        protocol.dataReceived(encode_infer(1, "hi", 2))
+        self.assertEqual(len(socket.sends), 1)
+        frames = socket.sentFrames()
+        self.assertEqual([f.type for f in frames], [MessageType.RESP_CHUNK] * 2 + [MessageType.RESP_DONE])
+        self.assertEqual(socket.queued(), 0)
+        self.assertNotIn(socket, socket.reactor.getWriters())  # nothing left for the reactor
+
+    def test_sentBeforeTheLogLine(self) -> None:
+        """With the request log on, the answer is on the socket before its log line is made."""
+        _, protocol, socket = serve(ImmediateBackend(plainAnswer([" a"])))
+        sentWhenLogged: list[int] = []
+
+        def see(event: dict[str, Any]) -> None:
+            if "request" in str(event.get("log_format", "")) and event.get("req_id") == 7:
+                sentWhenLogged.append(len(socket.sends))
+
+        observer = cast(ILogObserver, see)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        protocol.dataReceived(encode_infer(1, "first", 1))  # a connection's first read takes the receiver's loop
+        protocol.dataReceived(encode_infer(7, "hi", 1))
+        self.assertEqual(sentWhenLogged, [2])
+
+    def test_sentBeforeTheMetricsRecord(self) -> None:
+        """Quiet, the answer is on the socket before the metrics keep its record."""
+        factory, protocol, socket = serve(ImmediateBackend(plainAnswer([" a"])), log_requests=False)
+        sentWhenRecorded: list[int] = []
+        record = factory.services.requestEnded
+
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            sentWhenRecorded.append(len(socket.sends))
+            return record(*args, **kwargs)
+
+        protocol.dataReceived(encode_infer(1, "first", 1))  # a connection's first read takes the receiver's loop
+        factory.services = attrs.evolve(factory.services, requestEnded=spy)
+        protocol.dataReceived(encode_infer(3, "hi", 1))
+        self.assertEqual(sentWhenRecorded, [2])
+        self.assertEqual(len(socket.sends), 2)  # and no third, empty, send after it
+
+    def test_pipelinedReadOneSend(self) -> None:
+        """Many requests in one read: every answer, in order, in a single send at the read's end."""
+        _, protocol, socket = serve(ImmediateBackend(plainAnswer([" x"])))
+        protocol.dataReceived(b"".join(encode_infer(reqId, "p", 1) for reqId in range(1, 6)))
+        self.assertEqual(len(socket.sends), 1)
+        done = [f.req_id for f in socket.sentFrames() if f.type == MessageType.RESP_DONE]
+        self.assertEqual(done, [1, 2, 3, 4, 5])
+
+    def test_refusalSentInTheRead(self) -> None:
+        """A refused request's RESP_ERR leaves in the read too."""
+        _, protocol, socket = serve(ImmediateBackend(plainAnswer([" x"])), max_tokens_limit=4)
+        protocol.dataReceived(encode_infer(2, "p", 5))
+        self.assertEqual(len(socket.sends), 1)
+        [terminal] = terminal_frames(socket.sentFrames(), 2)
+        self.assertEqual(terminal.type, MessageType.RESP_ERR)
+
+    def test_nothingWrittenNothingSent(self) -> None:
+        """A read that earns no reply makes no send."""
+        _, protocol, socket = serve(ImmediateBackend(plainAnswer([" x"])))
+        protocol.dataReceived(encode_credit(9, 100))  # no request on 9: dropped
+        self.assertEqual(socket.sends, [])
+
+    def test_streamedRequestLeftToTheReactor(self) -> None:
+        """A request the backend streams later writes nothing in the read: nothing is sent."""
+        backend = ImmediateBackend(None)
+        _, protocol, socket = serve(backend)
+        protocol.dataReceived(encode_infer(4, "p", 3))
+        self.assertEqual(socket.sends, [])
+        self.assertEqual(len(backend.streams), 1)
+
+    def test_socketTakesNothing(self) -> None:
+        """A client that does not read: the answer stays queued, whole, for the reactor to send."""
+        _, protocol, socket = serve(ImmediateBackend(plainAnswer([" a", " b"])))
+        socket.accept = 0
+        protocol.dataReceived(encode_infer(1, "hi", 2))
+        queued = socket.queued()
+        self.assertGreater(queued, 0)
+        self.assertIn(socket, socket.reactor.getWriters())
+        socket.accept = None
+        socket.doWrite()  # the reactor, once the socket is writable
+        self.assertEqual(socket.queued(), 0)
+        self.assertEqual(len(b"".join(socket.sends)), queued)
+        self.assertEqual([f.type for f in socket.sentFrames()][-1], MessageType.RESP_DONE)
+
+    def test_socketTakesPart(self) -> None:
+        """Part sent in the read, the rest by the reactor, in order, nothing lost or repeated."""
+        _, protocol, socket = serve(ImmediateBackend(plainAnswer([" one", " two", " three"])))
+        socket.accept = 10
+        protocol.dataReceived(encode_infer(1, "hi", 3))
+        self.assertEqual(len(socket.sends), 1)
+        self.assertIn(socket, socket.reactor.getWriters())
+        socket.accept = None
+        socket.doWrite()
+        self.assertEqual([f.payload for f in socket.sentFrames()][:3], [b" one", b" two", b" three"])
+
+    def test_failedSendLeftToTheReactor(self) -> None:
+        """A send that fails raises nothing in the read; the socket stays for the reactor to find the error."""
+        _, protocol, socket = serve(ImmediateBackend(plainAnswer([" a"])))
+        socket.failing = True
+        protocol.dataReceived(encode_infer(1, "hi", 1))
+        self.assertIn(socket, socket.reactor.getWriters())
+        self.assertIs(socket.doWrite(), main.CONNECTION_LOST)  # what the reactor's own doWrite meets
+
+    def test_notWhileTheTransportIsPaused(self) -> None:
+        """
+        A write that fills the buffer pauses the connection; nothing is sent
+        from the read then, so the connection is not resumed from inside its
+        own read: the reactor's doWrite does that.
+        """
+        _, protocol, socket = serve(ImmediateBackend(plainAnswer([" a"])))
+        socket.bufferSize = 1
+        protocol.dataReceived(encode_infer(1, "hi", 1))
+        self.assertTrue(protocol.transportPaused)
+        self.assertEqual(socket.sends, [])
+        socket.doWrite()
+        self.assertFalse(protocol.transportPaused)
+        self.assertEqual(terminal_frames(socket.sentFrames(), 1)[0].type, MessageType.RESP_DONE)
+
+    def test_notWhileClosing(self) -> None:
+        """
+        A read that closes the connection (REQ_INFER on req_id 0) sends
+        nothing itself: a doWrite then would finish the close where the
+        reactor could not hear of it.  The reactor's doWrite sends the error
+        and closes.
+        """
+        _, protocol, socket = serve(ImmediateBackend(plainAnswer([" a"])))
+        protocol.dataReceived(encode_infer(0, "hi", 1))
+        self.assertTrue(socket.disconnecting)
+        self.assertEqual(socket.sends, [])
+        self.assertIs(socket.doWrite(), main.CONNECTION_DONE)
+        self.assertEqual(error_code(socket.sentFrames()[0]).name, "BAD_REQUEST")
+
+    def test_abortedConnectionSendsNothing(self) -> None:
+        """A connection aborted in the read (it kept sending while unwritable) sends nothing after."""
+        _, protocol, socket = serve(ImmediateBackend(plainAnswer([" a"])))
+        protocol._abort("a test")
+        protocol.dataReceived(encode_infer(1, "hi", 1))
+        self.assertTrue(socket.aborted)
+        self.assertEqual(socket.sends, [])
+
+
+class _Collect(Protocol):
+    """A client that keeps what it reads until a RESP_DONE arrives."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.answered: Deferred[None] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        frames = FrameDecoder(1 << 30).feed(self.data)
+        if not self.answered.called and any(isinstance(f, Frame) and f.type == MessageType.RESP_DONE for f in frames):
+            self.answered.callback(None)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost.callback(None)
+
+
+class RealSocketTests(TestCase):
+    """On the test's real reactor, over loopback, with the toy answering at once."""
+
+    async def test_answerLeftTheServerInTheRead(self) -> None:
+        from twisted.internet import reactor
+
+        backend = buildToy({"toy-iters": 0, "toy-device": "cpu"}, reactor)
+        factory = CC50ServerFactory(backend, ServerConfig(log_requests=False))
+        queuedAfterRead: list[int] = []
+        serverLost: Deferred[None] = Deferred()
+
+        class Watched(CC50ServerProtocol):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                transport: Any = self.transport  # a tcp.Server: what it still holds to send
+                queuedAfterRead.append(len(transport.dataBuffer) - transport.offset + transport._tempDataLen)
+
+            def connectionLost(self, reason: Any = None) -> None:
+                super().connectionLost(reason)
+                serverLost.callback(None)
+
+        factory.protocol = Watched  # type: ignore[assignment]
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        client = _Collect()
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(Factory.forProtocol(lambda: client))
+        assert client.transport is not None
+        client.transport.write(encode_infer(1, "hi", 2))
+        await client.answered
+        client.transport.loseConnection()
+        await client.lost
+        await serverLost
+        self.assertEqual(queuedAfterRead, [0])
+        self.assertEqual(factory.counters.answeredAtOnce, 1)
+        done = [f for f in FrameDecoder(1 << 30).feed(client.data) if isinstance(f, Frame)]
+        self.assertEqual([f.type for f in done], [MessageType.RESP_CHUNK] * 2 + [MessageType.RESP_DONE])
