@@ -6,7 +6,11 @@ and nothing else: no limits, metrics, logging or backend.  A ``twistd cc50``
 round trip set against this one, in the same run, shows what cc50tw costs
 beyond Twisted itself on that machine.
 
-    python benchmarks/floor_responder.py tcp:9199:interface=127.0.0.1
+With ``--send-now`` it also sends its replies in the read, as cc50tw does
+(``cc50tw.sendnow``), instead of leaving them queued for the reactor's next
+turn: the floor for cc50tw's own work alone, without what sending early saves.
+
+    python benchmarks/floor_responder.py [--send-now] tcp:9199:interface=127.0.0.1
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from twisted.internet.protocol import Factory, Protocol
 HEADER = struct.Struct("<IHHQII")  # magic, version, type, req_id, flags, length
 MAGIC, REQ_INFER, RESP_CHUNK, RESP_DONE = 0x30354343, 1, 2, 3
 CHUNK, DONE = b" token", struct.pack("<IIQ", 1, 0, 0)  # DONE: tokens, reserved, elapsed_us
+SEND_NOW = "--send-now" in sys.argv
 
 
 class Responder(Protocol):
@@ -44,9 +49,12 @@ class Responder(Protocol):
         self.buffer = buffer[offset:]
         if replies:
             self.transport.write(b"".join(replies))
+            if SEND_NOW and not self.transport.disconnecting:  # type: ignore[attr-defined]
+                self.transport.doWrite()  # type: ignore[attr-defined]  # a tcp.Server
 
 
 if __name__ == "__main__":
-    serverFromString(reactor, sys.argv[1]).listen(Factory.forProtocol(Responder))
-    print(f"floor responder listening on {sys.argv[1]}", flush=True)
+    listen = [arg for arg in sys.argv[1:] if arg != "--send-now"][0]
+    serverFromString(reactor, listen).listen(Factory.forProtocol(Responder))
+    print(f"floor responder listening on {listen}", flush=True)
     reactor.run()  # type: ignore[attr-defined]

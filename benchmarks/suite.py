@@ -203,6 +203,9 @@ def round_trip_table(result: dict[str, Any]) -> list[str]:
 #: options before ``cc50``, ``cc50``'s options).  ``None``: the floor responder.
 FLOOR_SERVERS: tuple[tuple[str, str, tuple[str, ...] | None, tuple[str, ...]], ...] = (
     ("floor", "benchmarks/floor_responder.py", None, ()),
+    # No target: the floor sending in the read as cc50tw does, so that what cc50tw's
+    # own work costs shows apart from what sending early saves.
+    ("floor-sendnow", "benchmarks/floor_responder.py --send-now", None, ("--send-now",)),
     ("default", "twistd cc50, default options, stdout to a file", (), ()),
     ("logfile", "twistd --logfile=FILE cc50, default options", ("--logfile={log}",), ()),
     ("json", "twistd cc50 --log-format=json, stdout to a file", (), ("--log-format=json",)),
@@ -213,6 +216,9 @@ FLOOR_SERVERS: tuple[tuple[str, str, tuple[str, ...] | None, tuple[str, ...]], .
 
 #: Targets of issue 18: each server's round-trip p50 over the floor's.
 FLOOR_TARGETS = {"default": 1.3, "logfile": 1.3, "quiet": 1.1}
+
+#: The floor the issue's targets are set against, and the one that sends in the read as well.
+FLOOR, FLOOR_SENDNOW = "floor", "floor-sendnow"
 
 
 def floor_server(
@@ -230,7 +236,7 @@ def floor_server(
     output = directory / f"{name}.log"
     if twistdArgs is None:
         script = str(BENCHMARKS / "floor_responder.py")
-        return start_server(lambda listen: [sys.executable, script, f"{listen}:backlog={BACKLOG}"], output)
+        return start_server(lambda listen: [sys.executable, script, *cc50Args, f"{listen}:backlog={BACKLOG}"], output)
     before = [arg.format(log=directory / f"{name}-twistd.log") for arg in twistdArgs]
     prefix = [] if tree is None else ["env", f"PYTHONPATH={tree}"]  # env execs: the pid stays the server's
     return start_server(
@@ -326,7 +332,7 @@ def round_trip_floor(options: dict[str, Any], directory: Path) -> dict[str, Any]
     logged = {
         name: request_log_lines(directory, name)
         for name in names
-        if name.split("@")[0] not in ("floor", "quiet", "streamed")
+        if name.split("@")[0] not in (FLOOR, FLOOR_SENDNOW, "quiet", "streamed")
     }
     servers_: dict[str, dict[str, Any]] = {}
     for name, what, *_ in chosen:
@@ -334,10 +340,14 @@ def round_trip_floor(options: dict[str, Any], directory: Path) -> dict[str, Any]
             "what": what,
             "raw_us": bench_core.latency_summary(samples[name]),
             "server_cpu_us_per_request": cpuSeconds[name] / (rounds * (requests + warmup)) * 1e6,
-            "p50_ratio_to_floor": ratio(summarize(samples[name]).p50, summarize(samples["floor"]).p50),
-            "per_round_ratio_to_floor": [ratio(r[name], r["floor"]) for r in perRound],
+            "p50_ratio_to_floor": ratio(summarize(samples[name]).p50, summarize(samples[FLOOR]).p50),
+            "per_round_ratio_to_floor": [ratio(r[name], r[FLOOR]) for r in perRound],
+            "per_round_ratio_to_sendnow_floor": [ratio(r[name], r[FLOOR_SENDNOW]) for r in perRound],
         }
-        servers_[name]["median_round_ratio_to_floor"] = statistics.median(servers_[name]["per_round_ratio_to_floor"])
+        for key in ("floor", "sendnow_floor"):
+            servers_[name][f"median_round_ratio_to_{key}"] = statistics.median(
+                servers_[name][f"per_round_ratio_to_{key}"]
+            )
         if name in logged:
             servers_[name]["request_lines_logged"] = logged[name]
     return {
@@ -356,21 +366,23 @@ def round_trip_floor_table(result: dict[str, Any]) -> list[str]:
         f"round trip against the floor: raw-socket 1-token requests, one connection, sequential; "
         f"{result['rounds']} rounds x {result['requests_per_round']} requests per server, order rotating (µs); "
         + ("client on one CPU, servers on another" if result.get("pinned") else "not pinned to CPUs"),
-        f"  {'server':<13}{'p50':>8}{'p99':>9}{'mean':>8}{'server CPU':>12}{'x floor':>9}{'median round':>14}"
-        f"{'log lines':>11}  what",
+        f"  {'server':<15}{'p50':>8}{'p99':>9}{'mean':>8}{'server CPU':>12}{'x floor':>9}{'median round':>14}"
+        f"{'x sendnow':>11}{'log lines':>11}  what",
     ]
     for name, r in result["servers"].items():
         s = r["raw_us"]
         logged = r.get("request_lines_logged")
         lines.append(
-            f"  {name:<13}{s['p50']:>8.1f}{s['p99']:>9.1f}{s['mean']:>8.1f}{r['server_cpu_us_per_request']:>12.1f}"
+            f"  {name:<15}{s['p50']:>8.1f}{s['p99']:>9.1f}{s['mean']:>8.1f}{r['server_cpu_us_per_request']:>12.1f}"
             f"{r['p50_ratio_to_floor']:>9.2f}{r['median_round_ratio_to_floor']:>14.2f}"
+            f"{r['median_round_ratio_to_sendnow_floor']:>11.2f}"
             f"{'' if logged is None else logged:>11}  {r['what']}"
         )
     for number, figures in enumerate(result["per_round_p50_us"], 1):
         lines.append(f"  round {number} p50: " + ", ".join(f"{name} {p50:.0f}" for name, p50 in figures.items()))
     lines.append(
-        f"  x floor: pooled p50 over the floor's; median round: median of the per-round ratios. "
+        f"  x floor: pooled p50 over the floor's; median round: median of the per-round ratios "
+        f"(the targets' figure); x sendnow: the same over floor-sendnow's. "
         f"log lines: request lines in the log after SIGTERM, of {result['requests_per_server']} requests"
     )
     return lines
@@ -792,6 +804,9 @@ def targets(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, boo
         for name in ("json", "streamed"):
             r = figures[name]["median_round_ratio_to_floor"]
             rows.append((f"round trip p50 / floor ({name})", f"x{r:.2f}", "(no target)", None))
+        for name in ("default", "quiet"):
+            r = figures[name]["median_round_ratio_to_sendnow_floor"]
+            rows.append((f"round trip p50 / floor-sendnow ({name})", f"x{r:.2f}", "(no target)", None))
         for name in ("default", "logfile", "json"):
             logged, sent = figures[name]["request_lines_logged"], results["round_trip_floor"]["requests_per_server"]
             rows.append((f"request lines logged ({name})", f"{logged} of {sent}", "all", logged == sent))
