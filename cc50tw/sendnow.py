@@ -23,6 +23,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.internet.abstract import FileDescriptor
+from twisted.logger import Logger
+
+log = Logger()
 
 
 def sendNowFor(transport: object) -> Callable[[], None] | None:
@@ -43,6 +46,12 @@ def sendNowFor(transport: object) -> Callable[[], None] | None:
             # An error returned here is the reactor's to act on: the socket
             # stays registered for writing, the reactor's own doWrite meets
             # the same error and ends the connection.
-            descriptor.doWrite()
+            try:
+                descriptor.doWrite()
+            except Exception:
+                # Twisted's sockets return errors, never raise them; one that
+                # did must not be taken for the caller's failure (an answer
+                # already written recorded as lost).  The reactor tries again.
+                log.failure("sending a reply at once failed; the reactor will send it")
 
     return sendNow

@@ -38,6 +38,7 @@ from cc50tw.codec import (
     VERSION,
     ErrorCode,
     Frame,
+    FrameDecoder,
     MessageType,
     Oversized,
     ProtocolError,
@@ -188,6 +189,9 @@ class CC50ServerProtocol(CC50Receiver):
         self._peerKnown = False
         self.authenticated = config.auth_token is None
         self.MAX_LENGTH = config.max_frame_bytes if self.authenticated else min(MAX_HELLO_BYTES, config.max_frame_bytes)
+        # Made now, not at the first read, so that the first read can take
+        # the one-request path (``dataReceived``) as every later one does.
+        self._decoder = FrameDecoder(self.MAX_LENGTH)
         setTcpNoDelay(self.transport)
         self._sendNow = sendNowFor(self.transport)
         self.transport.registerProducer(self, True)

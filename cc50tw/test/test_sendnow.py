@@ -26,7 +26,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from cc50tw.backends.toy import build as buildToy
-from cc50tw.codec import Frame, FrameDecoder, MessageType, encode_credit, encode_infer
+from cc50tw.codec import Frame, FrameDecoder, MessageType, encode_credit, encode_hello, encode_infer
 from cc50tw.interfaces import GenerationResult, ImmediateAnswer
 from cc50tw.sendnow import sendNowFor
 from cc50tw.server import CC50ServerFactory, CC50ServerProtocol, ServerConfig
@@ -154,6 +154,43 @@ class ServerSendsInTheReadTests(TestCase):
         protocol.dataReceived(encode_infer(3, "hi", 1))
         self.assertEqual(sentWhenRecorded, [2])
         self.assertEqual(len(socket.sends), 2)  # and no third, empty, send after it
+
+    def test_firstReadSentBeforeTheLogLine(self) -> None:
+        """
+        A connection's first read, one request, is answered before its log
+        line too: a client that connects, asks once and leaves is the
+        commonest there is.  (The adversarial review found the first read
+        going through the receiver's loop, its line made before the send.)
+        """
+        _, protocol, socket = serve(ImmediateBackend(plainAnswer([" a"])))
+        sentWhenLogged: list[int] = []
+
+        def see(event: dict[str, Any]) -> None:
+            if "request" in str(event.get("log_format", "")) and event.get("req_id") == 7:
+                sentWhenLogged.append(len(socket.sends))
+
+        observer = cast(ILogObserver, see)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        protocol.dataReceived(encode_infer(7, "hi", 1))
+        self.assertEqual(sentWhenLogged, [1])
+
+    def test_firstReadUnderAuthentication(self) -> None:
+        """With --auth-token the first read is a HELLO; the request after it is still sent before it is recorded."""
+        _, protocol, socket = serve(ImmediateBackend(plainAnswer([" a"])), auth_token=b"secret")
+        protocol.dataReceived(encode_hello(b"secret"))
+        self.assertEqual(len(socket.sends), 1)  # the HELLO reply, in the read
+        sentWhenLogged: list[int] = []
+
+        def see(event: dict[str, Any]) -> None:
+            if "request" in str(event.get("log_format", "")) and event.get("req_id") == 2:
+                sentWhenLogged.append(len(socket.sends))
+
+        observer = cast(ILogObserver, see)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        protocol.dataReceived(encode_infer(2, "hi", 1))
+        self.assertEqual(sentWhenLogged, [2])
 
     def test_pipelinedReadOneSend(self) -> None:
         """Many requests in one read: every answer, in order, in a single send at the read's end."""
@@ -310,3 +347,31 @@ class RealSocketTests(TestCase):
         self.assertEqual(factory.counters.answeredAtOnce, 1)
         done = [f for f in FrameDecoder(1 << 30).feed(client.data) if isinstance(f, Frame)]
         self.assertEqual([f.type for f in done], [MessageType.RESP_CHUNK] * 2 + [MessageType.RESP_DONE])
+
+
+class RaisingSocket(SocketDouble):
+    """A FileDescriptor whose send raises, as no Twisted socket does, but a subclass might."""
+
+    def writeSomeData(self, data: bytes) -> Any:
+        if self.failing:
+            raise RuntimeError("a socket that raises")
+        return super().writeSomeData(data)
+
+
+class RaisingSendTests(TestCase):
+    def test_raisingSendIsNotTheAnswersFailure(self) -> None:
+        """A send that raises is logged; the answer written stays queued for the reactor and counts as done."""
+        reactor = MemoryReactorClock()
+        factory = CC50ServerFactory(ImmediateBackend(plainAnswer([" a"])), ServerConfig(), reactor)
+        socket = RaisingSocket(reactor)
+        protocol = factory.buildProtocol(socket.getPeer())
+        assert isinstance(protocol, CC50ServerProtocol)
+        protocol.makeConnection(socket)
+        socket.failing = True
+        protocol.dataReceived(encode_infer(1, "hi", 1))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertGreater(socket.queued(), 0)
+        socket.failing = False
+        socket.doWrite()
+        self.assertEqual(terminal_frames(socket.sentFrames(), 1)[0].type, MessageType.RESP_DONE)
+        self.assertEqual(factory.metrics.registry.get_sample_value("cc50_requests_total", {"outcome": "done"}), 1)
