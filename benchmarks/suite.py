@@ -90,6 +90,16 @@ def server_cpu(server: ServerProcess) -> float:
         return math.nan
 
 
+def server_cpu_ns(server: ServerProcess) -> float:
+    """
+    ``server_cpu`` from the threads' schedstat, in ns: a round of a few
+    hundred requests is a few clock ticks, too coarse to tell servers apart.
+    Clock ticks where the kernel keeps no schedstat.
+    """
+    seconds = server.thread_cpu_seconds()
+    return server_cpu(server) if math.isnan(seconds) else seconds
+
+
 def _call(pipe: Any, function: Callable[..., Any], args: tuple[Any, ...]) -> None:
     try:
         result = function(*args)
@@ -322,9 +332,9 @@ def round_trip_floor(options: dict[str, Any], directory: Path) -> dict[str, Any]
                 server = servers[name]
                 address = server.socket_address
                 assert isinstance(address, tuple)
-                before = server_cpu(server)
+                before = server_cpu_ns(server)
                 latencies = bench_core.raw_round_trips(address, requests, warmup)
-                cpuSeconds[name] += server_cpu(server) - before
+                cpuSeconds[name] += server_cpu_ns(server) - before
                 samples[name] += latencies
                 figures[name] = summarize(latencies).p50
             perRound.append(figures)
@@ -364,7 +374,8 @@ def round_trip_floor(options: dict[str, Any], directory: Path) -> dict[str, Any]
 def round_trip_floor_table(result: dict[str, Any]) -> list[str]:
     lines = [
         f"round trip against the floor: raw-socket 1-token requests, one connection, sequential; "
-        f"{result['rounds']} rounds x {result['requests_per_round']} requests per server, order rotating (µs); "
+        f"{result['rounds']} rounds x {result['requests_per_round']} measured + {result['warmup_per_round']} warm-up "
+        f"requests per server, order rotating (µs); "
         + ("client on one CPU, servers on another" if result.get("pinned") else "not pinned to CPUs"),
         f"  {'server':<15}{'p50':>8}{'p99':>9}{'mean':>8}{'server CPU':>12}{'x floor':>9}{'median round':>14}"
         f"{'x sendnow':>11}{'log lines':>11}  what",

@@ -14,8 +14,8 @@ Only a transport that is a ``FileDescriptor`` (TCP and unix sockets) is sent
 on directly: its ``doWrite`` is known to take a socket that is not writable
 (it sends nothing and stays registered for writing) and a failed send (the
 error comes back and the reactor, polling the socket again, ends the
-connection).  Any other transport (TLS, a wrapper, a test's) is left to
-send when the reactor gets to it, as before.
+connection).  Any other transport (TLS, the ``haproxy:`` wrapper, a
+test's) is left to send when the reactor gets to it, as before.
 """
 
 from __future__ import annotations

@@ -360,7 +360,16 @@ class CC50ServerProtocol(CC50Receiver):
                             self._sendNow()
                     return
         self._sentNowUpTo = self.bytesSent
-        CC50Receiver.dataReceived(self, data)
+        if self._sendNow is not None and len(data) >= HEADER_SIZE and HEADER.unpack_from(data)[5] + HEADER_SIZE == len(data):
+            # One frame (a request with options, say): as on the path above,
+            # the terminal frame it earns leaves before the request is recorded.
+            self._terminalLeavesAtOnce = True
+            try:
+                CC50Receiver.dataReceived(self, data)
+            finally:
+                self._terminalLeavesAtOnce = False
+        else:
+            CC50Receiver.dataReceived(self, data)
         if self.bytesSent != self._sentNowUpTo and self._sendNow is not None:
             # Every reply this read wrote, in one send (``cc50tw.sendnow``).
             self._sendNow()

@@ -27,6 +27,7 @@ from twisted.trial.unittest import TestCase
 
 from cc50tw.backends.toy import build as buildToy
 from cc50tw.codec import Frame, FrameDecoder, MessageType, encode_credit, encode_hello, encode_infer
+from cc50tw.generation import GenerationOptions
 from cc50tw.interfaces import GenerationResult, ImmediateAnswer
 from cc50tw.sendnow import sendNowFor
 from cc50tw.server import CC50ServerFactory, CC50ServerProtocol, ServerConfig
@@ -191,6 +192,34 @@ class ServerSendsInTheReadTests(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         protocol.dataReceived(encode_infer(2, "hi", 1))
         self.assertEqual(sentWhenLogged, [2])
+
+    def test_loneRequestWithOptionsSentBeforeTheLogLine(self) -> None:
+        """
+        A read of one REQ_INFER carrying options (which the one-step decode
+        leaves to the receiver's loop) is answered before its log line too.
+        (The new-user review found it logged first.)  A read of two still
+        makes one send, after both lines.
+        """
+        backend = ImmediateBackend(plainAnswer([" a"]))
+        backend.generationOptions = frozenset({"seed"})
+        _, protocol, socket = serve(backend)
+        sentWhenLogged: dict[int, int] = {}
+
+        def see(event: dict[str, Any]) -> None:
+            if "request" in str(event.get("log_format", "")) and event.get("req_id") is not None:
+                sentWhenLogged[event["req_id"]] = len(socket.sends)
+
+        observer = cast(ILogObserver, see)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        protocol.dataReceived(encode_infer(7, "hi", 1))
+        protocol.dataReceived(encode_infer(8, "hi", 1, options=GenerationOptions(seed=1)))
+        self.assertEqual(sentWhenLogged, {7: 1, 8: 2})
+        protocol.dataReceived(encode_infer(9, "hi", 1, options=GenerationOptions(seed=2)) + encode_infer(10, "hi", 1))
+        self.assertEqual(sentWhenLogged, {7: 1, 8: 2, 9: 2, 10: 2})
+        self.assertEqual(len(socket.sends), 3)
+        done = [f.req_id for f in socket.sentFrames() if f.type == MessageType.RESP_DONE]
+        self.assertEqual(done, [7, 8, 9, 10])
 
     def test_pipelinedReadOneSend(self) -> None:
         """Many requests in one read: every answer, in order, in a single send at the read's end."""
