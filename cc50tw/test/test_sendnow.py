@@ -114,6 +114,19 @@ class SendNowForTests(TestCase):
 
 
 class ServerSendsInTheReadTests(TestCase):
+    def sendsWhenLogged(self, socket: SocketDouble) -> dict[int, int]:
+        """req_id -> sends the socket had made when that request's log line was made, kept as the test runs."""
+        sendsSoFar: dict[int, int] = {}
+
+        def see(event: dict[str, Any]) -> None:
+            if "request" in str(event.get("log_format", "")) and event.get("req_id") is not None:
+                sendsSoFar[event["req_id"]] = len(socket.sends)
+
+        observer = cast(ILogObserver, see)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        return sendsSoFar
+
     def test_oneRequestOneSend(self) -> None:
         """A lone request's whole answer has left, in one send, when dataReceived returns."""
         _, protocol, socket = serve(ImmediateBackend(plainAnswer([" a", " b"])))
@@ -127,18 +140,10 @@ class ServerSendsInTheReadTests(TestCase):
     def test_sentBeforeTheLogLine(self) -> None:
         """With the request log on, the answer is on the socket before its log line is made."""
         _, protocol, socket = serve(ImmediateBackend(plainAnswer([" a"])))
-        sentWhenLogged: list[int] = []
-
-        def see(event: dict[str, Any]) -> None:
-            if "request" in str(event.get("log_format", "")) and event.get("req_id") == 7:
-                sentWhenLogged.append(len(socket.sends))
-
-        observer = cast(ILogObserver, see)
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        sentWhenLogged = self.sendsWhenLogged(socket)
         protocol.dataReceived(encode_infer(1, "first", 1))  # a connection's first read takes the receiver's loop
         protocol.dataReceived(encode_infer(7, "hi", 1))
-        self.assertEqual(sentWhenLogged, [2])
+        self.assertEqual(sentWhenLogged, {1: 1, 7: 2})
 
     def test_sentBeforeTheMetricsRecord(self) -> None:
         """Quiet, the answer is on the socket before the metrics keep its record."""
@@ -164,34 +169,18 @@ class ServerSendsInTheReadTests(TestCase):
         going through the receiver's loop, its line made before the send.)
         """
         _, protocol, socket = serve(ImmediateBackend(plainAnswer([" a"])))
-        sentWhenLogged: list[int] = []
-
-        def see(event: dict[str, Any]) -> None:
-            if "request" in str(event.get("log_format", "")) and event.get("req_id") == 7:
-                sentWhenLogged.append(len(socket.sends))
-
-        observer = cast(ILogObserver, see)
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        sentWhenLogged = self.sendsWhenLogged(socket)
         protocol.dataReceived(encode_infer(7, "hi", 1))
-        self.assertEqual(sentWhenLogged, [1])
+        self.assertEqual(sentWhenLogged, {7: 1})
 
     def test_firstReadUnderAuthentication(self) -> None:
         """With --auth-token the first read is a HELLO; the request after it is still sent before it is recorded."""
         _, protocol, socket = serve(ImmediateBackend(plainAnswer([" a"])), auth_token=b"secret")
         protocol.dataReceived(encode_hello(b"secret"))
         self.assertEqual(len(socket.sends), 1)  # the HELLO reply, in the read
-        sentWhenLogged: list[int] = []
-
-        def see(event: dict[str, Any]) -> None:
-            if "request" in str(event.get("log_format", "")) and event.get("req_id") == 2:
-                sentWhenLogged.append(len(socket.sends))
-
-        observer = cast(ILogObserver, see)
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        sentWhenLogged = self.sendsWhenLogged(socket)
         protocol.dataReceived(encode_infer(2, "hi", 1))
-        self.assertEqual(sentWhenLogged, [2])
+        self.assertEqual(sentWhenLogged, {2: 2})
 
     def test_loneRequestWithOptionsSentBeforeTheLogLine(self) -> None:
         """
@@ -203,15 +192,7 @@ class ServerSendsInTheReadTests(TestCase):
         backend = ImmediateBackend(plainAnswer([" a"]))
         backend.generationOptions = frozenset({"seed"})
         _, protocol, socket = serve(backend)
-        sentWhenLogged: dict[int, int] = {}
-
-        def see(event: dict[str, Any]) -> None:
-            if "request" in str(event.get("log_format", "")) and event.get("req_id") is not None:
-                sentWhenLogged[event["req_id"]] = len(socket.sends)
-
-        observer = cast(ILogObserver, see)
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        sentWhenLogged = self.sendsWhenLogged(socket)
         protocol.dataReceived(encode_infer(7, "hi", 1))
         protocol.dataReceived(encode_infer(8, "hi", 1, options=GenerationOptions(seed=1)))
         self.assertEqual(sentWhenLogged, {7: 1, 8: 2})
