@@ -172,9 +172,9 @@ class CC50ServerProtocol(CC50Receiver):
         self._sendNow: Callable[[], None] | None = None
         #: ``bytesSent`` when the replies were last sent now: more than that is waiting.
         self._sentNowUpTo = 0
-        #: True while the one request a read holds is being answered: its
-        #: terminal frame is sent as soon as it is written, before the request
-        #: is recorded (the log line, the metrics), which then costs the client
+        #: True while a read of one frame is handled: the terminal frame it
+        #: earns is sent as soon as it is written, before the request is
+        #: recorded (the log line, the metrics), which then costs the client
         #: no time.
         self._terminalLeavesAtOnce = False
 
