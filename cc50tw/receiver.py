@@ -108,7 +108,7 @@ class CC50Receiver(Protocol):
             frame = decoder.whole(data)
             if frame is not None:
                 if self.transport is not None and not self.transport.disconnecting:  # type: ignore[attr-defined]
-                    self.frameReceived(frame)
+                    self.wholeFrameReceived(frame)
                 return
         try:
             while True:
@@ -129,6 +129,14 @@ class CC50Receiver(Protocol):
                 data = b""
         except ProtocolError as error:
             self.streamCorrupted(error)
+
+    def wholeFrameReceived(self, frame: Frame) -> None:
+        """
+        A read that held exactly ``frame``, nothing before or after it: a
+        peer waiting for each answer.  ``frameReceived``, unless a subclass
+        does more for such a read (the server sends its answer sooner).
+        """
+        self.frameReceived(frame)
 
     def setMaxLength(self, maxLength: int) -> None:
         """Change the frame limit, effective from the next frame (frames of the same read included)."""

@@ -360,21 +360,24 @@ class CC50ServerProtocol(CC50Receiver):
                             self._sendNow()
                     return
         self._sentNowUpTo = self.bytesSent
-        if self._sendNow is not None and len(data) >= HEADER_SIZE and HEADER.unpack_from(data)[5] + HEADER_SIZE == len(data):
-            # One frame (a request with options, say): as on the path above,
-            # the terminal frame it earns leaves before the request is recorded.
-            self._terminalLeavesAtOnce = True
-            try:
-                CC50Receiver.dataReceived(self, data)
-            finally:
-                self._terminalLeavesAtOnce = False
-        else:
-            CC50Receiver.dataReceived(self, data)
+        CC50Receiver.dataReceived(self, data)
         if self.bytesSent != self._sentNowUpTo and self._sendNow is not None:
             # Every reply this read wrote, in one send (``cc50tw.sendnow``).
             self._sendNow()
         if self._heldSize > self.MAX_LENGTH + MAX_UNSOLICITED_REPLY_BYTES:
             self._abort("it kept sending while the server could not write to it")
+
+    def wholeFrameReceived(self, frame: Frame) -> None:
+        """
+        A read of one frame that the path above does not take (a request
+        with options, say): as there, the terminal frame it earns leaves
+        before the request is recorded.
+        """
+        self._terminalLeavesAtOnce = self._sendNow is not None
+        try:
+            self.frameReceived(frame)
+        finally:
+            self._terminalLeavesAtOnce = False
 
     def frameReceived(self, frame: Frame) -> None:
         if self.state is not ConnectionState.OPEN:
