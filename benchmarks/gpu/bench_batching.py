@@ -11,7 +11,9 @@ against the card's floor, in one run.
    on, to a file) with ``cc50tw.client`` as load: 1-token round trip p50;
    64-token request p50 (one client, sequential); tokens/s of one client and
    of 16 clients (16 connections from 4 client processes, so the load
-   generator is not the limit) with 256-token requests.
+   generator is not the limit; ``--client-processes``) with 256-token
+   requests, with the share of the run each busy twistd thread ran and the
+   clients' CPU per process.
 4. The targets: the 64-token request p50 <= 1.5 x (the floor's pipelined
    chain + the 1-token round trip); 16 clients >= 8 x one client's tokens/s.
 
@@ -91,11 +93,28 @@ async def in_process(reactor: Any, streams: int, tokens: int, requests: int) -> 
         await engine.stop()
 
 
+def thread_run_times(pid: int) -> dict[str, float]:
+    """
+    Each thread's run time so far (s), by thread id and name, from
+    /proc/PID/task/*/schedstat: which of twistd's threads (the reactor, the
+    CUDA worker) is busy under a load; empty where the kernel has none.
+    """
+    times = {}
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            name = (task / "comm").read_text().strip()
+            times[f"{task.name} {name}"] = int((task / "schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError):
+        return {}
+    return times
+
+
 async def client_load(
     reactor: Any, server: Server, clients: int, requests: int, max_tokens: int, processes: int = 1
 ) -> dict[str, Any]:
     from cc50tw.bench import run_bench, run_bench_processes, shares
 
+    threadsBefore = thread_run_times(server.process.pid)
     if processes == 1:
         result = await run_bench(
             reactor, server.address, PROMPT, max_tokens, requests, concurrency=clients, connections=clients
@@ -105,6 +124,12 @@ async def client_load(
             reactor, shares(server.address, PROMPT, max_tokens, requests, clients, clients, processes)
         )
     tokens = sum(record.tokens for record in result.records)
+    threadsAfter = thread_run_times(server.process.pid)
+    busy = {
+        thread: round((threadsAfter[thread] - before) / result.wall_s, 3)
+        for thread, before in threadsBefore.items()
+        if thread in threadsAfter and result.wall_s and threadsAfter[thread] > before
+    }
     return {
         "clients": clients,
         "processes": processes,
@@ -116,20 +141,28 @@ async def client_load(
         "tokens_per_s": tokens / result.wall_s if result.wall_s else None,
         "latency_ms": summary([record.latency_ms for record in result.records], scale=1.0),
         "ttft_ms": summary([record.ttft_ms for record in result.records], scale=1.0),
+        # Share of the run's wall time each busy twistd thread ran, and the
+        # clients' CPU per client process: which side is the limit.
+        "server_thread_busy": busy,
+        "client_cpu_per_process": round(result.cpu_s / result.wall_s / processes, 3) if result.wall_s else None,
     }
 
 
-async def profiled(reactor: Any, server: Server, out: str) -> dict[str, Any]:
+async def profiled(reactor: Any, server: Server, out: str, gil: bool = False) -> dict[str, Any]:
     """
     A longer 16-client run with py-spy sampling twistd meanwhile (raw folded
-    stacks into ``out``): where the reactor's time goes under that load.
+    stacks into ``out``, by thread): where the reactor's time goes under that
+    load; with ``gil``, only samples of the thread holding the GIL, which
+    is what the reactor and the CUDA worker contend for.
     """
     import shutil
     import subprocess
 
     spy = shutil.which("py-spy") or "/tmp/cc50-site/bin/py-spy"
     command = [spy, "record", "--pid", str(server.process.pid), "--rate", "1000", "--nonblocking"]
-    command += ["--format", "raw", "--duration", "3", "-o", os.path.join(out, "twistd-pyspy.txt")]
+    command += ["--format", "raw", "--duration", "3", "--threads", "-o", os.path.join(out, "twistd-pyspy.txt")]
+    if gil:
+        command.append("--gil")
     try:
         recorder = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     except OSError as e:
@@ -144,7 +177,14 @@ async def profiled(reactor: Any, server: Server, out: str) -> dict[str, Any]:
     return run
 
 
-async def end_to_end(reactor: Any, log_dir: str, quick: bool, profile_to: str | None = None) -> dict[str, Any]:
+async def end_to_end(
+    reactor: Any,
+    log_dir: str,
+    quick: bool,
+    profile_to: str | None = None,
+    clientProcesses: int = 4,
+    profileGil: bool = False,
+) -> dict[str, Any]:
     # As a user runs it: default options, the request log on (to the log file).
     server = Server("cuda", ITERS, os.path.join(log_dir, "twistd-batching.log"), quiet=False)
     outcome: dict[str, Any] = {"command": " ".join(server.command[3:])}
@@ -157,16 +197,18 @@ async def end_to_end(reactor: Any, log_dir: str, quick: bool, profile_to: str | 
             ("one_token", 1, 400 // scale, 1, 1),
             ("request_64", 1, 200 // scale, 64, 1),
             ("one_client_256", 1, 40 // scale, 256, 1),
-            ("sixteen_clients_256", 16, 640 // scale, 256, 4),
+            ("sixteen_clients_256", 16, 640 // scale, 256, clientProcesses),
             ("one_client_64", 1, 200 // scale, 64, 1),
-            ("sixteen_clients_64", 16, 1600 // scale, 64, 4),
+            ("sixteen_clients_64", 16, 1600 // scale, 64, clientProcesses),
         ]
         for name, clients, requests, tokens, processes in plan:
             run = await client_load(reactor, server, clients, requests, tokens, processes)
             outcome[name] = run
             print(
                 f"  {name}: {run['tokens_per_s']:.0f} tokens/s, request p50 {run['latency_ms'].get('p50', 0):.3f} ms, "
-                f"TTFT p50 {run['ttft_ms'].get('p50', 0):.3f} ms, errors {run['error_count']}",
+                f"TTFT p50 {run['ttft_ms'].get('p50', 0):.3f} ms, errors {run['error_count']}, "
+                f"twistd threads busy {sorted(run['server_thread_busy'].values(), reverse=True)[:3]}, "
+                f"client CPU/process {run['client_cpu_per_process']}",
                 flush=True,
             )
         # The scaling ratio moves from run to run on a shared host: more
@@ -174,12 +216,17 @@ async def end_to_end(reactor: Any, log_dir: str, quick: bool, profile_to: str | 
         ratios = [outcome["sixteen_clients_256"]["tokens_per_s"] / outcome["one_client_256"]["tokens_per_s"]]
         for _ in range(ROUNDS - 1):
             one = await client_load(reactor, server, 1, 40 // scale, 256, 1)
-            many = await client_load(reactor, server, 16, 640 // scale, 256, 4)
+            many = await client_load(reactor, server, 16, 640 // scale, 256, clientProcesses)
             ratios.append(many["tokens_per_s"] / one["tokens_per_s"])
-            print(f"  round: {many['tokens_per_s']:.0f} / {one['tokens_per_s']:.0f} = x{ratios[-1]:.2f}", flush=True)
+            print(
+                f"  round: {many['tokens_per_s']:.0f} / {one['tokens_per_s']:.0f} = x{ratios[-1]:.2f}; "
+                f"twistd threads busy {sorted(many['server_thread_busy'].values(), reverse=True)[:3]}, "
+                f"client CPU/process {many['client_cpu_per_process']}",
+                flush=True,
+            )
         outcome["scaling_rounds_256"] = ratios
         if profile_to is not None:
-            outcome["profiled"] = await profiled(reactor, server, profile_to)
+            outcome["profiled"] = await profiled(reactor, server, profile_to, profileGil)
             print(f"  profiled: {outcome['profiled'].get('tokens_per_s')} tokens/s", flush=True)
     except Exception as e:
         outcome["failed"] = f"{type(e).__name__}: {e}"
@@ -314,7 +361,14 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     print(json.dumps(results["in_process"], indent=1), flush=True)
     save()
     print("end to end ...", flush=True)
-    results["end_to_end"] = await end_to_end(reactor, args.log_dir, args.quick, args.out if args.profile else None)
+    results["end_to_end"] = await end_to_end(
+        reactor,
+        args.log_dir,
+        args.quick,
+        args.out if args.profile or args.profile_gil else None,
+        args.client_processes,
+        args.profile_gil,
+    )
     results["targets"] = targets(results)
     save()
     report = markdown(results)
@@ -329,6 +383,10 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--log-dir", default="/tmp", help="where the twistd log goes")
     parser.add_argument("--quick", action="store_true", help="few samples: to check the script, not to measure")
     parser.add_argument("--profile", action="store_true", help="also a 16-client run under py-spy (twistd-pyspy.txt)")
+    parser.add_argument("--profile-gil", action="store_true", help="--profile, sampling only the GIL's holder")
+    parser.add_argument(
+        "--client-processes", type=int, default=4, help="processes the 16 clients' connections are spread over"
+    )
     return parser.parse_args(argv)
 
 
