@@ -10,6 +10,15 @@ leaving, measured at about 35 µs of a 1-token round trip's 190 µs on the
 queued; this gives a CC50 connection the same, for the replies one read
 produced.
 
+Replies written outside a read (the GPU's hand-overs, the bridge's tokens
+as the upstream's read delivers them, a timer's) have no read to end:
+``writeNowFor`` sends each one as it is written, when nothing is queued
+before it, as asyncio does.  Under load this matters beyond latency: a
+queued write costs the reactor two ``epoll_ctl`` calls (start and stop
+watching for writability), a poll result and a ``doWrite`` besides its
+``send``, and each of those system calls lets go of the GIL, which the GPU's
+worker thread then holds through its next burst of launches (issue 18c).
+
 Only a transport that is a ``FileDescriptor`` (TCP and unix sockets) is sent
 on directly: its ``doWrite`` is known to take a socket that is not writable
 (it sends nothing and stays registered for writing) and a failed send (the
@@ -55,3 +64,45 @@ def sendNowFor(transport: object) -> Callable[[], None] | None:
                 log.failure("sending a reply at once failed; the reactor will send it")
 
     return sendNow
+
+
+def writeNowFor(transport: object) -> Callable[[bytes], None] | None:
+    """
+    A callable that writes to ``transport`` and sends at once what the socket
+    takes, when nothing is queued before it; None for a transport that is
+    not a socket's ``FileDescriptor``.  What it relies on is
+    ``FileDescriptor.writeSomeData``'s contract: send what the socket takes
+    now, and return how much, or the error (a TCP or unix socket's is one
+    ``send``).
+    """
+    if not isinstance(transport, FileDescriptor):
+        return None
+    connection = transport
+
+    def writeNow(data: bytes) -> None:
+        # Only with nothing queued (the bytes must leave in order), the
+        # connection open and not closing (its close waits for the queue to
+        # empty, which the reactor must see) and its producer not paused.
+        if (
+            connection.connected
+            and not connection.disconnecting
+            and not connection._writeDisconnecting
+            and not connection.producerPaused
+            and not connection.dataBuffer
+            and not connection._tempDataLen
+        ):
+            try:
+                sent = connection.writeSomeData(data)
+            except Exception:
+                log.failure("sending a reply at once failed; the reactor will send it")
+                sent = 0
+            if not isinstance(sent, int) or sent < 0:
+                # The socket failed: queued, the reactor meets the same error
+                # on its next write and ends the connection as it always has.
+                sent = 0
+            if sent >= len(data):
+                return
+            data = data[sent:]
+        connection.write(data)
+
+    return writeNow

@@ -54,7 +54,7 @@ from cc50tw.immediate import AnswerNow, readAnswer, sendAnswer
 from cc50tw.interfaces import GenerationResult, IBackend, IImmediateBackend, ImmediateAnswer, InferenceRequest
 from cc50tw.metrics import ServerMetrics, requestFigures, routedModel
 from cc50tw.receiver import CC50Receiver, setTcpNoDelay
-from cc50tw.sendnow import sendNowFor
+from cc50tw.sendnow import sendNowFor, writeNowFor
 from cc50tw.stream import EndedRequest, FlowCounters, RequestStream, StreamServices
 
 SERVER_NAME = f"cc50tw/{__version__}".encode()
@@ -170,6 +170,10 @@ class CC50ServerProtocol(CC50Receiver):
         self._answeringCredit = 0
         #: Sends the replies a read wrote before the reactor turns (``cc50tw.sendnow``); None: the reactor sends them.
         self._sendNow: Callable[[], None] | None = None
+        #: Writes and sends at once what is written outside a read (``cc50tw.sendnow``); None: the reactor sends it.
+        self._writeNow: Callable[[bytes], None] | None = None
+        #: In ``dataReceived``: what it writes is sent once, when the read ends.
+        self._reading = False
         #: ``bytesSent`` when the replies were last sent now: more than that is waiting.
         self._sentNowUpTo = 0
         #: True while a read of one frame is handled: the terminal frame it
@@ -194,6 +198,7 @@ class CC50ServerProtocol(CC50Receiver):
         self._decoder = FrameDecoder(self.MAX_LENGTH)
         setTcpNoDelay(self.transport)
         self._sendNow = sendNowFor(self.transport)
+        self._writeNow = writeNowFor(self.transport)
         self.transport.registerProducer(self, True)
         if not self.factory.connectionOpened(self):
             self.rejected = True
@@ -328,6 +333,13 @@ class CC50ServerProtocol(CC50Receiver):
     def dataReceived(self, data: bytes) -> None:
         if self.state is not ConnectionState.OPEN:
             return
+        self._reading = True
+        try:
+            self._readReceived(data)
+        finally:
+            self._reading = False
+
+    def _readReceived(self, data: bytes) -> None:
         self.bytesReceived += len(data)
         if not self._peerKnown:
             self._peerKnown = True
@@ -659,7 +671,7 @@ class CC50ServerProtocol(CC50Receiver):
         self.bytesSent += HEADER_SIZE + len(data)
         # One joined write: for token-sized chunks the copy costs less than
         # the transport's handling of a second object.
-        self.transport.write(HEADER.pack(MAGIC, VERSION, MessageType.RESP_CHUNK, reqId, 0, len(data)) + data)
+        self._write(HEADER.pack(MAGIC, VERSION, MessageType.RESP_CHUNK, reqId, 0, len(data)) + data)
 
     def sendChunks(self, reqId: int, datas: list[bytes]) -> None:
         """Several chunk frames for one request in a single write: one frame each, never merged."""
@@ -670,12 +682,12 @@ class CC50ServerProtocol(CC50Receiver):
         self.bytesSent += len(data)
         # One joined write: the transport checks and queues one object rather
         # than two per frame (measured: about 0.4 µs less per frame).
-        self.transport.write(data)
+        self._write(data)
 
     def sendTerminal(self, reqId: int, frame: bytes) -> None:
         if self.state is ConnectionState.OPEN:
             self.bytesSent += len(frame)
-            self.transport.write(frame)
+            self._write(frame)
             if self._terminalLeavesAtOnce:
                 self._terminalLeavesAtOnce = False
                 self._sentNowUpTo = self.bytesSent
@@ -694,7 +706,18 @@ class CC50ServerProtocol(CC50Receiver):
 
     def sendFrame(self, frame: bytes) -> None:
         self.bytesSent += len(frame)
-        self.transport.write(frame)
+        self._write(frame)
+
+    def _write(self, data: bytes) -> None:
+        """
+        Queued in a read (the read's end sends all it wrote at once);
+        outside one, sent now where the transport allows (``cc50tw.sendnow``).
+        """
+        writeNow = self._writeNow
+        if writeNow is None or self._reading:
+            self.transport.write(data)
+        else:
+            writeNow(data)
 
     def _abort(self, why: str) -> None:
         if self.state is ConnectionState.CLOSED:

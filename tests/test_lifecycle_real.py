@@ -292,7 +292,7 @@ def test_nothing_follows_a_connection_level_error(cc50_server: StartCC50) -> Non
     """
     server = cc50_server("--toy-iters=0")
     with server.connect(timeout=5, recv_buffer=SMALL_RECV_BUFFER) as conn:
-        conn.send(encode_infer(1, "a long answer", 100_000, ALL_CREDIT))
+        conn.send(encode_infer(1, "a long answer", 1_000_000, ALL_CREDIT))  # more than any kernel buffers hold
         time.sleep(1.0)  # read nothing: the server's buffers fill and the request pauses
         conn.send(b"XXXX" + bytes(20))
         frames = conn.expect_closed(timeout=10)

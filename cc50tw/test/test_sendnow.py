@@ -1,5 +1,6 @@
 """
-Replies sent in the read that earned them (``cc50tw.sendnow``, issue 18a).
+Replies sent in the read that earned them (``cc50tw.sendnow``, issue 18a),
+and replies written outside a read sent as they are written (issue 18c).
 
 The server hands what a read's replies wrote to the socket before returning
 to the reactor, and a lone request's answer before the request is recorded.
@@ -21,6 +22,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -29,7 +31,7 @@ from cc50tw.backends.toy import build as buildToy
 from cc50tw.codec import Frame, FrameDecoder, MessageType, encode_credit, encode_hello, encode_infer
 from cc50tw.generation import GenerationOptions
 from cc50tw.interfaces import GenerationResult, ImmediateAnswer
-from cc50tw.sendnow import sendNowFor
+from cc50tw.sendnow import sendNowFor, writeNowFor
 from cc50tw.server import CC50ServerFactory, CC50ServerProtocol, ServerConfig
 from cc50tw.test.fakes import ImmediateBackend, error_code, terminal_frames
 
@@ -303,6 +305,136 @@ class ServerSendsInTheReadTests(TestCase):
         self.assertEqual(socket.sends, [])
 
 
+class WriteNowTests(TestCase):
+    """``writeNowFor``: a write sent at once when nothing is queued, else queued behind what is."""
+
+    def writeNow(self, socket: SocketDouble) -> Any:
+        writeNow = writeNowFor(socket)
+        assert writeNow is not None
+        return writeNow
+
+    def test_onlyFileDescriptors(self) -> None:
+        self.assertIsNone(writeNowFor(StringTransport()))
+        self.assertIsNone(writeNowFor(object()))
+
+    def test_sentAtOnceNotRegistered(self) -> None:
+        """A write to an idle socket is one send; the reactor is not asked to watch for writability."""
+        socket = SocketDouble(MemoryReactorClock())
+        writeNow = self.writeNow(socket)
+        writeNow(b"one")
+        writeNow(b"two")
+        self.assertEqual(socket.sends, [b"one", b"two"])
+        self.assertEqual(socket.queued(), 0)
+        self.assertNotIn(socket, socket.reactor.getWriters())
+
+    def test_partQueuedAndLaterWritesBehindIt(self) -> None:
+        """What the socket does not take is queued; later writes wait behind it, so the bytes keep their order."""
+        socket = SocketDouble(MemoryReactorClock())
+        writeNow = self.writeNow(socket)
+        socket.accept = 2
+        writeNow(b"abcdef")
+        self.assertEqual(socket.sends, [b"ab"])
+        self.assertEqual(socket.queued(), 4)
+        self.assertIn(socket, socket.reactor.getWriters())
+        socket.accept = None
+        writeNow(b"gh")
+        self.assertEqual(socket.sends, [b"ab"], "sent ahead of the queued bytes")
+        socket.doWrite()
+        self.assertEqual(b"".join(socket.sends), b"abcdefgh")
+        self.assertNotIn(socket, socket.reactor.getWriters())
+
+    def test_socketTakesNothing(self) -> None:
+        socket = SocketDouble(MemoryReactorClock())
+        socket.accept = 0
+        self.writeNow(socket)(b"abc")
+        self.assertEqual(socket.queued(), 3)
+        self.assertIn(socket, socket.reactor.getWriters())
+
+    def test_failedSendQueuedForTheReactor(self) -> None:
+        """A send that fails leaves the bytes queued and the socket watched: the reactor meets the error and closes."""
+        socket = SocketDouble(MemoryReactorClock())
+        socket.failing = True
+        self.writeNow(socket)(b"abc")
+        self.assertEqual(socket.queued(), 3)
+        self.assertIn(socket, socket.reactor.getWriters())
+        self.assertIs(socket.doWrite(), main.CONNECTION_LOST)
+
+    def test_raisingSendLoggedAndQueued(self) -> None:
+        socket = RaisingSocket(MemoryReactorClock())
+        socket.failing = True
+        self.writeNow(socket)(b"abc")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(socket.queued(), 3)
+
+    def test_notWhileClosingPausedHalfClosedOrGone(self) -> None:
+        """Closing, half-closed or paused the bytes are queued (the reactor's doWrite must see them); gone, dropped."""
+        for state in ("disconnecting", "_writeDisconnecting", "producerPaused", "disconnected"):
+            socket = SocketDouble(MemoryReactorClock())
+            if state == "disconnected":
+                socket.connected = 0
+            else:
+                setattr(socket, state, True)
+            self.writeNow(socket)(b"abc")
+            self.assertEqual(socket.sends, [], state)
+            self.assertEqual(socket.queued(), 0 if state == "disconnected" else 3, state)
+
+
+class ServerWritesOutsideAReadTests(TestCase):
+    """A stream's writes outside a read (a backend's later tokens) leave as they are written."""
+
+    def test_laterTokensSentAsWritten(self) -> None:
+        backend = ImmediateBackend(None)
+        _, protocol, socket = serve(backend)
+        protocol.dataReceived(encode_infer(4, "p", 3))
+        stream = backend.streams[4]
+        stream.write(" a")
+        self.assertEqual(len(socket.sends), 1)
+        stream.write(" b")
+        stream.finish(generated_tokens=2)
+        self.assertEqual(socket.queued(), 0)
+        self.assertNotIn(socket, socket.reactor.getWriters())
+        frames = socket.sentFrames()
+        self.assertEqual([f.type for f in frames], [MessageType.RESP_CHUNK] * 2 + [MessageType.RESP_DONE])
+        self.assertEqual([f.payload for f in frames[:2]], [b" a", b" b"])
+
+    def test_inAReadQueuedUntilItEnds(self) -> None:
+        """Writes a read causes (here: credit that lets held text go) still leave in one send at the read's end."""
+        backend = ImmediateBackend(None)
+        _, protocol, socket = serve(backend)
+        protocol.dataReceived(encode_infer(4, "p", 3, credit_bytes=1))
+        stream = backend.streams[4]
+        stream.write(" abc")
+        sendsBefore = len(socket.sends)
+        writes: list[int] = []
+        original = socket.writeSomeData
+
+        def counted(data: bytes) -> Any:
+            writes.append(len(data))
+            return original(data)
+
+        socket.writeSomeData = counted  # type: ignore[method-assign]
+        protocol.dataReceived(encode_credit(4, 10) + encode_credit(4, 10))
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(len(socket.sends), sendsBefore + 1)
+        self.assertEqual(b"".join(f.payload for f in socket.sentFrames()), b" abc")
+
+    def test_pausedTransportQueuesThenResumes(self) -> None:
+        """While the transport has paused the connection, writes queue; its own doWrite sends them in order."""
+        backend = ImmediateBackend(None)
+        _, protocol, socket = serve(backend)
+        protocol.dataReceived(encode_infer(4, "p", 1000))
+        stream = backend.streams[4]
+        socket.accept = 0
+        socket.bufferSize = 8
+        stream.write(" " + "x" * 40)  # queued whole, past bufferSize: the transport pauses its producer
+        self.assertTrue(socket.producerPaused)
+        socket.accept = None
+        stream.write(" y")
+        self.assertEqual(socket.sends, [b""], "sent while paused")
+        socket.doWrite()
+        self.assertEqual(b"".join(f.payload for f in socket.sentFrames()), b" " + b"x" * 40 + b" y")
+
+
 class _Collect(Protocol):
     """A client that keeps what it reads until a RESP_DONE arrives."""
 
@@ -357,6 +489,43 @@ class RealSocketTests(TestCase):
         self.assertEqual(factory.counters.answeredAtOnce, 1)
         done = [f for f in FrameDecoder(1 << 30).feed(client.data) if isinstance(f, Frame)]
         self.assertEqual([f.type for f in done], [MessageType.RESP_CHUNK] * 2 + [MessageType.RESP_DONE])
+
+
+    async def test_laterTokensLeftTheServerAsWritten(self) -> None:
+        """Written outside a read, on a real socket, a token is sent by the write itself: nothing is left queued."""
+        from twisted.internet import reactor
+
+        backend = ImmediateBackend(None)
+        factory = CC50ServerFactory(backend, ServerConfig(log_requests=False))
+        servers: list[CC50ServerProtocol] = []
+
+        class Kept(CC50ServerProtocol):
+            def connectionMade(self) -> None:
+                super().connectionMade()
+                servers.append(self)
+
+        factory.protocol = Kept  # type: ignore[assignment]
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        client = _Collect()
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(Factory.forProtocol(lambda: client))
+        assert client.transport is not None
+        client.transport.write(encode_infer(1, "hi", 5))
+        while 1 not in backend.streams:
+            await deferLater(reactor, 0.001, lambda: None)
+        transport: Any = servers[0].transport  # a tcp.Server
+        queued = []
+        for text in (" a", " b"):
+            backend.streams[1].write(text)
+            queued.append(len(transport.dataBuffer) - transport.offset + transport._tempDataLen)
+            queued.append(transport in reactor.getWriters())  # type: ignore[attr-defined]
+        backend.streams[1].finish(generated_tokens=2)
+        await client.answered
+        self.assertEqual(queued, [0, False, 0, False])
+        frames = [f for f in FrameDecoder(1 << 30).feed(client.data) if isinstance(f, Frame)]
+        self.assertEqual([f.payload for f in frames[:2]], [b" a", b" b"])
+        client.transport.loseConnection()
+        await client.lost
 
 
 class RaisingSocket(SocketDouble):
