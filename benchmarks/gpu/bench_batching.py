@@ -315,8 +315,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"End to end: `{e2e.get('command', '')}`, cc50tw.client as load:",
         "",
         "| run | clients | client processes | max_tokens | requests | tokens/s | request p50 ms | p99 ms | TTFT p50 ms "
-        "| errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| errors | twistd threads busy | client CPU / process |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for name, run in e2e.items():
         if isinstance(run, dict) and "latency_ms" in run and name != "profiled":  # (rounds: see the targets)
@@ -324,7 +324,9 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {run['clients']} | {run['processes']} | {run['max_tokens']} | {run['completed']} | "
                 f"{run['tokens_per_s']:,.0f} | {lat.get('p50', 0):.3f} | {lat.get('p99', 0):.3f} | "
-                f"{run['ttft_ms'].get('p50', 0):.3f} | {run['error_count']} |"
+                f"{run['ttft_ms'].get('p50', 0):.3f} | {run['error_count']} | "
+                f"{', '.join(f'{busy:.2f}' for busy in sorted(run.get('server_thread_busy', {}).values(), reverse=True)[:2])} | "
+                f"{run.get('client_cpu_per_process') or ''} |"
             )
     if "failed" in e2e:
         lines.append(f"\nEnd to end failed: {e2e['failed']}")
