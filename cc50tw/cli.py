@@ -80,7 +80,7 @@ def _parser() -> _Parser:
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
-            "--server", type=_server, default=DEFAULT_SERVER, help="endpoint (tcp:HOST:PORT, unix:PATH) or HOST:PORT"
+            "--server", type=_server, default=DEFAULT_SERVER, help="endpoint (tcp:HOST:PORT, unix:PATH, tls:HOST:PORT:trustRoots=DIR) or HOST:PORT"
         )
         sub.add_argument("--prompt", default="Hello", help="prompt text")
         sub.add_argument("--max-tokens", type=_u32, default=0, help="tokens to generate (0 = server default)")
@@ -195,7 +195,7 @@ def _parser() -> _Parser:
 
     models = commands.add_parser("models", help="list the models a server serves (and the options it honours)")
     models.add_argument(
-        "--server", type=_server, default=DEFAULT_SERVER, help="endpoint (tcp:HOST:PORT, unix:PATH) or HOST:PORT"
+        "--server", type=_server, default=DEFAULT_SERVER, help="endpoint (tcp:HOST:PORT, unix:PATH, tls:HOST:PORT:trustRoots=DIR) or HOST:PORT"
     )
     models.add_argument("--auth-token-file", help="file holding the server's shared token (sent in HELLO)")
     models.add_argument(
