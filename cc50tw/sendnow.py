@@ -11,13 +11,16 @@ queued; this gives a CC50 connection the same, for the replies one read
 produced.
 
 Replies written outside a read (the GPU's hand-overs, the bridge's tokens
-as the upstream's read delivers them, a timer's) have no read to end:
-``writeNowFor`` sends each one as it is written, when nothing is queued
-before it, as asyncio does.  Under load this matters beyond latency: a
-queued write costs the reactor two ``epoll_ctl`` calls (start and stop
-watching for writability), a poll result and a ``doWrite`` besides its
-``send``, and each of those system calls lets go of the GIL, which the GPU's
-worker thread then holds through its next burst of launches (issue 18c).
+as the upstream's read delivers them, a timer's) have no read to end: a
+connection gathers them, and ``SendAtPassEnd`` sends each connection's in
+one ``writeNowFor`` call at the end of the reactor's pass (a ``callLater(0)``
+shared by every connection), when nothing is queued before them.  Under load
+this matters beyond latency: a queued write costs the reactor two
+``epoll_ctl`` calls (start and stop watching for writability), a poll
+result and a ``doWrite`` besides its ``send``, and each of those system
+calls lets go of the GIL, which the GPU's worker thread then holds through
+its next burst of launches (issue 18c).  Gathering first keeps a connection
+that carries many requests at one send per pass, not one per token.
 
 Only a transport that is a ``FileDescriptor`` (TCP and unix sockets) is sent
 on directly: its ``doWrite`` is known to take a socket that is not writable
@@ -32,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 log = Logger()
@@ -106,3 +110,34 @@ def writeNowFor(transport: object) -> Callable[[bytes], None] | None:
         connection.write(data)
 
     return writeNow
+
+
+class SendAtPassEnd:
+    """
+    Calls each ``send`` it is given once, at the end of the reactor's
+    current pass: one ``callLater(0)`` for every connection that wrote
+    outside a read meanwhile.  Twisted runs a ``callLater(0)`` made while it
+    runs thread calls (the GPU's hand-overs) in the same pass, and one made
+    while it handles I/O (the bridge's upstream reads) before it polls
+    again, so nothing waits for a poll.
+    """
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        self._reactor = reactor
+        self._sends: list[Callable[[], None]] = []
+        self._call: IDelayedCall | None = None
+
+    def add(self, send: Callable[[], None]) -> None:
+        self._sends.append(send)
+        if self._call is None:
+            self._call = self._reactor.callLater(0, self._sendAll)
+
+    def _sendAll(self) -> None:
+        self._call = None
+        sends, self._sends = self._sends, []
+        for send in sends:
+            try:
+                send()
+            except Exception:
+                # One connection's failure must not keep the others' replies back.
+                log.failure("sending replies written outside a read failed")

@@ -54,7 +54,7 @@ from cc50tw.immediate import AnswerNow, readAnswer, sendAnswer
 from cc50tw.interfaces import GenerationResult, IBackend, IImmediateBackend, ImmediateAnswer, InferenceRequest
 from cc50tw.metrics import ServerMetrics, requestFigures, routedModel
 from cc50tw.receiver import CC50Receiver, setTcpNoDelay
-from cc50tw.sendnow import sendNowFor, writeNowFor
+from cc50tw.sendnow import SendAtPassEnd, sendNowFor, writeNowFor
 from cc50tw.stream import EndedRequest, FlowCounters, RequestStream, StreamServices
 
 SERVER_NAME = f"cc50tw/{__version__}".encode()
@@ -172,6 +172,8 @@ class CC50ServerProtocol(CC50Receiver):
         self._sendNow: Callable[[], None] | None = None
         #: Writes and sends at once what is written outside a read (``cc50tw.sendnow``); None: the reactor sends it.
         self._writeNow: Callable[[bytes], None] | None = None
+        #: What was written outside a read this reactor pass, sent at its end in one ``_writeNow``.
+        self._outgoing: list[bytes] = []
         #: In ``dataReceived``: what it writes is sent once, when the read ends.
         self._reading = False
         #: ``bytesSent`` when the replies were last sent now: more than that is waiting.
@@ -212,6 +214,7 @@ class CC50ServerProtocol(CC50Receiver):
         # restart the idle timer (Protocol.connected is never reset).
         self.state = ConnectionState.CLOSED
         self._abandonStreams()
+        self._outgoing = []
         self._stopIdleClock()
         if self._abortTimer is not None:
             if self._abortTimer.active():
@@ -276,6 +279,7 @@ class CC50ServerProtocol(CC50Receiver):
         self._stopIdleClock()
         self.discardInput()
         self._abandonStreams()
+        self._queueOutgoing()  # what was written goes before the FIN
         self.transport.unregisterProducer()
         self.transport.loseConnection()
         delay = self.factory.config.stall_timeout if abortAfter is None else abortAfter
@@ -325,7 +329,7 @@ class CC50ServerProtocol(CC50Receiver):
         # FileDescriptor keeps its buffer in ``dataBuffer`` (from ``offset``)
         # and ``_tempDataLen``; other transports may have neither.
         buffered = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
-        buffered += getattr(transport, "_tempDataLen", 0)
+        buffered += getattr(transport, "_tempDataLen", 0) + sum(map(len, self._outgoing))
         return buffered + sum(stream.pendingBytes for stream in self.streams.values())
 
     # Receiving -------------------------------------------------------------
@@ -711,13 +715,32 @@ class CC50ServerProtocol(CC50Receiver):
     def _write(self, data: bytes) -> None:
         """
         Queued in a read (the read's end sends all it wrote at once);
-        outside one, sent now where the transport allows (``cc50tw.sendnow``).
+        outside one, gathered and sent at the end of the reactor's pass,
+        where the transport allows (``cc50tw.sendnow``).
         """
-        writeNow = self._writeNow
-        if writeNow is None or self._reading:
+        if self._writeNow is None:
+            self.transport.write(data)
+        elif self._reading:
+            if self._outgoing:  # written before this read: it goes first
+                self._queueOutgoing()
             self.transport.write(data)
         else:
-            writeNow(data)
+            outgoing = self._outgoing
+            outgoing.append(data)
+            if len(outgoing) == 1:
+                self.factory.sendAtPassEnd.add(self._sendOutgoing)
+
+    def _sendOutgoing(self) -> None:
+        outgoing = self._outgoing
+        if outgoing and self._writeNow is not None:
+            self._outgoing = []
+            self._writeNow(outgoing[0] if len(outgoing) == 1 else b"".join(outgoing))
+
+    def _queueOutgoing(self) -> None:
+        """What was gathered outside a read, into the transport's queue, ahead of whatever follows."""
+        outgoing, self._outgoing = self._outgoing, []
+        if outgoing:
+            self.transport.write(b"".join(outgoing))
 
     def _abort(self, why: str) -> None:
         if self.state is ConnectionState.CLOSED:
@@ -726,6 +749,7 @@ class CC50ServerProtocol(CC50Receiver):
         self.state = ConnectionState.CLOSING
         self.discardInput()
         self._abandonStreams()
+        self._outgoing = []
         self.transport.abortConnection()
 
     def streamEnded(self, stream: RequestStream) -> None:
@@ -862,6 +886,8 @@ class CC50ServerFactory(Factory):
         self.reactor: IReactorTime = reactor
         self.clock: Callable[[], float] = clock or (time.monotonic if _isRealReactor(reactor) else reactor.seconds)
         self.admission = Admission(self.config.max_concurrency, self.config.max_queue)
+        #: Sends, at the end of each reactor pass, what connections wrote outside a read.
+        self.sendAtPassEnd = SendAtPassEnd(reactor)
         self.connections: set[CC50ServerProtocol] = set()
         self.counters = FlowCounters()
         self.bytesSent = 0

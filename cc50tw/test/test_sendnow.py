@@ -31,7 +31,7 @@ from cc50tw.backends.toy import build as buildToy
 from cc50tw.codec import Frame, FrameDecoder, MessageType, encode_credit, encode_hello, encode_infer
 from cc50tw.generation import GenerationOptions
 from cc50tw.interfaces import GenerationResult, ImmediateAnswer
-from cc50tw.sendnow import sendNowFor, writeNowFor
+from cc50tw.sendnow import SendAtPassEnd, sendNowFor, writeNowFor
 from cc50tw.server import CC50ServerFactory, CC50ServerProtocol, ServerConfig
 from cc50tw.test.fakes import ImmediateBackend, error_code, terminal_frames
 
@@ -379,23 +379,110 @@ class WriteNowTests(TestCase):
             self.assertEqual(socket.queued(), 0 if state == "disconnected" else 3, state)
 
 
-class ServerWritesOutsideAReadTests(TestCase):
-    """A stream's writes outside a read (a backend's later tokens) leave as they are written."""
+def clockOf(socket: SocketDouble) -> MemoryReactorClock:
+    reactor = socket.reactor
+    assert isinstance(reactor, MemoryReactorClock)
+    return reactor
 
-    def test_laterTokensSentAsWritten(self) -> None:
+
+class ServerWritesOutsideAReadTests(TestCase):
+    """
+    A stream's writes outside a read (a backend's later tokens) are
+    gathered per connection and leave at the end of the reactor's pass, in
+    one send per connection.
+    """
+
+    def test_laterTokensSentAtPassEnd(self) -> None:
         backend = ImmediateBackend(None)
         _, protocol, socket = serve(backend)
         protocol.dataReceived(encode_infer(4, "p", 3))
         stream = backend.streams[4]
         stream.write(" a")
-        self.assertEqual(len(socket.sends), 1)
         stream.write(" b")
+        self.assertEqual(socket.sends, [], "sent before the pass ended")
+        self.assertEqual(protocol.queuedBytes, 2 * 26)
+        clockOf(socket).advance(0)
+        self.assertEqual(len(socket.sends), 1)
         stream.finish(generated_tokens=2)
+        clockOf(socket).advance(0)
+        self.assertEqual(len(socket.sends), 2)
         self.assertEqual(socket.queued(), 0)
         self.assertNotIn(socket, socket.reactor.getWriters())
         frames = socket.sentFrames()
         self.assertEqual([f.type for f in frames], [MessageType.RESP_CHUNK] * 2 + [MessageType.RESP_DONE])
         self.assertEqual([f.payload for f in frames[:2]], [b" a", b" b"])
+
+    def test_manyRequestsOneConnectionOneSend(self) -> None:
+        """Sixty-four requests' tokens written in one pass leave in one send, not one per token."""
+        backend = ImmediateBackend(None)
+        _, protocol, socket = serve(backend)
+        protocol.dataReceived(b"".join(encode_infer(n, "p", 3) for n in range(1, 65)))
+        sendsBefore = len(socket.sends)
+        for n in range(1, 65):
+            backend.streams[n].write(f" {n}")
+        clockOf(socket).advance(0)
+        self.assertEqual(len(socket.sends), sendsBefore + 1)
+        chunks = [f for f in socket.sentFrames() if f.type == MessageType.RESP_CHUNK]
+        self.assertEqual([(f.req_id, f.payload) for f in chunks], [(n, f" {n}".encode()) for n in range(1, 65)])
+
+    def test_manyConnectionsOneCall(self) -> None:
+        """Every connection that wrote in a pass is sent by one delayed call at its end."""
+        reactor = MemoryReactorClock()
+        backend = ImmediateBackend(None)
+        factory = CC50ServerFactory(backend, ServerConfig(), reactor)  # type: ignore[arg-type]
+        sockets = []
+        for n in range(1, 4):
+            socket = SocketDouble(reactor)
+            protocol = factory.buildProtocol(socket.getPeer())
+            assert isinstance(protocol, CC50ServerProtocol)
+            protocol.makeConnection(socket)
+            protocol.dataReceived(encode_infer(n, "p", 3))
+            sockets.append(socket)
+        callsBefore = len(reactor.getDelayedCalls())
+        for n in range(1, 4):
+            backend.streams[n].write(" t")
+        self.assertEqual(len(reactor.getDelayedCalls()), callsBefore + 1)
+        reactor.advance(0)
+        self.assertEqual([len(socket.sends) for socket in sockets], [1, 1, 1])
+
+    def test_writtenBeforeAReadGoesFirst(self) -> None:
+        """
+        Tokens gathered outside a read, then a read whose replies are written
+        before the pass ends: the gathered ones are on the wire first, and
+        the read's end sends both.
+        """
+        backend = ImmediateBackend(None)
+        _, protocol, socket = serve(backend)
+        protocol.dataReceived(encode_infer(4, "p", 5, credit_bytes=2))
+        stream = backend.streams[4]
+        stream.write(" a")  # within the window: gathered
+        stream.write(" held")  # beyond it: held by the stream for credit
+        protocol.dataReceived(encode_credit(4, 100))  # releases " held" inside the read
+        self.assertEqual(b"".join(f.payload for f in socket.sentFrames()), b" a held")
+        clockOf(socket).advance(0)
+        self.assertEqual(b"".join(f.payload for f in socket.sentFrames()), b" a held")
+
+    def test_closeSendsWhatWasGatheredFirst(self) -> None:
+        """A graceful close queues what was gathered ahead of the FIN."""
+        backend = ImmediateBackend(None)
+        _, protocol, socket = serve(backend)
+        protocol.dataReceived(encode_infer(4, "p", 5))
+        backend.streams[4].write(" last")
+        protocol.close()
+        self.assertEqual(socket.queued(), 24 + 5)
+        clockOf(socket).advance(0)
+        socket.doWrite()
+        self.assertEqual([f.payload for f in socket.sentFrames() if f.type == MessageType.RESP_CHUNK], [b" last"])
+
+    def test_abortDropsWhatWasGathered(self) -> None:
+        backend = ImmediateBackend(None)
+        _, protocol, socket = serve(backend)
+        protocol.dataReceived(encode_infer(4, "p", 5))
+        backend.streams[4].write(" gone")
+        protocol._abort("a test")
+        clockOf(socket).advance(0)
+        self.assertEqual(socket.sends, [])
+        self.assertEqual(protocol.queuedBytes, 0)
 
     def test_inAReadQueuedUntilItEnds(self) -> None:
         """Writes a read causes (here: credit that lets held text go) still leave in one send at the read's end."""
@@ -404,6 +491,7 @@ class ServerWritesOutsideAReadTests(TestCase):
         protocol.dataReceived(encode_infer(4, "p", 3, credit_bytes=1))
         stream = backend.streams[4]
         stream.write(" abc")
+        clockOf(socket).advance(0)
         sendsBefore = len(socket.sends)
         writes: list[int] = []
         original = socket.writeSomeData
@@ -426,13 +514,46 @@ class ServerWritesOutsideAReadTests(TestCase):
         stream = backend.streams[4]
         socket.accept = 0
         socket.bufferSize = 8
-        stream.write(" " + "x" * 40)  # queued whole, past bufferSize: the transport pauses its producer
+        stream.write(" " + "x" * 40)
+        clockOf(socket).advance(0)  # queued whole, past bufferSize: the transport pauses its producer
         self.assertTrue(socket.producerPaused)
         socket.accept = None
         stream.write(" y")
+        clockOf(socket).advance(0)
         self.assertEqual(socket.sends, [b""], "sent while paused")
         socket.doWrite()
         self.assertEqual(b"".join(f.payload for f in socket.sentFrames()), b" " + b"x" * 40 + b" y")
+
+
+class SendAtPassEndTests(TestCase):
+    def test_oneCallPerPassAndEachSendOnce(self) -> None:
+        reactor = MemoryReactorClock()
+        passEnd = SendAtPassEnd(reactor)
+        sent: list[str] = []
+        passEnd.add(lambda: sent.append("a"))
+        passEnd.add(lambda: sent.append("b"))
+        self.assertEqual(len(reactor.getDelayedCalls()), 1)
+        reactor.advance(0)
+        self.assertEqual(sent, ["a", "b"])
+        reactor.advance(0)
+        self.assertEqual(sent, ["a", "b"])
+        passEnd.add(lambda: sent.append("c"))
+        reactor.advance(0)
+        self.assertEqual(sent, ["a", "b", "c"])
+
+    def test_aFailingSendDoesNotKeepTheOthersBack(self) -> None:
+        reactor = MemoryReactorClock()
+        passEnd = SendAtPassEnd(reactor)
+        sent: list[str] = []
+
+        def fails() -> None:
+            raise RuntimeError("a broken connection")
+
+        passEnd.add(fails)
+        passEnd.add(lambda: sent.append("b"))
+        reactor.advance(0)
+        self.assertEqual(sent, ["b"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
 class _Collect(Protocol):
@@ -492,7 +613,7 @@ class RealSocketTests(TestCase):
 
 
     async def test_laterTokensLeftTheServerAsWritten(self) -> None:
-        """Written outside a read, on a real socket, a token is sent by the write itself: nothing is left queued."""
+        """Written outside a read, on a real socket, a token leaves at the pass's end, never queued for the reactor."""
         from twisted.internet import reactor
 
         backend = ImmediateBackend(None)
@@ -514,14 +635,23 @@ class RealSocketTests(TestCase):
         while 1 not in backend.streams:
             await deferLater(reactor, 0.001, lambda: None)
         transport: Any = servers[0].transport  # a tcp.Server
+        watched: list[int] = []
+        startWriting = transport.startWriting
+
+        def counted() -> None:
+            watched.append(1)
+            startWriting()
+
+        transport.startWriting = counted  # registering for writability: what sending at once avoids
         queued = []
         for text in (" a", " b"):
             backend.streams[1].write(text)
+            await deferLater(reactor, 0, lambda: None)  # the pass ends
             queued.append(len(transport.dataBuffer) - transport.offset + transport._tempDataLen)
-            queued.append(transport in reactor.getWriters())  # type: ignore[attr-defined]
         backend.streams[1].finish(generated_tokens=2)
         await client.answered
-        self.assertEqual(queued, [0, False, 0, False])
+        self.assertEqual(queued, [0, 0])
+        self.assertEqual(watched, [])
         frames = [f for f in FrameDecoder(1 << 30).feed(client.data) if isinstance(f, Frame)]
         self.assertEqual([f.payload for f in frames[:2]], [b" a", b" b"])
         client.transport.loseConnection()
