@@ -92,6 +92,11 @@ MAX_HELLO_BYTES = 4096
 #: delivering data regardless can reach it.
 MAX_UNSOLICITED_REPLY_BYTES = 64 * 1024
 
+#: Most bytes a connection gathers outside a read before it hands them to the
+#: transport without waiting for the pass's end (``cc50tw.sendnow``): Twisted's
+#: socket buffer size, past which the transport pauses the connection.
+MAX_GATHERED_BYTES = 64 * 1024
+
 #: Dropped frames logged per connection; the rest are counted (``cc50_frames_dropped_total``).
 LOGGED_DROPS_PER_CONNECTION = 5
 
@@ -174,6 +179,7 @@ class CC50ServerProtocol(CC50Receiver):
         self._writeNow: Callable[[bytes], None] | None = None
         #: What was written outside a read this reactor pass, sent at its end in one ``_writeNow``.
         self._outgoing: list[bytes] = []
+        self._outgoingBytes = 0
         #: In ``dataReceived``: what it writes is sent once, when the read ends.
         self._reading = False
         #: ``bytesSent`` when the replies were last sent now: more than that is waiting.
@@ -728,7 +734,15 @@ class CC50ServerProtocol(CC50Receiver):
             outgoing = self._outgoing
             outgoing.append(data)
             if len(outgoing) == 1:
+                self._outgoingBytes = len(data)
                 self.factory.sendAtPassEnd.add(self._sendOutgoing)
+            else:
+                self._outgoingBytes += len(data)
+                if self._outgoingBytes > MAX_GATHERED_BYTES:
+                    # Into the transport now: past its buffer size it pauses
+                    # this connection, which stops the fair round in
+                    # ``resumeProducing`` as a plain write would.
+                    self._queueOutgoing()
 
     def _sendOutgoing(self) -> None:
         outgoing = self._outgoing

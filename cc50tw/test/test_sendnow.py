@@ -430,7 +430,7 @@ class ServerWritesOutsideAReadTests(TestCase):
         reactor = MemoryReactorClock()
         backend = ImmediateBackend(None)
         factory = CC50ServerFactory(backend, ServerConfig(), reactor)  # type: ignore[arg-type]
-        sockets = []
+        sockets: list[SocketDouble] = []
         for n in range(1, 4):
             socket = SocketDouble(reactor)
             protocol = factory.buildProtocol(socket.getPeer())
@@ -473,6 +473,31 @@ class ServerWritesOutsideAReadTests(TestCase):
         clockOf(socket).advance(0)
         socket.doWrite()
         self.assertEqual([f.payload for f in socket.sentFrames() if f.type == MessageType.RESP_CHUNK], [b" last"])
+
+    def test_pastTheBufferSizeToTheTransportAtOnce(self) -> None:
+        """
+        Past 64 KiB gathered in a pass, the bytes go to the transport at
+        once, so that a socket that takes nothing pauses the connection (and
+        stops the fair round in ``resumeProducing``) as a plain write would.
+        """
+        backend = ImmediateBackend(None)
+        _, protocol, socket = serve(backend)
+        protocol.dataReceived(encode_infer(4, "p", 100, credit_bytes=1 << 20))
+        socket.accept = 0
+        stream = backend.streams[4]
+        stream.write(" " + "x" * 30_000)
+        stream.write(" " + "y" * 30_000)
+        self.assertEqual(socket.queued(), 0)
+        self.assertFalse(protocol.transportPaused)
+        stream.write(" " + "z" * 30_000)
+        self.assertEqual(socket.queued(), 3 * (24 + 30_001))
+        self.assertTrue(protocol.transportPaused)
+        stream.write(" w")
+        clockOf(socket).advance(0)
+        socket.accept = None
+        socket.doWrite()
+        payloads = [f.payload[:2] for f in socket.sentFrames()]
+        self.assertEqual(payloads, [b" x", b" y", b" z", b" w"])
 
     def test_abortDropsWhatWasGathered(self) -> None:
         backend = ImmediateBackend(None)
