@@ -602,6 +602,16 @@ class _Collect(Protocol):
 class RealSocketTests(TestCase):
     """On the test's real reactor, over loopback, with the toy answering at once."""
 
+    async def clientOf(self, factory: CC50ServerFactory) -> _Collect:
+        """A client connected over loopback to ``factory``, listening on the test's reactor."""
+        from twisted.internet import reactor
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        client = _Collect()
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(Factory.forProtocol(lambda: client))
+        return client
+
     async def test_answerLeftTheServerInTheRead(self) -> None:
         from twisted.internet import reactor
 
@@ -621,10 +631,7 @@ class RealSocketTests(TestCase):
                 serverLost.callback(None)
 
         factory.protocol = Watched  # type: ignore[assignment]
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-        self.addCleanup(port.stopListening)
-        client = _Collect()
-        await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(Factory.forProtocol(lambda: client))
+        client = await self.clientOf(factory)
         assert client.transport is not None
         client.transport.write(encode_infer(1, "hi", 2))
         await client.answered
@@ -635,7 +642,6 @@ class RealSocketTests(TestCase):
         self.assertEqual(factory.counters.answeredAtOnce, 1)
         done = [f for f in FrameDecoder(1 << 30).feed(client.data) if isinstance(f, Frame)]
         self.assertEqual([f.type for f in done], [MessageType.RESP_CHUNK] * 2 + [MessageType.RESP_DONE])
-
 
     async def test_laterTokensLeftTheServerAsWritten(self) -> None:
         """Written outside a read, on a real socket, a token leaves at the pass's end, never queued for the reactor."""
@@ -651,10 +657,7 @@ class RealSocketTests(TestCase):
                 servers.append(self)
 
         factory.protocol = Kept  # type: ignore[assignment]
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-        self.addCleanup(port.stopListening)
-        client = _Collect()
-        await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(Factory.forProtocol(lambda: client))
+        client = await self.clientOf(factory)
         assert client.transport is not None
         client.transport.write(encode_infer(1, "hi", 5))
         while 1 not in backend.streams:
