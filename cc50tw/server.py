@@ -175,7 +175,7 @@ class CC50ServerProtocol(CC50Receiver):
         self._answeringCredit = 0
         #: Sends the replies a read wrote before the reactor turns (``cc50tw.sendnow``); None: the reactor sends them.
         self._sendNow: Callable[[], None] | None = None
-        #: Writes and sends at once what is written outside a read (``cc50tw.sendnow``); None: the reactor sends it.
+        #: Sends what was gathered outside a read, at the pass's end (``cc50tw.sendnow``); None: the reactor sends it.
         self._writeNow: Callable[[bytes], None] | None = None
         #: What was written outside a read this reactor pass, sent at its end in one ``_writeNow``.
         self._outgoing: list[bytes] = []
