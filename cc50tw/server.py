@@ -179,6 +179,7 @@ class CC50ServerProtocol(CC50Receiver):
         self._writeNow: Callable[[bytes], None] | None = None
         #: What was written outside a read this reactor pass, sent at its end in one ``_writeNow``.
         self._outgoing: list[bytes] = []
+        #: Their size (counted afresh when the first is gathered).
         self._outgoingBytes = 0
         #: In ``dataReceived``: what it writes is sent once, when the read ends.
         self._reading = False
@@ -335,7 +336,7 @@ class CC50ServerProtocol(CC50Receiver):
         # FileDescriptor keeps its buffer in ``dataBuffer`` (from ``offset``)
         # and ``_tempDataLen``; other transports may have neither.
         buffered = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
-        buffered += getattr(transport, "_tempDataLen", 0) + sum(map(len, self._outgoing))
+        buffered += getattr(transport, "_tempDataLen", 0) + (self._outgoingBytes if self._outgoing else 0)
         return buffered + sum(stream.pendingBytes for stream in self.streams.values())
 
     # Receiving -------------------------------------------------------------
@@ -732,17 +733,16 @@ class CC50ServerProtocol(CC50Receiver):
             self.transport.write(data)
         else:
             outgoing = self._outgoing
-            outgoing.append(data)
-            if len(outgoing) == 1:
-                self._outgoingBytes = len(data)
+            if not outgoing:
+                self._outgoingBytes = 0
                 self.factory.sendAtPassEnd.add(self._sendOutgoing)
-            else:
-                self._outgoingBytes += len(data)
-                if self._outgoingBytes > MAX_GATHERED_BYTES:
-                    # Into the transport now: past its buffer size it pauses
-                    # this connection, which stops the fair round in
-                    # ``resumeProducing`` as a plain write would.
-                    self._queueOutgoing()
+            outgoing.append(data)
+            self._outgoingBytes += len(data)
+            if self._outgoingBytes > MAX_GATHERED_BYTES:
+                # Into the transport now: past its buffer size it pauses this
+                # connection, which stops the fair round in ``resumeProducing``
+                # as a plain write would.
+                self._queueOutgoing()
 
     def _sendOutgoing(self) -> None:
         outgoing = self._outgoing

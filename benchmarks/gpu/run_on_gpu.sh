@@ -20,6 +20,10 @@
 # A pycuda wheel built here is copied to $OUT; put it in .whl/ and the next
 # run skips the two-minute build.  Everything lands in $OUT (run.log, trial.log,
 # batching.json, batching.md; results.json and results.md with BENCH_GPU=1).
+# Knobs: QUICK=1 (few samples), PROFILE=1 / PROFILE_GIL=1 (py-spy, all samples /
+# the GIL's holder only), CLIENT_PROCS=N (processes for the 16 clients),
+# SKIP_INSTALL=1 SKIP_TESTS=1 (a second tree in the same lease: copy it into the
+# repo as an untracked folder and run its copy of this script after this one).
 set -uo pipefail
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
